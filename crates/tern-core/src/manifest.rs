@@ -1,0 +1,139 @@
+//! Tern's per-payload manifest: what the agent needs to install a target.
+//!
+//! It lives in the target's `custom` object under the key `tern`, so it is signed with the
+//! targets metadata and other TUF clients simply carry it along.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// How the agent installs a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Installer {
+    /// A raw image streamed into a slot of `slot_class`.
+    Raw,
+    /// A tar archive unpacked into a directory (applications).
+    Archive,
+    /// A single file written to `install_path`.
+    File,
+    /// A script the agent runs with the payload as its input.
+    Script,
+}
+
+/// How a payload is compressed inside the bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// Stored as is.
+    #[default]
+    None,
+    /// Zstandard; the agent decompresses while writing.
+    Zstd,
+}
+
+/// The manifest of one payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The release version, SemVer: the rollback floor compares these.
+    pub version: String,
+    /// Device types this payload is for.
+    pub device_type: String,
+    /// Compatible hardware revisions; empty means any revision of the device type.
+    #[serde(default)]
+    pub hardware: Vec<String>,
+    /// The installer.
+    pub installer: Installer,
+    /// Slot class (`rootfs`, `appfs`, …) for slot installers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_class: Option<String>,
+    /// Destination path for `file` and directory for `archive` when not a slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_path: Option<String>,
+    /// Compression of the payload bytes.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Encryption parameters (recipients, record size) when the payload is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Value>,
+    /// SHA-256 of the base image when the payload is a delta.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_base: Option<String>,
+}
+
+impl Manifest {
+    /// Read the manifest from a target's `custom` object, if it has one.
+    pub fn from_custom(target: &str, custom: Option<&Value>) -> Result<Option<Self>> {
+        let Some(v) = custom.and_then(|c| c.get("tern")) else {
+            return Ok(None);
+        };
+        let m: Manifest = serde_path_to_error::deserialize(v).map_err(|e| Error::Field {
+            role: format!("target {target}"),
+            field: format!("custom.tern.{}", e.path()),
+            reason: e.into_inner().to_string(),
+        })?;
+        m.validate(target)?;
+        Ok(Some(m))
+    }
+
+    /// Field rules: a SemVer version, and a destination that fits the installer.
+    pub fn validate(&self, target: &str) -> Result<()> {
+        let field = |f: &str, reason: String| Error::Field {
+            role: format!("target {target}"),
+            field: format!("custom.tern.{f}"),
+            reason,
+        };
+        semver::Version::parse(&self.version)
+            .map_err(|e| field("version", format!("`{}` is not SemVer: {e}", self.version)))?;
+        if self.device_type.is_empty() {
+            return Err(field("device_type", "empty".into()));
+        }
+        match self.installer {
+            Installer::Raw if self.slot_class.is_none() => {
+                Err(field("slot_class", "a raw image needs a slot class".into()))
+            }
+            Installer::File if self.install_path.is_none() => {
+                Err(field("install_path", "a file installer needs a destination".into()))
+            }
+            Installer::Archive if self.slot_class.is_none() && self.install_path.is_none() => Err(field(
+                "install_path",
+                "an archive needs a slot class or a destination directory".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The manifest as a `custom` object.
+    pub fn to_custom(&self) -> Value {
+        serde_json::json!({ "tern": self })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_custom() {
+        let m = Manifest {
+            version: "1.2.3".into(),
+            device_type: "sim-x86".into(),
+            hardware: vec!["rev-a".into()],
+            installer: Installer::Raw,
+            slot_class: Some("rootfs".into()),
+            install_path: None,
+            compression: Compression::Zstd,
+            encryption: None,
+            delta_base: None,
+        };
+        let back = Manifest::from_custom("t", Some(&m.to_custom())).unwrap().unwrap();
+        assert_eq!(back, m);
+        let mut bad = m.to_custom();
+        bad["tern"]["version"] = "one".into();
+        assert!(matches!(
+            Manifest::from_custom("t", Some(&bad)),
+            Err(Error::Field { .. })
+        ));
+    }
+}

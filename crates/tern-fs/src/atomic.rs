@@ -1,0 +1,91 @@
+//! Atomic file replacement and exclusive creation.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use crate::{io_err, Error, Result};
+
+/// fsync a directory so that a rename inside it survives a power cut.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Replace `path` with `bytes` atomically: a reader (or a reboot) sees the old content or the
+/// new, never a mix. The temp file is created in the same directory with `mode`.
+pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let dir = parent_of(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        f.write_all(bytes).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(io_err(path))?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Create `path`, which must not exist, with `bytes` and `mode`, and make it durable.
+pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let mut f = match OpenOptions::new().write(true).create_new(true).mode(mode).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(Error::Exists { path: path.to_owned() }),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let written = f.write_all(bytes).and_then(|_| f.sync_all());
+    if let Err(e) = written {
+        drop(f);
+        let _ = fs::remove_file(path);
+        return Err(io_err(path)(e));
+    }
+    sync_dir(parent_of(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn replaces_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.json");
+        atomic_write(&p, b"one", 0o644).unwrap();
+        atomic_write(&p, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn create_new_refuses_existing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        create_new(&p, b"a", 0o600).unwrap();
+        assert!(matches!(create_new(&p, b"b", 0o600), Err(Error::Exists { .. })));
+        assert_eq!(fs::read(&p).unwrap(), b"a");
+    }
+}

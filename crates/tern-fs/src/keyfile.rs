@@ -1,0 +1,161 @@
+//! Private and public key files.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tern_core::{KeyAlgorithm, PublicKey, SigningKey};
+use zeroize::Zeroizing;
+
+use crate::{create_new, io_err, Error, Result};
+
+/// Key files are small; anything larger is not one.
+const MAX_KEY_FILE: u64 = 64 * 1024;
+
+/// Where a signing key comes from. Files today; hardware tokens (PKCS#11) implement the same trait.
+pub trait KeySource {
+    /// Make the key available for signing.
+    fn signing_key(&self) -> Result<SigningKey>;
+    /// A human-readable name for messages (never key material).
+    fn describe(&self) -> String;
+}
+
+/// A PKCS#8 PEM private key file.
+#[derive(Debug, Clone)]
+pub struct FileKeySource {
+    /// The file.
+    pub path: PathBuf,
+}
+
+impl KeySource for FileKeySource {
+    fn signing_key(&self) -> Result<SigningKey> {
+        load_signing_key(&self.path)
+    }
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+fn read_bounded(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let size = f.metadata().map_err(io_err(path))?.len();
+    if size > MAX_KEY_FILE {
+        return Err(Error::TooLarge {
+            path: path.to_owned(),
+            size,
+        });
+    }
+    let mut buf = Zeroizing::new(Vec::with_capacity(size as usize));
+    f.take(MAX_KEY_FILE).read_to_end(&mut buf).map_err(io_err(path))?;
+    Ok(buf)
+}
+
+/// Load a private key, refusing a file that group or others may read or write.
+pub fn load_signing_key(path: &Path) -> Result<SigningKey> {
+    let mode = fs::metadata(path).map_err(io_err(path))?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(Error::TooOpen {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let pem = read_bounded(path)?;
+    SigningKey::from_pkcs8_pem(&pem).map_err(|source| Error::Key {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+/// Load a public key in TUF JSON form (`{"keytype", "scheme", "keyval": {"public"}}`).
+///
+/// A private key file is accepted too, and its public half returned, so that a release
+/// engineer can name the same file for both.
+pub fn load_public_key(path: &Path) -> Result<PublicKey> {
+    let bytes = read_bounded(path)?;
+    if bytes.starts_with(b"-----BEGIN") {
+        return Ok(load_signing_key(path)?.public().clone());
+    }
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Key {
+        path: path.to_owned(),
+        source: Box::new(tern_core::Error::Malformed {
+            role: "public key".into(),
+            reason: e.to_string(),
+        }),
+    })?;
+    PublicKey::from_value("public key", &value).map_err(|source| Error::Key {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+/// The two files `tern key generate` writes.
+#[derive(Debug, Clone)]
+pub struct KeyFiles {
+    /// The private key, PKCS#8 PEM, mode 0600.
+    pub private: PathBuf,
+    /// The public key, TUF JSON.
+    pub public: PathBuf,
+}
+
+impl KeyFiles {
+    /// `PREFIX.pem` and `PREFIX.pub.json`.
+    pub fn for_prefix(prefix: &Path) -> Self {
+        let p = prefix.as_os_str().to_string_lossy();
+        KeyFiles {
+            private: PathBuf::from(format!("{p}.pem")),
+            public: PathBuf::from(format!("{p}.pub.json")),
+        }
+    }
+}
+
+/// Generate a key and write both files; neither may exist. On failure neither is left behind.
+pub fn generate_key_files(alg: KeyAlgorithm, files: &KeyFiles) -> Result<PublicKey> {
+    for p in [&files.private, &files.public] {
+        if p.symlink_metadata().is_ok() {
+            return Err(Error::Exists { path: p.clone() });
+        }
+    }
+    let (key, pem) = SigningKey::generate(alg).map_err(|source| Error::Key {
+        path: files.private.clone(),
+        source: Box::new(source),
+    })?;
+    let mut public = serde_json::to_vec_pretty(key.public().to_value()).unwrap_or_default();
+    public.push(b'\n');
+    create_new(&files.private, pem.as_bytes(), 0o600)?;
+    if let Err(e) = create_new(&files.public, &public, 0o644) {
+        let _ = fs::remove_file(&files.private);
+        return Err(e);
+    }
+    Ok(key.public().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_load_and_wide_modes_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let files = KeyFiles::for_prefix(&d.path().join("root"));
+        let public = generate_key_files(KeyAlgorithm::Ed25519, &files).unwrap();
+        assert_eq!(
+            fs::metadata(&files.private).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            load_signing_key(&files.private).unwrap().public().keyid(),
+            public.keyid()
+        );
+        assert_eq!(load_public_key(&files.public).unwrap().keyid(), public.keyid());
+        assert!(matches!(
+            generate_key_files(KeyAlgorithm::Ed25519, &files),
+            Err(Error::Exists { .. })
+        ));
+        fs::set_permissions(&files.private, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            load_signing_key(&files.private),
+            Err(Error::TooOpen { mode: 0o640, .. })
+        ));
+    }
+}
