@@ -1,1 +1,69 @@
-fn main() {}
+//! `tern`: secure over-the-air updates for fleets of Linux devices.
+//!
+//! This crate is argument parsing and wiring only: every subcommand module has an `Args`
+//! type and a `run`. Errors are printed as one line, `tern: ` followed by the whole cause
+//! chain. Exit codes: 0 success, 1 failure, 2 usage error.
+
+#![deny(unsafe_code)]
+
+mod cmd;
+mod output;
+mod rusage;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Secure over-the-air updates for fleets of Linux devices.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate and inspect signing keys.
+    #[command(subcommand)]
+    Key(cmd::key::Command),
+    /// Edit a static TUF repository (the release engineer's tool).
+    #[command(subcommand)]
+    Repo(cmd::repo::Command),
+    /// Create, inspect and verify release bundles.
+    #[command(subcommand)]
+    Bundle(cmd::bundle::Command),
+    /// Run the end-to-end demonstration on embedded defaults.
+    Demo(cmd::demo::Args),
+    /// Measure Tern's throughput against the machine's reference tools.
+    #[command(subcommand)]
+    Bench(cmd::bench::Command),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Key(c) => cmd::key::run(c),
+        Command::Repo(c) => cmd::repo::run(c),
+        Command::Bundle(c) => cmd::bundle::run(c),
+        Command::Demo(a) => cmd::demo::run(a),
+        Command::Bench(c) => cmd::bench::run(c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -56,6 +56,40 @@ pub fn hashes_of(data: &[u8], algs: &[HashAlgorithm]) -> BTreeMap<String, String
         .collect()
 }
 
+/// Incremental computation of digests under a chosen set of algorithms.
+pub struct Digester {
+    contexts: Vec<(HashAlgorithm, digest::Context)>,
+    length: u64,
+}
+
+impl Digester {
+    /// Start digesting under `algs`.
+    pub fn new(algs: &[HashAlgorithm]) -> Self {
+        Digester {
+            contexts: algs.iter().map(|a| (*a, digest::Context::new(a.aws()))).collect(),
+            length: 0,
+        }
+    }
+
+    /// Feed the next bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        self.length += data.len() as u64;
+        for (_, c) in &mut self.contexts {
+            c.update(data);
+        }
+    }
+
+    /// The length and the digests, by algorithm name.
+    pub fn finish(self) -> (u64, BTreeMap<String, String>) {
+        let hashes = self
+            .contexts
+            .into_iter()
+            .map(|(a, c)| (a.name().to_owned(), hex::encode(c.finish())))
+            .collect();
+        (self.length, hashes)
+    }
+}
+
 /// Incremental hashing under every supported algorithm a `hashes` map lists, with a length count.
 pub struct MultiHasher {
     what: String,

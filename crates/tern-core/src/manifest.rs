@@ -33,6 +33,26 @@ pub enum Compression {
     Zstd,
 }
 
+impl std::fmt::Display for Installer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Installer::Raw => "raw",
+            Installer::Archive => "archive",
+            Installer::File => "file",
+            Installer::Script => "script",
+        })
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+        })
+    }
+}
+
 /// The manifest of one payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

@@ -89,3 +89,73 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"a");
     }
 }
+
+/// A file written in place of `path` only when [`AtomicFile::commit`] is called: until then
+/// the bytes go to a temp file in the same directory, removed if the value is dropped.
+#[derive(Debug)]
+pub struct AtomicFile {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    file: Option<File>,
+}
+
+impl AtomicFile {
+    /// Start writing a replacement for `path` with permission bits `mode`.
+    pub fn create(path: &Path, mode: u32) -> Result<Self> {
+        let dir = parent_of(path);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        Ok(AtomicFile {
+            path: path.to_owned(),
+            tmp,
+            file: Some(file),
+        })
+    }
+
+    /// The temp file to write to.
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("file is present until commit")
+    }
+
+    /// The temp file's path (for error messages).
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// fsync, rename over the destination, fsync the directory.
+    pub fn commit(self) -> Result<()> {
+        let dest = self.path.clone();
+        self.commit_to(&dest)
+    }
+
+    /// Like [`AtomicFile::commit`], to another name in the same directory (for content-addressed
+    /// names known only once the content is written).
+    pub fn commit_to(mut self, dest: &Path) -> Result<()> {
+        let file = self.file.take().expect("file is present until commit");
+        let synced = file.sync_all().map_err(io_err(&self.tmp));
+        drop(file);
+        if let Err(e) = synced.and_then(|_| fs::rename(&self.tmp, dest).map_err(io_err(dest))) {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(e);
+        }
+        sync_dir(parent_of(dest))
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}

@@ -14,7 +14,7 @@
 mod atomic;
 mod keyfile;
 
-pub use atomic::{atomic_write, create_new, sync_dir};
+pub use atomic::{atomic_write, create_new, sync_dir, AtomicFile};
 pub use keyfile::{generate_key_files, load_public_key, load_signing_key, FileKeySource, KeyFiles, KeySource};
 
 use std::path::PathBuf;
@@ -24,7 +24,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// An I/O operation failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -46,7 +46,7 @@ pub enum Error {
         mode: u32,
     },
     /// A key file's content was refused.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Key {
         /// The file.
         path: PathBuf,

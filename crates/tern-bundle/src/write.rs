@@ -1,0 +1,107 @@
+//! Writing bundles.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use tern_core::TargetPath;
+use tern_fs::AtomicFile;
+
+use crate::format::{BundleHeader, FORMAT, FORMAT_VERSION, HEADER};
+use crate::{Error, Result};
+
+/// One payload: the target path it is listed under and the file holding its bytes.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    /// The target path.
+    pub target: TargetPath,
+    /// Where the bytes are.
+    pub source: PathBuf,
+}
+
+/// Everything a bundle carries; the caller (the repository tool) has verified it.
+#[derive(Debug, Clone, Default)]
+pub struct ReleaseContents {
+    /// `(version, bytes)` of every root, oldest first.
+    pub roots: Vec<(u64, Vec<u8>)>,
+    /// Timestamp metadata, if freshness is included.
+    pub timestamp: Option<Vec<u8>>,
+    /// Snapshot metadata, if freshness is included.
+    pub snapshot: Option<Vec<u8>>,
+    /// Top-level targets metadata.
+    pub targets: Vec<u8>,
+    /// `(role, bytes)` of the delegated roles the payloads need.
+    pub delegated: Vec<(String, Vec<u8>)>,
+    /// The payloads.
+    pub payloads: Vec<Payload>,
+}
+
+fn header(size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h
+}
+
+/// Write `contents` to `out` atomically: either the whole bundle appears, or nothing does.
+pub fn write_bundle(contents: &ReleaseContents, out: &Path) -> Result<u64> {
+    let mut atomic = AtomicFile::create(out, 0o644)?;
+    let tmp = atomic.temp_path().to_owned();
+    let io = |source: std::io::Error| Error::Io {
+        path: tmp.clone(),
+        source,
+    };
+    {
+        let mut builder = tar::Builder::new(BufWriter::with_capacity(1 << 20, atomic.file()));
+        let mut add = |name: &str, bytes: &[u8]| -> Result<()> {
+            builder
+                .append_data(&mut header(bytes.len() as u64), name, bytes)
+                .map_err(io)
+        };
+        let head = BundleHeader {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            payloads: contents.payloads.iter().map(|p| p.target.to_string()).collect(),
+        };
+        let head = serde_json::to_vec_pretty(&head).unwrap_or_default();
+        add(HEADER, &head)?;
+        for (version, bytes) in &contents.roots {
+            add(&format!("metadata/{version}.root.json"), bytes)?;
+        }
+        if let Some(ts) = &contents.timestamp {
+            add("metadata/timestamp.json", ts)?;
+        }
+        if let Some(snap) = &contents.snapshot {
+            add("metadata/snapshot.json", snap)?;
+        }
+        add("metadata/targets.json", &contents.targets)?;
+        for (role, bytes) in &contents.delegated {
+            add(&format!("metadata/{role}.json"), bytes)?;
+        }
+        for p in &contents.payloads {
+            let f = File::open(&p.source).map_err(|source| Error::Io {
+                path: p.source.clone(),
+                source,
+            })?;
+            let len = f
+                .metadata()
+                .map_err(|source| Error::Io {
+                    path: p.source.clone(),
+                    source,
+                })?
+                .len();
+            builder
+                .append_data(&mut header(len), format!("payloads/{}", p.target), f.take(len))
+                .map_err(io)?;
+        }
+        let mut w = builder.into_inner().map_err(io)?;
+        w.flush().map_err(io)?;
+    }
+    let size = atomic.file().metadata().map_err(io)?.len();
+    atomic.commit()?;
+    Ok(size)
+}

@@ -1,0 +1,225 @@
+//! `tern bundle`: create, inspect and verify release bundles.
+
+use std::fs::File;
+use std::io::{BufReader, IsTerminal, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Subcommand;
+use tern_core::trust::Freshness;
+use tern_core::TargetPath;
+use tern_repo::Repository;
+
+use crate::output::{json, now, Format};
+
+/// Bundle commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a bundle of targets from a repository (metadata first, payloads after).
+    Create(CreateArgs),
+    /// Print what a bundle holds, without verifying it.
+    Inspect(InspectArgs),
+    /// Verify a bundle's whole chain and every payload against a trusted root.
+    Verify(VerifyArgs),
+}
+
+/// `tern bundle create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// The repository.
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Target to include (repeatable, in install order).
+    #[arg(long = "target", required = true)]
+    pub targets: Vec<String>,
+    /// The bundle file to write (replaced atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also carry the repository's current snapshot and timestamp.
+    #[arg(long)]
+    pub include_freshness: bool,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Format,
+}
+
+/// `tern bundle inspect`.
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// The bundle.
+    pub bundle: PathBuf,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Format,
+}
+
+/// `tern bundle verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The bundle.
+    pub bundle: PathBuf,
+    /// The trusted root metadata (any version of the repository's root chain).
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Refuse a bundle that carries no snapshot and timestamp.
+    #[arg(long)]
+    pub require_freshness: bool,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Format,
+}
+
+/// Counts bytes read, for progress.
+struct Counting<R> {
+    inner: R,
+    bar: indicatif::ProgressBar,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+fn progress(len: u64) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message("verifying");
+    bar
+}
+
+/// Verify a bundle file; used by `verify`, the demo and the bench.
+pub fn verify_file(
+    bundle: &Path,
+    root: &[u8],
+    freshness: Freshness,
+    show_progress: bool,
+) -> anyhow::Result<tern_bundle::VerifyReport> {
+    let f = File::open(bundle).with_context(|| format!("bundle {}", bundle.display()))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = if show_progress {
+        progress(len)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let reader = Counting {
+        inner: BufReader::with_capacity(1 << 20, f),
+        bar: bar.clone(),
+    };
+    let report = tern_bundle::verify_bundle(reader, root, now(), freshness);
+    bar.finish_and_clear();
+    report.with_context(|| format!("bundle {}", bundle.display()))
+}
+
+/// Run a bundle command.
+pub fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Create(a) => {
+            let repo = Repository::open(&a.repo).with_context(|| format!("repository {}", a.repo.display()))?;
+            let targets = a
+                .targets
+                .iter()
+                .map(|t| TargetPath::new(t))
+                .collect::<Result<Vec<_>, _>>()?;
+            let contents = repo
+                .release_contents(&targets, a.include_freshness, now())
+                .with_context(|| format!("repository {}", a.repo.display()))?;
+            let size =
+                tern_bundle::write_bundle(&contents, &a.out).with_context(|| format!("bundle {}", a.out.display()))?;
+            match a.output {
+                Format::Json => json(&serde_json::json!({
+                    "bundle": a.out, "bytes": size, "payloads": a.targets,
+                    "root_version": contents.roots.last().map(|r| r.0),
+                })),
+                Format::Text => {
+                    println!(
+                        "wrote {} ({size} bytes): {} payload(s)",
+                        a.out.display(),
+                        a.targets.len()
+                    );
+                    Ok(())
+                }
+            }
+        }
+        Command::Inspect(a) => {
+            let f = File::open(&a.bundle).with_context(|| format!("bundle {}", a.bundle.display()))?;
+            let i =
+                tern_bundle::inspect(BufReader::new(f)).with_context(|| format!("bundle {}", a.bundle.display()))?;
+            match a.output {
+                Format::Json => json(&i),
+                Format::Text => {
+                    println!(
+                        "bundle   {} (format {} v{}; NOT verified: use `tern bundle verify`)",
+                        a.bundle.display(),
+                        i.header.format,
+                        i.header.format_version
+                    );
+                    println!("roots    {:?}", i.root_versions);
+                    for (role, (version, expires)) in &i.roles {
+                        println!("role     {role:<20} version {version:<5} expires {expires}");
+                    }
+                    for p in &i.payloads {
+                        println!("payload  {} ({} bytes)", p.target, p.size);
+                        if let Some(m) = &p.manifest {
+                            println!(
+                                "         version {} device-type {} hardware {:?} installer {} slot {} compression {}",
+                                m.version,
+                                m.device_type,
+                                m.hardware,
+                                m.installer,
+                                m.slot_class.as_deref().or(m.install_path.as_deref()).unwrap_or("-"),
+                                m.compression
+                            );
+                        }
+                        if let Some(l) = &p.listed {
+                            for (alg, h) in &l.hashes {
+                                println!("         {alg} {h}");
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+            }
+        }
+        Command::Verify(a) => {
+            let root = std::fs::read(&a.root).with_context(|| format!("trusted root {}", a.root.display()))?;
+            let freshness = if a.require_freshness {
+                Freshness::Required
+            } else {
+                Freshness::IfPresent
+            };
+            let report = verify_file(&a.bundle, &root, freshness, a.output == Format::Text)?;
+            match a.output {
+                Format::Json => json(&report),
+                Format::Text => {
+                    println!(
+                        "verified {} against root version {}",
+                        a.bundle.display(),
+                        report.root_version
+                    );
+                    match (report.timestamp_version, report.snapshot_version) {
+                        (Some(t), Some(s)) => println!("freshness timestamp v{t}, snapshot v{s}"),
+                        _ => println!("freshness none in bundle (offline install policy applies)"),
+                    }
+                    println!("targets  v{}", report.targets_version);
+                    for (role, v) in &report.delegated {
+                        println!("role     {role} v{v}");
+                    }
+                    for p in &report.payloads {
+                        println!("payload  {} ({} bytes, listed by {}) ok", p.target, p.length, p.role);
+                    }
+                    Ok(())
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! `tern key`: generate and show signing keys.
+
+use std::path::PathBuf;
+
+use clap::{Subcommand, ValueEnum};
+use serde::Serialize;
+use tern_core::KeyAlgorithm;
+use tern_fs::KeyFiles;
+
+use crate::output::{json, Format};
+
+/// Key commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a key pair: PREFIX.pem (private, PKCS#8, mode 0600) and PREFIX.pub.json (TUF form).
+    Generate(GenerateArgs),
+    /// Show a key's id, type and public half.
+    Show(ShowArgs),
+}
+
+/// Key types `generate` offers.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KeyType {
+    /// Ed25519 (the default).
+    Ed25519,
+    /// ECDSA over NIST P-256 (ecdsa-sha2-nistp256).
+    EcdsaP256,
+    /// RSA 3072 with RSASSA-PSS SHA-256.
+    Rsa3072,
+}
+
+/// `tern key generate`.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// Path prefix of the two files written; neither may exist.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Key type.
+    #[arg(long = "type", value_enum, default_value = "ed25519")]
+    pub key_type: KeyType,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Format,
+}
+
+/// `tern key show`.
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// A public key (TUF JSON) or private key (PEM) file.
+    pub file: PathBuf,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Format,
+}
+
+#[derive(Serialize)]
+struct KeyReport {
+    keyid: String,
+    keytype: String,
+    scheme: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    private: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    public: Option<PathBuf>,
+    key: serde_json::Value,
+}
+
+/// Run a key command.
+pub fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Generate(a) => {
+            let alg = match a.key_type {
+                KeyType::Ed25519 => KeyAlgorithm::Ed25519,
+                KeyType::EcdsaP256 => KeyAlgorithm::EcdsaP256,
+                KeyType::Rsa3072 => KeyAlgorithm::RsaPssSha256,
+            };
+            let files = KeyFiles::for_prefix(&a.out);
+            let public = tern_fs::generate_key_files(alg, &files)?;
+            let report = KeyReport {
+                keyid: public.keyid().to_string(),
+                keytype: public.keytype().into(),
+                scheme: public.scheme().into(),
+                private: Some(files.private.clone()),
+                public: Some(files.public.clone()),
+                key: public.to_value().clone(),
+            };
+            match a.output {
+                Format::Json => json(&report),
+                Format::Text => {
+                    println!("key id   {}", report.keyid);
+                    println!("scheme   {}", report.scheme);
+                    println!("private  {} (mode 0600: keep it offline)", files.private.display());
+                    println!("public   {}", files.public.display());
+                    Ok(())
+                }
+            }
+        }
+        Command::Show(a) => {
+            let public = tern_fs::load_public_key(&a.file)?;
+            let report = KeyReport {
+                keyid: public.keyid().to_string(),
+                keytype: public.keytype().into(),
+                scheme: public.scheme().into(),
+                private: None,
+                public: None,
+                key: public.to_value().clone(),
+            };
+            match a.output {
+                Format::Json => json(&report),
+                Format::Text => {
+                    println!("key id   {}", report.keyid);
+                    println!("scheme   {}", report.scheme);
+                    println!("{}", serde_json::to_string_pretty(&report.key)?);
+                    Ok(())
+                }
+            }
+        }
+    }
+}

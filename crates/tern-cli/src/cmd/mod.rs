@@ -1,0 +1,28 @@
+//! One module per subcommand, each with its arguments and a `run`.
+
+pub mod bench;
+pub mod bundle;
+pub mod demo;
+pub mod key;
+pub mod repo;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tern_core::SigningKey;
+
+/// Load every `--key` file (private keys, mode 0600).
+pub fn load_signers(paths: &[PathBuf]) -> anyhow::Result<Vec<SigningKey>> {
+    paths
+        .iter()
+        .map(|p| tern_fs::load_signing_key(p).with_context(|| format!("loading signing key {}", p.display())))
+        .collect()
+}
+
+/// Load public keys (TUF JSON, or the public half of a private key file).
+pub fn load_public(paths: &[PathBuf]) -> anyhow::Result<Vec<tern_core::PublicKey>> {
+    paths
+        .iter()
+        .map(|p| tern_fs::load_public_key(p).with_context(|| format!("loading public key {}", p.display())))
+        .collect()
+}

@@ -1,0 +1,846 @@
+//! Every change the release engineer can make, each leaving the repository consistent.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tern_bundle::{Payload, ReleaseContents};
+use tern_core::digest::{Digester, HashAlgorithm};
+use tern_core::manifest::Compression;
+use tern_core::metadata::{
+    Common, DelegatedRole, Delegations, Envelope, MetaFile, RoleKeys, Root, Signed, Snapshot, SuccinctRoles,
+    TargetFile, Targets, Timestamp,
+};
+use tern_core::trust::{Freshness, MetadataSource, TrustedRepository};
+use tern_core::{DateTime, KeyId, PublicKey, SigningKey, TargetPath};
+
+use crate::config::RepoConfig;
+use crate::store::{require_signer, sign_with, Authority};
+use crate::{Error, Repository, Result, RoleWrite};
+
+/// `tern repo add-target`.
+#[derive(Debug, Clone)]
+pub struct AddTarget {
+    /// The role that lists it (`targets` or a delegated role).
+    pub role: String,
+    /// The target path.
+    pub name: TargetPath,
+    /// The file to publish.
+    pub source: PathBuf,
+    /// `custom` (Tern's manifest under `tern`).
+    pub custom: Option<Value>,
+    /// Digests to list; sha256 first.
+    pub hashes: Vec<HashAlgorithm>,
+    /// Compress the file on its way into the repository.
+    pub compression: Compression,
+}
+
+/// `tern repo delegate`.
+#[derive(Debug, Clone)]
+pub struct Delegation {
+    /// The delegating role.
+    pub from: String,
+    /// The new role.
+    pub name: String,
+    /// Its keys.
+    pub keys: Vec<PublicKey>,
+    /// Its threshold.
+    pub threshold: u32,
+    /// Whether the search stops at it.
+    pub terminating: bool,
+    /// Path patterns it is trusted for.
+    pub paths: Vec<String>,
+    /// Or hex prefixes of target path hashes.
+    pub hash_prefixes: Vec<String>,
+}
+
+/// `tern repo delegate --succinct-bits`.
+#[derive(Debug, Clone)]
+pub struct HashBins {
+    /// The delegating role.
+    pub from: String,
+    /// Bits of the path hash that pick the bin (1..=16).
+    pub bit_length: u32,
+    /// Bin name prefix.
+    pub name_prefix: String,
+    /// Keys of every bin.
+    pub keys: Vec<PublicKey>,
+    /// Their threshold.
+    pub threshold: u32,
+}
+
+/// `tern repo rotate`.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// The role whose keys change.
+    pub role: String,
+    /// Keys to add.
+    pub add: Vec<PublicKey>,
+    /// Key ids to remove.
+    pub remove: Vec<KeyId>,
+    /// A new threshold, if it changes.
+    pub threshold: Option<u32>,
+}
+
+fn check_threshold(what: &str, threshold: u32, keys: usize) -> Result<()> {
+    if threshold == 0 || threshold as usize > keys {
+        return Err(Error::Invalid {
+            what: format!("{what} threshold {threshold}"),
+            reason: format!("must be between 1 and the number of keys ({keys})"),
+        });
+    }
+    Ok(())
+}
+
+fn check_new_role_name(name: &str) -> Result<()> {
+    tern_bundle::check_role_name(name).map_err(|reason| Error::Invalid {
+        what: format!("role `{name}`"),
+        reason,
+    })?;
+    if tern_core::TOP_LEVEL_ROLES.contains(&name) {
+        return Err(Error::Invalid {
+            what: format!("role `{name}`"),
+            reason: "is a top-level role name".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Repository {
+    /// Create a repository: root with per-role keys and thresholds, an empty targets role, and
+    /// (when their keys are given) snapshot and timestamp.
+    pub fn init(
+        dir: &Path,
+        roles: &BTreeMap<String, (Vec<PublicKey>, u32)>,
+        config: RepoConfig,
+        signers: &[SigningKey],
+        now: DateTime,
+    ) -> Result<(Self, Vec<RoleWrite>)> {
+        if dir.join("metadata/1.root.json").exists() {
+            return Err(Error::AlreadyExists { dir: dir.to_owned() });
+        }
+        let mut keys = BTreeMap::new();
+        let mut role_keys = BTreeMap::new();
+        for name in tern_core::TOP_LEVEL_ROLES {
+            let (ks, threshold) = roles.get(name).ok_or_else(|| Error::Invalid {
+                what: format!("role `{name}`"),
+                reason: "no keys given".into(),
+            })?;
+            check_threshold(name, *threshold, ks.len())?;
+            let mut keyids: Vec<KeyId> = ks.iter().map(PublicKey::keyid).collect();
+            keyids.sort();
+            keyids.dedup();
+            for k in ks {
+                keys.insert(k.keyid(), k.clone());
+            }
+            role_keys.insert(
+                name.to_owned(),
+                RoleKeys {
+                    keyids,
+                    threshold: *threshold,
+                    unrecognized: BTreeMap::new(),
+                },
+            );
+        }
+        let repo = Repository::new_unchecked(dir, config);
+        let root = Root {
+            common: Common::new("root", 1, repo.expires("root", now)),
+            consistent_snapshot: true,
+            keys,
+            roles: role_keys,
+            unrecognized: BTreeMap::new(),
+        };
+        let root_auth = repo.top_authority(&root, "root")?;
+        require_signer("root", &root_auth, signers)?;
+        for d in [repo.metadata_dir(), repo.targets_dir()] {
+            fs::create_dir_all(&d).map_err(|source| Error::Io {
+                path: d.clone(),
+                source,
+            })?;
+        }
+        repo.config.save(dir)?;
+        let mut writes = Vec::new();
+        let mut env = Envelope::new(&root)?;
+        sign_with("root", &mut env, &root_auth, signers)?;
+        repo.write_role("root", &env, 1)?;
+        writes.push(write_report("root", &env, 1, &root_auth)?);
+
+        let targets = Targets {
+            common: Common::new("targets", 1, repo.expires("targets", now)),
+            targets: BTreeMap::new(),
+            delegations: None,
+            unrecognized: BTreeMap::new(),
+        };
+        let auth = repo.top_authority(&root, "targets")?;
+        let mut env = Envelope::new(&targets)?;
+        sign_with("targets", &mut env, &auth, signers)?;
+        repo.write_role("targets", &env, 1)?;
+        writes.push(write_report("targets", &env, 1, &auth)?);
+
+        let can_publish = ["snapshot", "timestamp"].iter().all(|r| {
+            repo.top_authority(&root, r)
+                .map(|a| require_signer(r, &a, signers).is_ok())
+                .unwrap_or(false)
+        });
+        if can_publish && writes.iter().all(RoleWrite::complete) {
+            writes.extend(repo.refresh(signers, now, false)?);
+        }
+        Ok((repo, writes))
+    }
+
+    fn write_targets(
+        &self,
+        role: &str,
+        mut targets: Targets,
+        auth: &Authority,
+        signers: &[SigningKey],
+        now: DateTime,
+    ) -> Result<RoleWrite> {
+        let version = targets.common.version + 1;
+        targets.common.version = version;
+        targets.common.expires = self.expires(role, now).to_string();
+        let mut env = Envelope::new(&targets)?;
+        sign_with(role, &mut env, auth, signers)?;
+        self.write_role(role, &env, version)?;
+        write_report(role, &env, version, auth)
+    }
+
+    fn check_delegated_path(&self, role: &str, name: &TargetPath) -> Result<()> {
+        if role == "targets" {
+            return Ok(());
+        }
+        let delegator = self.delegator_of(role)?;
+        let d = delegator.signed.signed.delegations.as_ref();
+        let trusted = d.is_some_and(|d| d.roles_for_target(name.as_str()).iter().any(|c| c.name == role));
+        if trusted {
+            Ok(())
+        } else {
+            Err(Error::NotDelegated {
+                role: role.into(),
+                target: name.to_string(),
+            })
+        }
+    }
+
+    /// Publish a file as a target of `role`, with its hashes and custom data.
+    pub fn add_target(&self, add: &AddTarget, signers: &[SigningKey], now: DateTime) -> Result<Vec<RoleWrite>> {
+        let auth = self.authority(&add.role)?;
+        require_signer(&add.role, &auth, signers)?;
+        self.check_delegated_path(&add.role, &add.name)?;
+        let current: Signed<Targets> = self.latest(&add.role)?;
+        let file = self.store_payload(add)?;
+        let mut targets = current.signed;
+        targets.targets.insert(add.name.to_string(), file);
+        Ok(vec![self.write_targets(&add.role, targets, &auth, signers, now)?])
+    }
+
+    /// Copy (and compress) a payload into `targets/` under its consistent-snapshot names.
+    fn store_payload(&self, add: &AddTarget) -> Result<TargetFile> {
+        let (dir, base) = add.name.split();
+        let dest_dir = self.targets_dir().join(dir);
+        fs::create_dir_all(&dest_dir).map_err(|source| Error::Io {
+            path: dest_dir.clone(),
+            source,
+        })?;
+        let mut algs = add.hashes.clone();
+        if !algs.contains(&HashAlgorithm::Sha256) {
+            algs.insert(0, HashAlgorithm::Sha256);
+        }
+        let mut input = File::open(&add.source).map_err(|source| Error::Io {
+            path: add.source.clone(),
+            source,
+        })?;
+        let mut out = tern_fs::AtomicFile::create(&dest_dir.join(format!("{base}.incoming")), 0o644)?;
+        let tmp = out.temp_path().to_owned();
+        let io = |source: std::io::Error| Error::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let digester = {
+            let mut w = DigestWriter {
+                inner: BufWriter::with_capacity(1 << 20, out.file()),
+                digester: Digester::new(&algs),
+            };
+            match add.compression {
+                Compression::None => {
+                    copy(&mut input, &mut w).map_err(io)?;
+                }
+                Compression::Zstd => {
+                    let mut enc = zstd::stream::write::Encoder::new(&mut w, 3).map_err(io)?;
+                    copy(&mut input, &mut enc).map_err(io)?;
+                    enc.finish().map_err(io)?;
+                }
+            }
+            w.inner.flush().map_err(io)?;
+            w.digester
+        };
+        let (length, hashes) = digester.finish();
+        let names: Vec<PathBuf> = algs
+            .iter()
+            .map(|a| self.targets_dir().join(add.name.with_hash_prefix(&hashes[a.name()])))
+            .collect();
+        out.commit_to(&names[0])?;
+        for extra in &names[1..] {
+            if !extra.exists() {
+                fs::hard_link(&names[0], extra).map_err(|source| Error::Io {
+                    path: extra.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(TargetFile {
+            length,
+            hashes,
+            custom: add.custom.clone(),
+            unrecognized: BTreeMap::new(),
+        })
+    }
+
+    /// Stop listing a target. Its file stays: older snapshots may still name it.
+    pub fn remove_target(
+        &self,
+        role: &str,
+        name: &str,
+        signers: &[SigningKey],
+        now: DateTime,
+    ) -> Result<Vec<RoleWrite>> {
+        let auth = self.authority(role)?;
+        require_signer(role, &auth, signers)?;
+        let mut targets = self.latest::<Targets>(role)?.signed;
+        if targets.targets.remove(name).is_none() {
+            return Err(Error::NoSuchTarget {
+                role: role.into(),
+                target: name.into(),
+            });
+        }
+        Ok(vec![self.write_targets(role, targets, &auth, signers, now)?])
+    }
+
+    fn role_exists(&self, name: &str) -> Result<bool> {
+        Ok(!self.versions(name)?.is_empty() || self.targets_roles()?.iter().any(|(n, _)| n == name))
+    }
+
+    fn new_empty_role(&self, role: &str, auth: &Authority, signers: &[SigningKey], now: DateTime) -> Result<RoleWrite> {
+        let t = Targets {
+            common: Common::new("targets", 0, now),
+            targets: BTreeMap::new(),
+            delegations: None,
+            unrecognized: BTreeMap::new(),
+        };
+        self.write_targets(role, t, auth, signers, now)
+    }
+
+    /// Delegate path patterns (or hash prefixes) to a new role with its own keys and threshold.
+    pub fn delegate(&self, d: &Delegation, signers: &[SigningKey], now: DateTime) -> Result<Vec<RoleWrite>> {
+        check_new_role_name(&d.name)?;
+        if self.role_exists(&d.name)? {
+            return Err(Error::RoleExists { role: d.name.clone() });
+        }
+        check_threshold(&d.name, d.threshold, d.keys.len())?;
+        if d.paths.is_empty() == d.hash_prefixes.is_empty() {
+            return Err(Error::Invalid {
+                what: format!("delegation to `{}`", d.name),
+                reason: "give either path patterns or hash prefixes".into(),
+            });
+        }
+        if let Some(p) = d
+            .hash_prefixes
+            .iter()
+            .find(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            return Err(Error::Invalid {
+                what: format!("hash prefix `{p}`"),
+                reason: "must be lowercase hex".into(),
+            });
+        }
+        let from_auth = self.authority(&d.from)?;
+        require_signer(&d.from, &from_auth, signers)?;
+        let mut from = self.latest::<Targets>(&d.from)?.signed;
+        let delegations = from.delegations.get_or_insert_with(|| Delegations {
+            keys: BTreeMap::new(),
+            roles: Some(Vec::new()),
+            succinct_roles: None,
+            unrecognized: BTreeMap::new(),
+        });
+        if delegations.succinct_roles.is_some() {
+            return Err(Error::Invalid {
+                what: format!("role `{}`", d.from),
+                reason: "delegates to succinct hash bins; it cannot also delegate by name".into(),
+            });
+        }
+        let mut keyids: Vec<KeyId> = d.keys.iter().map(PublicKey::keyid).collect();
+        keyids.sort();
+        keyids.dedup();
+        for k in &d.keys {
+            delegations.keys.insert(k.keyid(), k.clone());
+        }
+        delegations.roles.get_or_insert_with(Vec::new).push(DelegatedRole {
+            name: d.name.clone(),
+            keyids: keyids.clone(),
+            threshold: d.threshold,
+            terminating: d.terminating,
+            paths: (!d.paths.is_empty()).then(|| d.paths.clone()),
+            path_hash_prefixes: (!d.hash_prefixes.is_empty()).then(|| d.hash_prefixes.clone()),
+            unrecognized: BTreeMap::new(),
+        });
+        let auth = Authority {
+            keys: delegations.keys.clone(),
+            keyids,
+            threshold: d.threshold,
+        };
+        let child = self.new_empty_role(&d.name, &auth, signers, now)?;
+        let parent = self.write_targets(&d.from, from, &from_auth, signers, now)?;
+        Ok(vec![parent, child])
+    }
+
+    /// Delegate every path to `2^bit_length` hash bins (TAP 15 succinct delegation).
+    pub fn delegate_bins(&self, b: &HashBins, signers: &[SigningKey], now: DateTime) -> Result<Vec<RoleWrite>> {
+        check_new_role_name(&b.name_prefix)?;
+        if !(1..=16).contains(&b.bit_length) {
+            return Err(Error::Invalid {
+                what: format!("--succinct-bits {}", b.bit_length),
+                reason: "must be 1 to 16".into(),
+            });
+        }
+        check_threshold(&b.name_prefix, b.threshold, b.keys.len())?;
+        let from_auth = self.authority(&b.from)?;
+        require_signer(&b.from, &from_auth, signers)?;
+        let mut from = self.latest::<Targets>(&b.from)?.signed;
+        if from.delegations.is_some() {
+            return Err(Error::Invalid {
+                what: format!("role `{}`", b.from),
+                reason: "delegates already; succinct bins must be its only delegation".into(),
+            });
+        }
+        let mut keyids: Vec<KeyId> = b.keys.iter().map(PublicKey::keyid).collect();
+        keyids.sort();
+        keyids.dedup();
+        let succinct = SuccinctRoles {
+            keyids: keyids.clone(),
+            threshold: b.threshold,
+            bit_length: b.bit_length,
+            name_prefix: b.name_prefix.clone(),
+            unrecognized: BTreeMap::new(),
+        };
+        let auth = Authority {
+            keys: b.keys.iter().map(|k| (k.keyid(), k.clone())).collect(),
+            keyids,
+            threshold: b.threshold,
+        };
+        require_signer(&b.name_prefix, &auth, signers)?;
+        let mut writes = Vec::new();
+        for bin in 0..succinct.bins() {
+            let name = succinct.bin_name(bin as u32);
+            if self.role_exists(&name)? {
+                return Err(Error::RoleExists { role: name });
+            }
+            writes.push(self.new_empty_role(&name, &auth, signers, now)?);
+        }
+        from.delegations = Some(Delegations {
+            keys: auth.keys.clone(),
+            roles: None,
+            succinct_roles: Some(succinct),
+            unrecognized: BTreeMap::new(),
+        });
+        writes.insert(0, self.write_targets(&b.from, from, &from_auth, signers, now)?);
+        Ok(writes)
+    }
+
+    /// Add the given keys' signatures to the newest version of `role`, without changing it.
+    pub fn sign(&self, role: &str, signers: &[SigningKey]) -> Result<Vec<RoleWrite>> {
+        if role == "root" {
+            let root = self.root()?;
+            let mut auths = vec![("root".to_owned(), self.top_authority(&root.signed, "root")?)];
+            if root.version() > 1 {
+                let prev: Signed<Root> = self.parse("root", &self.role_path("root", root.version() - 1))?;
+                auths.push(("root (previous keys)".into(), self.top_authority(&prev.signed, "root")?));
+            }
+            return self.sign_root(root, &auths, signers);
+        }
+        let auth = self.authority(role)?;
+        require_signer(role, &auth, signers)?;
+        let (mut env, version) = match role {
+            "timestamp" => {
+                let t: Signed<Timestamp> = self.latest(role)?;
+                let v = t.version();
+                (t.envelope, v)
+            }
+            "snapshot" => {
+                let s: Signed<Snapshot> = self.latest(role)?;
+                let v = s.version();
+                (s.envelope, v)
+            }
+            _ => {
+                let t: Signed<Targets> = self.latest(role)?;
+                let v = t.version();
+                (t.envelope, v)
+            }
+        };
+        sign_with(role, &mut env, &auth, signers)?;
+        self.write_role(role, &env, version)?;
+        Ok(vec![write_report(role, &env, version, &auth)?])
+    }
+
+    /// Sign a root with every signer any of `auths` accepts, write it, report each threshold.
+    fn sign_root(
+        &self,
+        root: Signed<Root>,
+        auths: &[(String, Authority)],
+        signers: &[SigningKey],
+    ) -> Result<Vec<RoleWrite>> {
+        let version = root.version();
+        let mut env = root.envelope;
+        let mut used = 0;
+        for key in signers {
+            let id = key.public().keyid();
+            if auths.iter().any(|(_, a)| a.keyids.contains(&id)) {
+                env.sign("root", key)?;
+                used += 1;
+            }
+        }
+        if used == 0 {
+            return Err(Error::NoSigner {
+                role: "root".into(),
+                authorised: auths.iter().flat_map(|(_, a)| a.keyids.clone()).collect(),
+            });
+        }
+        self.write_role("root", &env, version)?;
+        auths
+            .iter()
+            .map(|(name, a)| {
+                Ok(RoleWrite {
+                    role: name.clone(),
+                    version,
+                    valid: a.count("root", &env)?,
+                    threshold: a.threshold,
+                })
+            })
+            .collect()
+    }
+
+    /// Change a role's keys or threshold.
+    ///
+    /// For a top-level role this writes root N+1, signed by whichever given keys the old or
+    /// the new root accepts (clients need both thresholds); a targets rotation also re-signs
+    /// targets with the new keys when they are given. For a delegated role it edits the
+    /// delegator and re-signs the role with its new keys.
+    pub fn rotate(&self, r: &Rotation, signers: &[SigningKey], now: DateTime) -> Result<Vec<RoleWrite>> {
+        if tern_core::TOP_LEVEL_ROLES.contains(&r.role.as_str()) {
+            return self.rotate_top(r, signers, now);
+        }
+        let delegator = self.delegator_of(&r.role)?;
+        let from_auth = self.authority(&delegator.name)?;
+        require_signer(&delegator.name, &from_auth, signers)?;
+        let mut from = delegator.signed.signed;
+        let d = from
+            .delegations
+            .as_mut()
+            .ok_or_else(|| Error::UnknownRole { role: r.role.clone() })?;
+        let entry = d
+            .roles
+            .iter_mut()
+            .flatten()
+            .find(|x| x.name == r.role)
+            .ok_or_else(|| Error::Invalid {
+                what: format!("role `{}`", r.role),
+                reason: "is a succinct hash bin; rotate the bins' keys by re-delegating".into(),
+            })?;
+        apply_rotation(&r.role, &mut entry.keyids, &mut entry.threshold, r)?;
+        let auth = Authority {
+            keys: BTreeMap::new(),
+            keyids: entry.keyids.clone(),
+            threshold: entry.threshold,
+        };
+        for k in &r.add {
+            d.keys.insert(k.keyid(), k.clone());
+        }
+        let referenced: Vec<KeyId> = d.roles.iter().flatten().flat_map(|x| x.keyids.clone()).collect();
+        d.keys.retain(|id, _| referenced.contains(id));
+        let auth = Authority {
+            keys: d.keys.clone(),
+            ..auth
+        };
+        let mut writes = vec![self.write_targets(&delegator.name, from, &from_auth, signers, now)?];
+        if require_signer(&r.role, &auth, signers).is_ok() {
+            let current = self.latest::<Targets>(&r.role)?.signed;
+            writes.push(self.write_targets(&r.role, current, &auth, signers, now)?);
+        }
+        Ok(writes)
+    }
+
+    fn rotate_top(&self, r: &Rotation, signers: &[SigningKey], now: DateTime) -> Result<Vec<RoleWrite>> {
+        let old = self.root()?;
+        let old_auth = self.top_authority(&old.signed, "root")?;
+        let mut root = old.signed.clone();
+        let entry = root
+            .roles
+            .get_mut(&r.role)
+            .ok_or_else(|| Error::UnknownRole { role: r.role.clone() })?;
+        apply_rotation(&r.role, &mut entry.keyids, &mut entry.threshold, r)?;
+        for k in &r.add {
+            root.keys.insert(k.keyid(), k.clone());
+        }
+        let referenced: Vec<KeyId> = root.roles.values().flat_map(|x| x.keyids.clone()).collect();
+        root.keys.retain(|id, _| referenced.contains(id));
+        let version = old.version() + 1;
+        root.common.version = version;
+        root.common.expires = self.expires("root", now).to_string();
+        let new_auth = self.top_authority(&root, "root")?;
+        let env = Envelope::new(&root)?;
+        let signed = Signed {
+            envelope: env,
+            signed: root.clone(),
+        };
+        let mut writes = self.sign_root(
+            signed,
+            &[("root".into(), new_auth), ("root (previous keys)".into(), old_auth)],
+            signers,
+        )?;
+        if r.role == "targets" {
+            let auth = self.top_authority(&root, "targets")?;
+            if require_signer("targets", &auth, signers).is_ok() {
+                let current = self.latest::<Targets>("targets")?.signed;
+                writes.push(self.write_targets("targets", current, &auth, signers, now)?);
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Write a new snapshot (unless `timestamp_only`) and timestamp.
+    ///
+    /// Refuses when root or any targets role lacks its threshold of signatures: publishing
+    /// it would only make clients fail.
+    pub fn refresh(&self, signers: &[SigningKey], now: DateTime, timestamp_only: bool) -> Result<Vec<RoleWrite>> {
+        let root = self.root()?;
+        let ts_auth = self.top_authority(&root.signed, "timestamp")?;
+        require_signer("timestamp", &ts_auth, signers)?;
+        let mut writes = Vec::new();
+        if !timestamp_only {
+            let snap_auth = self.top_authority(&root.signed, "snapshot")?;
+            require_signer("snapshot", &snap_auth, signers)?;
+            self.require_complete_root(&root)?;
+            let mut meta = BTreeMap::new();
+            for (role, _) in self.targets_roles()? {
+                let t: Signed<Targets> = self.latest(&role)?;
+                let auth = self.authority(&role)?;
+                let valid = auth.count(&role, &t.envelope)?;
+                if valid < auth.threshold {
+                    return Err(Error::Unsigned {
+                        role,
+                        version: t.version(),
+                        valid,
+                        threshold: auth.threshold,
+                    });
+                }
+                meta.insert(
+                    format!("{role}.json"),
+                    MetaFile {
+                        version: t.version(),
+                        length: None,
+                        hashes: None,
+                        unrecognized: BTreeMap::new(),
+                    },
+                );
+            }
+            let version = self.versions("snapshot")?.last().copied().unwrap_or(0) + 1;
+            let snapshot = Snapshot {
+                common: Common::new("snapshot", version, self.expires("snapshot", now)),
+                meta,
+                unrecognized: BTreeMap::new(),
+            };
+            let mut env = Envelope::new(&snapshot)?;
+            sign_with("snapshot", &mut env, &snap_auth, signers)?;
+            self.write_role("snapshot", &env, version)?;
+            writes.push(write_report("snapshot", &env, version, &snap_auth)?);
+        }
+        let snap_version = *self.versions("snapshot")?.last().ok_or_else(|| Error::UnknownRole {
+            role: "snapshot".into(),
+        })?;
+        let snap_bytes = self.read_bytes(&self.role_path("snapshot", snap_version))?;
+        let previous = match self.latest::<Timestamp>("timestamp") {
+            Ok(t) => t.version(),
+            Err(Error::UnknownRole { .. }) => 0,
+            Err(e) => return Err(e),
+        };
+        let version = previous + 1;
+        let timestamp = Timestamp {
+            common: Common::new("timestamp", version, self.expires("timestamp", now)),
+            meta: [(
+                "snapshot.json".to_owned(),
+                MetaFile {
+                    version: snap_version,
+                    length: Some(snap_bytes.len() as u64),
+                    hashes: Some(tern_core::digest::hashes_of(&snap_bytes, &[HashAlgorithm::Sha256])),
+                    unrecognized: BTreeMap::new(),
+                },
+            )]
+            .into(),
+            unrecognized: BTreeMap::new(),
+        };
+        let mut env = Envelope::new(&timestamp)?;
+        sign_with("timestamp", &mut env, &ts_auth, signers)?;
+        self.write_role("timestamp", &env, version)?;
+        writes.push(write_report("timestamp", &env, version, &ts_auth)?);
+        Ok(writes)
+    }
+
+    fn require_complete_root(&self, root: &Signed<Root>) -> Result<()> {
+        let mut checks = vec![self.top_authority(&root.signed, "root")?];
+        if root.version() > 1 {
+            let prev: Signed<Root> = self.parse("root", &self.role_path("root", root.version() - 1))?;
+            checks.push(self.top_authority(&prev.signed, "root")?);
+        }
+        for auth in checks {
+            let valid = auth.count("root", &root.envelope)?;
+            if valid < auth.threshold {
+                return Err(Error::Unsigned {
+                    role: "root".into(),
+                    version: root.version(),
+                    valid,
+                    threshold: auth.threshold,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Verify the repository from its first root and collect what a bundle of `targets` needs.
+    pub fn release_contents(
+        &self,
+        targets: &[TargetPath],
+        include_freshness: bool,
+        now: DateTime,
+    ) -> Result<ReleaseContents> {
+        let roots = self.root_chain()?;
+        let first = roots
+            .first()
+            .map(|(_, b)| b.clone())
+            .ok_or_else(|| Error::NotARepository { dir: self.dir.clone() })?;
+        let mut source = DirSource {
+            repo: self,
+            freshness: include_freshness,
+        };
+        let freshness = if include_freshness {
+            Freshness::Required
+        } else {
+            Freshness::IfPresent
+        };
+        let mut trusted = TrustedRepository::load(&first, &mut source, now, freshness)?;
+        let mut payloads = Vec::new();
+        for t in targets {
+            let found = trusted.find_target(&mut source, t.as_str())?;
+            let sha256 = found.file.hashes.get("sha256").ok_or_else(|| Error::Invalid {
+                what: format!("target `{t}`"),
+                reason: "lists no sha256 hash".into(),
+            })?;
+            payloads.push(Payload {
+                target: t.clone(),
+                source: self.targets_dir().join(t.with_hash_prefix(sha256)),
+            });
+        }
+        let mut delegated = Vec::new();
+        for (name, signed) in trusted.verified_roles().skip(1) {
+            delegated.push((
+                name.to_owned(),
+                self.read_bytes(&self.role_path(name, signed.version()))?,
+            ));
+        }
+        let read_versioned = |role: &str, v: u64| self.read_bytes(&self.role_path(role, v));
+        Ok(ReleaseContents {
+            roots,
+            timestamp: match trusted.timestamp() {
+                Some(t) => Some(read_versioned("timestamp", t.version())?),
+                None => None,
+            },
+            snapshot: match trusted.snapshot() {
+                Some(s) => Some(read_versioned("snapshot", s.version())?),
+                None => None,
+            },
+            targets: read_versioned("targets", trusted.targets().version())?,
+            delegated,
+            payloads,
+        })
+    }
+}
+
+struct DirSource<'a> {
+    repo: &'a Repository,
+    freshness: bool,
+}
+
+impl MetadataSource for DirSource<'_> {
+    fn fetch(&mut self, role: &str, version: Option<u64>) -> Option<Vec<u8>> {
+        if matches!(role, "timestamp" | "snapshot") && !self.freshness {
+            return None;
+        }
+        let version = match version {
+            Some(v) => v,
+            None if role == "timestamp" => 0,
+            None => *self.repo.versions(role).ok()?.last()?,
+        };
+        fs::read(self.repo.role_path(role, version)).ok()
+    }
+}
+
+fn apply_rotation(role: &str, keyids: &mut Vec<KeyId>, threshold: &mut u32, r: &Rotation) -> Result<()> {
+    for id in &r.remove {
+        if !keyids.contains(id) {
+            return Err(Error::Invalid {
+                what: format!("--remove-key {id}"),
+                reason: format!("is not a key of role `{role}`"),
+            });
+        }
+    }
+    keyids.retain(|id| !r.remove.contains(id));
+    for k in &r.add {
+        let id = k.keyid();
+        if !keyids.contains(&id) {
+            keyids.push(id);
+        }
+    }
+    keyids.sort();
+    if let Some(t) = r.threshold {
+        *threshold = t;
+    }
+    check_threshold(role, *threshold, keyids.len())
+}
+
+fn write_report(role: &str, env: &Envelope, version: u64, auth: &Authority) -> Result<RoleWrite> {
+    Ok(RoleWrite {
+        role: role.to_owned(),
+        version,
+        valid: auth.count(role, env)?,
+        threshold: auth.threshold,
+    })
+}
+
+struct DigestWriter<W: Write> {
+    inner: W,
+    digester: Digester,
+}
+
+impl<W: Write> Write for DigestWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.digester.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn copy(input: &mut impl Read, out: &mut impl Write) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        out.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
