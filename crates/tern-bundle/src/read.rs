@@ -84,7 +84,9 @@ fn read_small(entry: &mut impl Read, name: &str, size: u64) -> Result<Vec<u8>> {
 }
 
 fn io_error(entry: &str, e: io::Error) -> Error {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
+    // The tar crate reports some short reads as `Other` with a message; they are truncation too.
+    let msg = e.to_string();
+    if e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("unexpected EOF") || msg.contains("entire block") {
         Error::Truncated {
             entry: entry.to_owned(),
         }

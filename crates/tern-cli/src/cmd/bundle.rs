@@ -124,7 +124,7 @@ pub fn verify_file(
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Create(a) => {
-            let repo = Repository::open(&a.repo).with_context(|| format!("repository {}", a.repo.display()))?;
+            let repo = Repository::open(&a.repo)?;
             let targets = a
                 .targets
                 .iter()

@@ -123,12 +123,12 @@ pub struct AddTargetArgs {
     pub role: String,
     /// Release version (SemVer). With it, Tern's manifest is written.
     #[arg(long)]
-    pub version: Option<String>,
+    pub release_version: Option<String>,
     /// Device type the payload is for.
-    #[arg(long, requires = "version")]
+    #[arg(long, requires = "release_version")]
     pub device_type: Option<String>,
     /// Compatible hardware revision (repeatable; none means any).
-    #[arg(long = "hardware", requires = "version")]
+    #[arg(long = "hardware", requires = "release_version")]
     pub hardware: Vec<String>,
     /// How the agent installs it.
     #[arg(long, value_enum, default_value = "raw")]
@@ -274,7 +274,7 @@ pub struct StatusArgs {
 }
 
 fn open(c: &Common) -> anyhow::Result<Repository> {
-    Repository::open(&c.repo).with_context(|| format!("repository {}", c.repo.display()))
+    Ok(Repository::open(&c.repo)?)
 }
 
 fn manifest(a: &AddTargetArgs) -> anyhow::Result<Option<serde_json::Value>> {
@@ -288,13 +288,13 @@ fn manifest(a: &AddTargetArgs) -> anyhow::Result<Option<serde_json::Value>> {
         }
         None => None,
     };
-    if let Some(version) = &a.version {
+    if let Some(version) = &a.release_version {
         let m = Manifest {
             version: version.clone(),
             device_type: a
                 .device_type
                 .clone()
-                .context("--device-type is required with --version")?,
+                .context("--device-type is required with --release-version")?,
             hardware: a.hardware.clone(),
             installer: match a.installer {
                 InstallerArg::Raw => Installer::Raw,
@@ -337,8 +337,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 roles.insert(name.to_owned(), (load_public(files)?, threshold));
             }
             let signers = load_signers(&a.common.keys)?;
-            let (_, w) = Repository::init(&a.common.repo, &roles, config, &signers, now)
-                .with_context(|| format!("repository {}", a.common.repo.display()))?;
+            let (_, w) = Repository::init(&a.common.repo, &roles, config, &signers, now)?;
             writes(a.common.output, &w)
         }
         Command::AddTarget(a) => {
