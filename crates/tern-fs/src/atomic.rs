@@ -22,30 +22,10 @@ fn parent_of(path: &Path) -> &Path {
 /// Replace `path` with `bytes` atomically: a reader (or a reboot) sees the old content or the
 /// new, never a mix. The temp file is created in the same directory with `mode`.
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = parent_of(path);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(io_err(path))?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    let mut f = AtomicFile::create(path, mode)?;
+    let tmp = f.temp_path().to_owned();
+    f.file().write_all(bytes).map_err(io_err(&tmp))?;
+    f.commit()
 }
 
 /// Create `path`, which must not exist, with `bytes` and `mode`, and make it durable.
@@ -107,7 +87,10 @@ impl AtomicFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        // Unique per process and per call, so concurrent writers never share a temp file.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
         let file = OpenOptions::new()
             .write(true)
             .create(true)

@@ -131,17 +131,7 @@ pub fn make_bundle(dir: &Path, size: u64) -> anyhow::Result<(PathBuf, PathBuf, P
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     let Command::Verify(a) = cmd;
     let size = parse_size(&a.size)?;
-    let temp;
-    let dir = match &a.dir {
-        Some(d) => {
-            fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            temp = tempfile::Builder::new().prefix("tern-bench-").tempdir()?;
-            temp.path().to_owned()
-        }
-    };
+    let (dir, _temp) = super::work_dir(a.dir.as_ref(), "tern-bench-")?;
     eprintln!("preparing a {size}-byte payload and its bundle in {}", dir.display());
     let (bundle, root, payload) = make_bundle(&dir, size)?;
     let exe = std::env::current_exe()?;

@@ -65,17 +65,7 @@ fn key(dir: &Path, name: &str) -> anyhow::Result<SigningKey> {
 /// Run the demo.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let temp;
-    let dir = match &args.dir {
-        Some(d) => {
-            fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            temp = tempfile::Builder::new().prefix("tern-demo-").tempdir()?;
-            temp.path().to_owned()
-        }
-    };
+    let (dir, _temp) = super::work_dir(args.dir.as_ref(), "tern-demo-")?;
     let now = now();
     println!("Tern demo in {}", dir.display());
 

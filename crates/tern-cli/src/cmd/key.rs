@@ -65,6 +65,19 @@ struct KeyReport {
     key: serde_json::Value,
 }
 
+impl KeyReport {
+    fn new(key: &tern_core::PublicKey, files: Option<&KeyFiles>) -> Self {
+        KeyReport {
+            keyid: key.keyid().to_string(),
+            keytype: key.keytype().into(),
+            scheme: key.scheme().into(),
+            private: files.map(|f| f.private.clone()),
+            public: files.map(|f| f.public.clone()),
+            key: key.to_value().clone(),
+        }
+    }
+}
+
 /// Run a key command.
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
@@ -76,14 +89,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             };
             let files = KeyFiles::for_prefix(&a.out);
             let public = tern_fs::generate_key_files(alg, &files)?;
-            let report = KeyReport {
-                keyid: public.keyid().to_string(),
-                keytype: public.keytype().into(),
-                scheme: public.scheme().into(),
-                private: Some(files.private.clone()),
-                public: Some(files.public.clone()),
-                key: public.to_value().clone(),
-            };
+            let report = KeyReport::new(&public, Some(&files));
             match a.output {
                 Format::Json => json(&report),
                 Format::Text => {
@@ -97,14 +103,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         }
         Command::Show(a) => {
             let public = tern_fs::load_public_key(&a.file)?;
-            let report = KeyReport {
-                keyid: public.keyid().to_string(),
-                keytype: public.keytype().into(),
-                scheme: public.scheme().into(),
-                private: None,
-                public: None,
-                key: public.to_value().clone(),
-            };
+            let report = KeyReport::new(&public, None);
             match a.output {
                 Format::Json => json(&report),
                 Format::Text => {

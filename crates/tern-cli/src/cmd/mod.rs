@@ -26,3 +26,18 @@ pub fn load_public(paths: &[PathBuf]) -> anyhow::Result<Vec<tern_core::PublicKey
         .map(|p| tern_fs::load_public_key(p).with_context(|| format!("loading public key {}", p.display())))
         .collect()
 }
+
+/// A working directory: the one given (created, kept), or a temporary one removed when the
+/// returned guard drops.
+pub fn work_dir(given: Option<&PathBuf>, prefix: &str) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match given {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            Ok((d.clone(), None))
+        }
+        None => {
+            let temp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            Ok((temp.path().to_owned(), Some(temp)))
+        }
+    }
+}
