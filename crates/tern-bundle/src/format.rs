@@ -10,10 +10,13 @@ pub const FORMAT: &str = "tern-bundle";
 pub const FORMAT_VERSION: u32 = 1;
 /// The header entry's name.
 pub const HEADER: &str = "tern-bundle.json";
-/// Largest single metadata entry (and the header).
-pub const MAX_METADATA_ENTRY: u64 = 16 << 20;
+/// Largest single metadata entry; each role also has its own, smaller limit
+/// (`tern_core::metadata::limits`).
+pub const MAX_METADATA_ENTRY: u64 = tern_core::metadata::limits::TARGETS;
 /// Largest sum of all metadata entries.
-pub const MAX_METADATA_TOTAL: u64 = 64 << 20;
+pub const MAX_METADATA_TOTAL: u64 = 32 << 20;
+/// Largest header.
+pub const MAX_HEADER: u64 = 1 << 20;
 /// Most payloads one bundle carries.
 pub const MAX_PAYLOADS: usize = 1024;
 

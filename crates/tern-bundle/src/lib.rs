@@ -19,10 +19,12 @@
 #![warn(missing_docs)]
 
 mod format;
+mod index;
 mod read;
 mod write;
 
 pub use format::{check_role_name, BundleHeader, FORMAT, FORMAT_VERSION, MAX_METADATA_ENTRY, MAX_METADATA_TOTAL};
+pub use index::BundleIndex;
 pub use read::{inspect, read_bundle, verify_bundle, Inspection, PayloadInfo, VerifiedPayload, VerifyReport};
 pub use write::{write_bundle, Payload, ReleaseContents};
 

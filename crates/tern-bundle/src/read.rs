@@ -38,6 +38,10 @@ pub struct VerifiedPayload {
 pub struct VerifyReport {
     /// The newest root version trusted after the chain.
     pub root_version: u64,
+    /// That root's bytes: a device persists them as its new trust anchor (spec §5.3.8), so
+    /// that a root rotation revoking old keys takes effect for it.
+    #[serde(skip)]
+    pub root: Vec<u8>,
     /// Timestamp version, when the bundle carries freshness.
     pub timestamp_version: Option<u64>,
     /// Snapshot version, when the bundle carries freshness.
@@ -65,11 +69,17 @@ impl MetadataSource for BundleSource<'_> {
     }
 }
 
-fn read_small(entry: &mut impl Read, name: &str, size: u64) -> Result<Vec<u8>> {
-    if size > MAX_METADATA_ENTRY {
+fn read_small(entry: &mut impl Read, name: &str, kind: &EntryKind, size: u64) -> Result<Vec<u8>> {
+    let limit = match kind {
+        EntryKind::Header => crate::format::MAX_HEADER,
+        EntryKind::Root(_) => tern_core::metadata::limits::ROOT,
+        EntryKind::Role(r) => tern_core::metadata::limits::for_role(r),
+        EntryKind::Payload(_) => MAX_METADATA_ENTRY,
+    };
+    if size > limit {
         return Err(Error::Format {
             entry: name.to_owned(),
-            reason: format!("{size} bytes exceeds the {MAX_METADATA_ENTRY}-byte limit for metadata"),
+            reason: format!("{size} bytes exceeds the {limit}-byte limit for this metadata"),
         });
     }
     let mut buf = Vec::with_capacity(size as usize);
@@ -231,6 +241,7 @@ fn walk_roots(trusted_root: &[u8], roots: &BTreeMap<u64, Vec<u8>>) -> Result<Vec
 }
 
 struct Verified {
+    root: Vec<u8>,
     header: BundleHeader,
     repo: TrustedRepository,
     roles: BTreeMap<String, Vec<u8>>,
@@ -244,6 +255,7 @@ fn establish_trust(front: Front, trusted_root: &[u8], now: DateTime, freshness: 
     let mut source = BundleSource { roles: &front.roles };
     let repo = TrustedRepository::load(&root, &mut source, now, freshness)?;
     Ok(Verified {
+        root,
         header,
         repo,
         roles: front.roles,
@@ -273,7 +285,7 @@ pub fn read_bundle<R: Read>(
         let mut entry = entry.map_err(|e| io_error("tar header", e))?;
         let name = entry_name(&entry)?;
         let kind = classify(&name)?;
-        let size = entry.header().size().map_err(|e| io_error(&name, e))?;
+        let size = entry.size();
         let target = match kind {
             EntryKind::Payload(target) => target,
             other => {
@@ -283,7 +295,7 @@ pub fn read_bundle<R: Read>(
                         reason: "metadata after the first payload".into(),
                     });
                 }
-                let bytes = read_small(&mut entry, &name, size)?;
+                let bytes = read_small(&mut entry, &name, &other, size)?;
                 front.add(&name, other, bytes)?;
                 continue;
             }
@@ -364,6 +376,7 @@ pub fn read_bundle<R: Read>(
     }
     Ok(VerifyReport {
         root_version: v.repo.root().version(),
+        root: v.root,
         timestamp_version: v.repo.timestamp().map(|t| t.version()),
         snapshot_version: v.repo.snapshot().map(|s| s.version()),
         targets_version: v.repo.targets().version(),
@@ -445,11 +458,11 @@ pub fn inspect<R: Read + io::Seek>(reader: R) -> Result<Inspection> {
     for entry in entries {
         let mut entry = entry.map_err(|e| io_error("tar header", e))?;
         let name = entry_name(&entry)?;
-        let size = entry.header().size().map_err(|e| io_error(&name, e))?;
+        let size = entry.size();
         match classify(&name)? {
             EntryKind::Payload(target) => sizes.push((target, size)),
             other => {
-                let bytes = read_small(&mut entry, &name, size)?;
+                let bytes = read_small(&mut entry, &name, &other, size)?;
                 front.add(&name, other, bytes)?;
             }
         }

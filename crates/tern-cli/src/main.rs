@@ -33,6 +33,8 @@ enum Command {
     /// Create, inspect and verify release bundles.
     #[command(subcommand)]
     Bundle(cmd::bundle::Command),
+    /// The TUF client: init, refresh, download (the reference clients' CLI shape).
+    Tuf(cmd::tuf::Args),
     /// Run the end-to-end demonstration on embedded defaults.
     Demo(cmd::demo::Args),
     /// Measure Tern's throughput against the machine's reference tools.
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Key(c) => cmd::key::run(c),
         Command::Repo(c) => cmd::repo::run(c),
         Command::Bundle(c) => cmd::bundle::run(c),
+        Command::Tuf(a) => cmd::tuf::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bench(c) => cmd::bench::run(c),
     };

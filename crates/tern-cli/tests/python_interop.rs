@@ -371,7 +371,8 @@ fn ngclient_reads_tern_repo_with_rotated_targets_key_and_hash_bins() {
     #[rustfmt::skip]
     tern(&[
         "repo", "add-target", "--repo", r, s(&image), "--name", image_name, "--role", &image_bin,
-        "--sha512", "--compression", "zstd", "--key", &bins.pem,
+        "--sha512", "--compression", "zstd", "--release-version", "1.0.0", "--device-type", "sim",
+        "--installer", "raw", "--slot-class", "rootfs", "--key", &bins.pem,
     ]);
     #[rustfmt::skip]
     tern(&["repo", "add-target", "--repo", r, s(&tool), "--name", tool_name, "--role", &tool_bin, "--key", &bins.pem]);

@@ -1,7 +1,6 @@
 //! Which delegated roles are trusted for a target path.
 
 use aws_lc_rs::digest;
-use glob::{MatchOptions, Pattern};
 
 use crate::keys::KeyId;
 use crate::metadata::{DelegatedRole, Delegations, SuccinctRoles};
@@ -19,23 +18,112 @@ pub struct Candidate {
     pub threshold: u32,
 }
 
-/// Shell-style match where `*` and `?` never match `/` (the specification's rule, as
-/// python-tuf applies it component by component).
+/// Shell-style match where `*` and `?` never match `/`: the pattern and the target are split
+/// on `/`, must have as many components, and each pair must match as Python's
+/// `fnmatch.fnmatch` matches on POSIX (python-tuf's rule): `*` any run of characters, `?`
+/// one character, `[seq]` and `[!seq]` sets with `a-z` ranges, and a `[` with no closing `]`
+/// a literal. Every pattern has a meaning, so no delegation is silently void.
 pub fn path_matches(pattern: &str, target: &str) -> bool {
-    // Component counts must agree, exactly as fnmatch applied per component.
-    if pattern.split('/').count() != target.split('/').count() {
-        return false;
+    let p: Vec<&str> = pattern.split('/').collect();
+    let t: Vec<&str> = target.split('/').collect();
+    p.len() == t.len() && p.iter().zip(&t).all(|(p, t)| fnmatch(p, t))
+}
+
+/// One element of a compiled component pattern.
+enum Tok {
+    Star,
+    Any,
+    Lit(char),
+    Set { negated: bool, items: Vec<(char, char)> },
+}
+
+fn compile(pattern: &[char]) -> Vec<Tok> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < pattern.len() {
+        let c = pattern[i];
+        i += 1;
+        match c {
+            '*' => {
+                // Consecutive stars mean the same as one.
+                if !matches!(out.last(), Some(Tok::Star)) {
+                    out.push(Tok::Star);
+                }
+            }
+            '?' => out.push(Tok::Any),
+            '[' => {
+                // As fnmatch.translate: `!` negates, a `]` right after `[` or `[!` is literal.
+                let mut j = i;
+                if j < pattern.len() && pattern[j] == '!' {
+                    j += 1;
+                }
+                if j < pattern.len() && pattern[j] == ']' {
+                    j += 1;
+                }
+                while j < pattern.len() && pattern[j] != ']' {
+                    j += 1;
+                }
+                if j >= pattern.len() {
+                    out.push(Tok::Lit('['));
+                    continue;
+                }
+                let mut body = &pattern[i..j];
+                i = j + 1;
+                let negated = body.first() == Some(&'!');
+                if negated {
+                    body = &body[1..];
+                }
+                let mut items = Vec::new();
+                let mut k = 0;
+                while k < body.len() {
+                    if k + 2 < body.len() && body[k + 1] == '-' {
+                        items.push((body[k], body[k + 2]));
+                        k += 3;
+                    } else {
+                        items.push((body[k], body[k]));
+                        k += 1;
+                    }
+                }
+                out.push(Tok::Set { negated, items });
+            }
+            c => out.push(Tok::Lit(c)),
+        }
     }
-    let opts = MatchOptions {
-        case_sensitive: true,
-        require_literal_separator: true,
-        require_literal_leading_dot: false,
-    };
-    match Pattern::new(pattern) {
-        Ok(p) => p.matches_with(target, opts),
-        // An invalid pattern delegates nothing.
-        Err(_) => false,
+    out
+}
+
+fn fnmatch(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let toks = compile(&p);
+    let n: Vec<char> = name.chars().collect();
+    // Iterative matching with one backtrack point per star: linear in practice, and never
+    // exponential (a later star supersedes the earlier backtrack point).
+    let (mut ti, mut ni) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        let ok = match toks.get(ti) {
+            Some(Tok::Star) => {
+                star = Some((ti, ni));
+                ti += 1;
+                continue;
+            }
+            Some(Tok::Any) => true,
+            Some(Tok::Lit(c)) => *c == n[ni],
+            Some(Tok::Set { negated, items }) => items.iter().any(|(lo, hi)| *lo <= n[ni] && n[ni] <= *hi) != *negated,
+            None => false,
+        };
+        if ok {
+            ti += 1;
+            ni += 1;
+        } else if let Some((st, sn)) = star {
+            ti = st + 1;
+            ni = sn + 1;
+            star = Some((st, sn + 1));
+        } else {
+            return false;
+        }
     }
+    toks[ti..].iter().all(|t| matches!(t, Tok::Star))
 }
 
 fn hash_prefix_matches(prefixes: &[String], target: &str) -> bool {
@@ -120,6 +208,34 @@ mod tests {
         assert!(path_matches("d/?.bin", "d/x.bin"));
         assert!(path_matches("d/[xy].bin", "d/y.bin"));
         assert!(!path_matches("products/*", "products"));
+    }
+
+    #[test]
+    fn fnmatch_edge_cases_follow_python() {
+        // Each line was checked against Python's fnmatch.fnmatch.
+        let cases = [
+            ("firmware-**", "firmware-1.bin", true),
+            ("***", "x", true),
+            ("[", "[", true),
+            ("a[", "a[", true),
+            ("[!a]", "b", true),
+            ("[!a]", "a", false),
+            ("[]]", "]", true),
+            ("[!]]", "a", true),
+            ("[a-c]x", "bx", true),
+            ("[a-c]x", "dx", false),
+            ("*.bin", ".bin", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbY", false),
+            ("?", "", false),
+            ("", "", true),
+            ("\\*", "\\x", true),
+        ];
+        for (p, n, want) in cases {
+            assert_eq!(fnmatch(p, n), want, "{p:?} vs {n:?}");
+        }
+        assert!(!path_matches("**/", "a/b"));
+        assert!(path_matches("*/*", "a/b"));
     }
 
     #[test]

@@ -231,8 +231,43 @@ fn decode_public(alg: KeyAlgorithm, public: &str, keyid: &KeyId) -> Result<Vec<u
             if label != "PUBLIC KEY" {
                 return Err(bad(format!("PEM label `{label}`, expected `PUBLIC KEY`")));
             }
-            Ok(der)
+            canonical_spki(alg, &der)
+                .ok_or_else(|| bad(format!("not a {} SubjectPublicKeyInfo in canonical form", alg.scheme())))
         }
+    }
+}
+
+/// DER prefix of a P-256 SubjectPublicKeyInfo with an uncompressed point (91 bytes in all).
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
+    0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+/// AlgorithmIdentifier of rsaEncryption with NULL parameters.
+const RSA_ALG_ID: [u8; 15] = [
+    0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+];
+
+/// The one encoding Tern accepts for an ECDSA or RSA public key: SubjectPublicKeyInfo, as
+/// python-tuf writes it. Other encodings of the same key (a raw or compressed point, PKCS#1)
+/// are refused, so that one key can never appear as several "different" keys and be counted
+/// more than once towards a threshold.
+fn canonical_spki(alg: KeyAlgorithm, der: &[u8]) -> Option<Vec<u8>> {
+    match alg {
+        KeyAlgorithm::EcdsaP256 => {
+            // A point off the curve parses here but never verifies a signature.
+            let ok = der.len() == 91 && der[..26] == P256_SPKI_PREFIX && der[26] == 0x04;
+            ok.then(|| der.to_vec())
+        }
+        KeyAlgorithm::RsaPssSha256 => {
+            if der.len() < 19 || der[0] != 0x30 || der[1] != 0x82 || der[4..19] != RSA_ALG_ID {
+                return None;
+            }
+            // Parse and re-encode: the identity is aws-lc's own DER of the key.
+            let key = aws_lc_rs::rsa::PublicEncryptingKey::from_der(der).ok()?;
+            let canonical = AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(&key).ok()?;
+            (canonical.as_ref() == der).then(|| der.to_vec())
+        }
+        KeyAlgorithm::Ed25519 => None,
     }
 }
 
@@ -387,6 +422,18 @@ mod tests {
             assert!(parsed.verify(b"message", &sig), "{alg:?}");
             assert!(!parsed.verify(b"messagf", &sig), "{alg:?}");
         }
+    }
+
+    #[test]
+    fn other_encodings_of_an_ecdsa_key_are_refused() {
+        let (key, _) = SigningKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let pem = key.public().to_value()["keyval"]["public"].as_str().unwrap().to_owned();
+        let (_, der) = pem_rfc7468::decode_vec(pem.as_bytes()).unwrap();
+        // The bare uncompressed point, as PEM: aws-lc would accept it, Tern must not.
+        let point = &der[26..];
+        let raw_pem = pem_rfc7468::encode_string("PUBLIC KEY", pem_rfc7468::LineEnding::LF, point).unwrap();
+        let v = json!({"keytype": "ecdsa", "scheme": "ecdsa-sha2-nistp256", "keyval": {"public": raw_pem}});
+        assert_eq!(PublicKey::from_value("root", &v).unwrap_err().kind(), "BadKey");
     }
 
     #[test]

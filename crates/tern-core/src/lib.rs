@@ -24,6 +24,7 @@ pub mod metadata;
 pub mod target;
 pub mod timefmt;
 pub mod trust;
+pub mod trusted_set;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -22,6 +22,29 @@ pub const SPEC_VERSION: &str = "1.0.31";
 /// Upper bound on any metadata document Tern parses. Roles with many targets stay far below it.
 pub const MAX_METADATA_BYTES: usize = 64 << 20;
 
+/// Default size limits per role, python-tuf's: whoever reads metadata from an untrusted
+/// source (the network client, the bundle reader) refuses larger documents before parsing.
+pub mod limits {
+    /// A root version.
+    pub const ROOT: u64 = 512_000;
+    /// Timestamp.
+    pub const TIMESTAMP: u64 = 16_384;
+    /// Snapshot, when the timestamp lists no length.
+    pub const SNAPSHOT: u64 = 2_000_000;
+    /// A targets role, when the snapshot lists no length.
+    pub const TARGETS: u64 = 5_000_000;
+
+    /// The limit for a role by name.
+    pub fn for_role(role: &str) -> u64 {
+        match role {
+            "root" => ROOT,
+            "timestamp" => TIMESTAMP,
+            "snapshot" => SNAPSHOT,
+            _ => TARGETS,
+        }
+    }
+}
+
 /// One entry of the `signatures` list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignatureEntry {
@@ -504,11 +527,12 @@ impl RoleType for Targets {
                         ));
                     }
                     validate_role_keys(role, &field, &r.keyids, r.threshold, &d.keys)?;
-                    if r.paths.is_some() == r.path_hash_prefixes.is_some() {
+                    // Both optional; a role with neither is trusted for nothing (as in python-tuf).
+                    if r.paths.is_some() && r.path_hash_prefixes.is_some() {
                         return Err(Error::field(
                             role,
                             field,
-                            "exactly one of `paths` and `path_hash_prefixes` must be set",
+                            "`paths` and `path_hash_prefixes` are both set",
                         ));
                     }
                 }

@@ -38,7 +38,10 @@ impl KeySource for FileKeySource {
 }
 
 fn read_bounded(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    let f = File::open(path).map_err(io_err(path))?;
+    read_open(path, File::open(path).map_err(io_err(path))?)
+}
+
+fn read_open(path: &Path, f: File) -> Result<Zeroizing<Vec<u8>>> {
     let size = f.metadata().map_err(io_err(path))?.len();
     if size > MAX_KEY_FILE {
         return Err(Error::TooLarge {
@@ -53,14 +56,16 @@ fn read_bounded(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
 
 /// Load a private key, refusing a file that group or others may read or write.
 pub fn load_signing_key(path: &Path) -> Result<SigningKey> {
-    let mode = fs::metadata(path).map_err(io_err(path))?.permissions().mode() & 0o7777;
+    // One open, and the checks on what was opened: no window to swap the file in between.
+    let f = File::open(path).map_err(io_err(path))?;
+    let mode = f.metadata().map_err(io_err(path))?.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(Error::TooOpen {
             path: path.to_owned(),
             mode,
         });
     }
-    let pem = read_bounded(path)?;
+    let pem = read_open(path, f)?;
     SigningKey::from_pkcs8_pem(&pem).map_err(|source| Error::Key {
         path: path.to_owned(),
         source: Box::new(source),

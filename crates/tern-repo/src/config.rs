@@ -89,9 +89,13 @@ pub fn parse_duration(s: &str) -> Result<u64> {
         "w" => 7 * DAY,
         _ => return Err(bad()),
     };
+    // At most a century: expiry dates must stay printable as YYYY-MM-DDTHH:MM:SSZ.
     match n.checked_mul(mult) {
-        Some(v) if v > 0 => Ok(v),
-        _ => Err(bad()),
+        Some(v) if v > 0 && v <= 36_500 * DAY => Ok(v),
+        _ => Err(Error::Invalid {
+            what: format!("duration `{s}`"),
+            reason: "must be between 1 second and 100 years".into(),
+        }),
     }
 }
 
@@ -140,7 +144,7 @@ mod tests {
         assert_eq!(parse_duration("90d").unwrap(), 90 * DAY);
         assert_eq!(parse_duration("2w").unwrap(), 14 * DAY);
         assert_eq!(parse_duration("45s").unwrap(), 45);
-        for bad in ["", "d", "0d", "5", "5y", "-1d"] {
+        for bad in ["", "d", "0d", "5", "5y", "-1d", "1000000w", "36501d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -84,6 +84,17 @@ pub struct Rotation {
     pub threshold: Option<u32>,
 }
 
+/// The keys with duplicates removed (the same key given as a public and a private file, say).
+fn distinct(keys: &[PublicKey]) -> Vec<PublicKey> {
+    let mut out: Vec<PublicKey> = Vec::new();
+    for k in keys {
+        if !out.iter().any(|o| o.keyid() == k.keyid()) {
+            out.push(k.clone());
+        }
+    }
+    out
+}
+
 fn check_threshold(what: &str, threshold: u32, keys: usize) -> Result<()> {
     if threshold == 0 || threshold as usize > keys {
         return Err(Error::Invalid {
@@ -128,11 +139,12 @@ impl Repository {
                 what: format!("role `{name}`"),
                 reason: "no keys given".into(),
             })?;
+            let ks = distinct(ks);
             check_threshold(name, *threshold, ks.len())?;
             let mut keyids: Vec<KeyId> = ks.iter().map(PublicKey::keyid).collect();
             keyids.sort();
             keyids.dedup();
-            for k in ks {
+            for k in &ks {
                 keys.insert(k.keyid(), k.clone());
             }
             role_keys.insert(
@@ -338,7 +350,7 @@ impl Repository {
         if self.role_exists(&d.name)? {
             return Err(Error::RoleExists { role: d.name.clone() });
         }
-        check_threshold(&d.name, d.threshold, d.keys.len())?;
+        check_threshold(&d.name, d.threshold, distinct(&d.keys).len())?;
         if d.paths.is_empty() == d.hash_prefixes.is_empty() {
             return Err(Error::Invalid {
                 what: format!("delegation to `{}`", d.name),
@@ -404,7 +416,7 @@ impl Repository {
                 reason: "must be 1 to 16".into(),
             });
         }
-        check_threshold(&b.name_prefix, b.threshold, b.keys.len())?;
+        check_threshold(&b.name_prefix, b.threshold, distinct(&b.keys).len())?;
         let from_auth = self.authority(&b.from)?;
         require_signer(&b.from, &from_auth, signers)?;
         let mut from = self.latest::<Targets>(&b.from)?.signed;
@@ -622,9 +634,21 @@ impl Repository {
             require_signer("snapshot", &snap_auth, signers)?;
             self.require_complete_root(&root)?;
             let mut meta = BTreeMap::new();
-            for (role, _) in self.targets_roles()? {
+            let mut parents: BTreeMap<String, Targets> = BTreeMap::new();
+            let root_targets = self.top_authority(&root.signed, "targets")?;
+            for (role, parent) in self.targets_roles()? {
                 let t: Signed<Targets> = self.latest(&role)?;
-                let auth = self.authority(&role)?;
+                let auth = match parent {
+                    None => root_targets.clone(),
+                    Some(p) => {
+                        if !parents.contains_key(&p) {
+                            let pt = self.latest::<Targets>(&p)?.signed;
+                            parents.insert(p.clone(), pt);
+                        }
+                        crate::store::delegated_authority(&parents[&p], &role)
+                            .ok_or_else(|| Error::UnknownRole { role: role.clone() })?
+                    }
+                };
                 let valid = auth.count(&role, &t.envelope)?;
                 if valid < auth.threshold {
                     return Err(Error::Unsigned {
@@ -653,12 +677,31 @@ impl Repository {
             let mut env = Envelope::new(&snapshot)?;
             sign_with("snapshot", &mut env, &snap_auth, signers)?;
             self.write_role("snapshot", &env, version)?;
-            writes.push(write_report("snapshot", &env, version, &snap_auth)?);
+            let report = write_report("snapshot", &env, version, &snap_auth)?;
+            let complete = report.complete();
+            writes.push(report);
+            if !complete {
+                // A timestamp pointing at it would name bytes that change when the snapshot
+                // is signed again; `tern repo sign --role snapshot` then `refresh
+                // --timestamp-only` completes the publication.
+                return Ok(writes);
+            }
         }
         let snap_version = *self.versions("snapshot")?.last().ok_or_else(|| Error::UnknownRole {
             role: "snapshot".into(),
         })?;
         let snap_bytes = self.read_bytes(&self.role_path("snapshot", snap_version))?;
+        let snap_env = Envelope::parse("snapshot", &snap_bytes)?;
+        let snap_auth = self.top_authority(&root.signed, "snapshot")?;
+        let valid = snap_auth.count("snapshot", &snap_env)?;
+        if valid < snap_auth.threshold {
+            return Err(Error::Unsigned {
+                role: "snapshot".into(),
+                version: snap_version,
+                valid,
+                threshold: snap_auth.threshold,
+            });
+        }
         let previous = match self.latest::<Timestamp>("timestamp") {
             Ok(t) => t.version(),
             Err(Error::UnknownRole { .. }) => 0,

@@ -201,6 +201,7 @@ impl Repository {
     /// Every targets role reachable from top-level targets, breadth first, with its delegator.
     pub(crate) fn targets_roles(&self) -> Result<Vec<(String, Option<String>)>> {
         let mut out = vec![("targets".to_owned(), None)];
+        let mut seen = std::collections::HashSet::from(["targets".to_owned()]);
         let mut queue = VecDeque::from(["targets".to_owned()]);
         while let Some(name) = queue.pop_front() {
             let t: Signed<Targets> = self.latest(&name)?;
@@ -211,7 +212,7 @@ impl Repository {
                 (None, None) => Vec::new(),
             };
             for c in children {
-                if out.iter().any(|(n, _)| *n == c) {
+                if !seen.insert(c.clone()) {
                     continue;
                 }
                 out.push((c.clone(), Some(name.clone())));

@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod demo;
 pub mod key;
 pub mod repo;
+pub mod tuf;
 
 use std::path::PathBuf;
 

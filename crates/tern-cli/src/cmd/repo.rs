@@ -288,6 +288,16 @@ fn manifest(a: &AddTargetArgs) -> anyhow::Result<Option<serde_json::Value>> {
         }
         None => None,
     };
+    if let Some(tern) = custom.as_ref().and_then(|c| c.get("tern")) {
+        if a.release_version.is_some() {
+            bail!("--custom may not carry a `tern` manifest together with --release-version");
+        }
+        let m: Manifest = serde_json::from_value(tern.clone()).context("--custom's `tern` manifest")?;
+        m.validate(a.name.as_deref().unwrap_or("new target"))?;
+    }
+    if a.release_version.is_none() && !matches!(a.compression, CompressionArg::None) {
+        bail!("--compression needs --release-version: the manifest is what tells the agent the payload is compressed");
+    }
     if let Some(version) = &a.release_version {
         let m = Manifest {
             version: version.clone(),
