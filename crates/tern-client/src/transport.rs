@@ -85,6 +85,7 @@ pub struct HttpTransport {
     runtime: Arc<tokio::runtime::Runtime>,
     connect_timeout: Duration,
     stall_timeout: Duration,
+    min_bytes_per_sec: u64,
 }
 
 impl HttpTransport {
@@ -106,6 +107,7 @@ impl HttpTransport {
             runtime: Arc::new(runtime),
             connect_timeout: limits.connect_timeout,
             stall_timeout: limits.stall_timeout,
+            min_bytes_per_sec: limits.min_bytes_per_sec,
         })
     }
 }
@@ -122,7 +124,7 @@ impl Transport for HttpTransport {
             .block_on(async { tokio::time::timeout(deadline, req.send()).await })
             .map_err(|_| TransportError::SlowRetrieval {
                 url: url.to_owned(),
-                min_bytes_per_sec: 0,
+                min_bytes_per_sec: self.min_bytes_per_sec,
             })?
             .map_err(|e| TransportError::failed(url, error_chain(&e)))?;
         let status = resp.status();

@@ -27,6 +27,15 @@ pub struct Args {
     /// Where downloaded targets go, named by their percent-encoded paths.
     #[arg(long)]
     pub target_dir: Option<PathBuf>,
+    /// Seconds to wait for any byte before giving up (slow-retrieval defence).
+    #[arg(long, default_value_t = 30)]
+    pub stall_timeout: u64,
+    /// Slowest average download rate accepted, bytes per second, after --grace seconds.
+    #[arg(long, default_value_t = 1024)]
+    pub min_rate: u64,
+    /// Seconds before --min-rate is enforced.
+    #[arg(long, default_value_t = 10)]
+    pub grace: u64,
     #[command(subcommand)]
     pub action: Action,
 }
@@ -47,7 +56,12 @@ pub enum Action {
 
 /// Run the client.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let limits = Limits::default();
+    let limits = Limits {
+        stall_timeout: std::time::Duration::from_secs(a.stall_timeout),
+        min_bytes_per_sec: a.min_rate,
+        grace: std::time::Duration::from_secs(a.grace),
+        ..Limits::default()
+    };
     match a.action {
         Action::Init { trusted_root } => {
             let root =
