@@ -110,6 +110,17 @@ fn arbitrary_software_a_replaced_target_is_refused() {
             "target `a.txt`: a.txt: sha256 hash does not match",
             "LengthOrHashMismatchError",
         );
+        assert_eq!(
+            server.take_requests(),
+            reqs(&[
+                "/metadata/2.root.json",
+                "/metadata/timestamp.json",
+                "/metadata/2.snapshot.json",
+                "/metadata/2.targets.json",
+                &url
+            ]),
+            "{kind:?}"
+        );
         assert!(c.downloaded().is_empty(), "{kind:?}: {:?}", c.downloaded());
         assert_eq!(
             c.trusted(),
@@ -140,6 +151,16 @@ fn arbitrary_software_targets_signed_by_an_unknown_key_is_refused() {
             kind,
             "targets: 0 of 1 required signatures",
             "UnsignedMetadataError",
+        );
+        assert_eq!(
+            server.take_requests(),
+            reqs(&[
+                "/metadata/2.root.json",
+                "/metadata/timestamp.json",
+                "/metadata/2.snapshot.json",
+                "/metadata/2.targets.json"
+            ]),
+            "{kind:?}"
         );
         assert_eq!(
             c.trusted(),
@@ -183,12 +204,17 @@ fn rollback_a_timestamp_naming_an_older_snapshot_is_refused() {
         sim.timestamp.common.version = 3;
         sim.timestamp.meta.get_mut("snapshot.json").unwrap().version = 1;
         sim.publish_timestamp();
+        server.take_requests();
         let out = c.refresh(&server);
         fails(
             &out,
             kind,
             "snapshot: version 1 is older than trusted version 2",
             "BadVersionNumberError",
+        );
+        assert_eq!(
+            server.take_requests(),
+            reqs(&["/metadata/2.root.json", "/metadata/timestamp.json"])
         );
         assert_eq!(
             c.trusted(),
@@ -213,12 +239,22 @@ fn rollback_a_snapshot_with_an_older_targets_version_is_refused() {
         sim.snapshot.common.version = 3;
         sim.publish_snapshot();
         sim.commit_timestamp();
+        server.take_requests();
         let out = c.refresh(&server);
         fails(
             &out,
             kind,
             "targets: version 1 is older than trusted version 2",
             "BadVersionNumberError",
+        );
+        assert_eq!(
+            server.take_requests(),
+            reqs(&[
+                "/metadata/2.root.json",
+                "/metadata/timestamp.json",
+                "/metadata/3.snapshot.json"
+            ]),
+            "{kind:?}"
         );
         assert_eq!(c.trusted()["snapshot.json"], 2, "{kind:?}");
     }
@@ -232,6 +268,10 @@ fn indefinite_freeze_an_expired_timestamp_is_refused() {
         sim.commit_timestamp();
         let out = c.refresh(&server);
         fails(&out, kind, "timestamp: expired", "ExpiredMetadataError");
+        assert_eq!(
+            server.take_requests(),
+            reqs(&["/metadata/2.root.json", "/metadata/timestamp.json"])
+        );
         assert_eq!(c.trusted(), files(&[("root.json", 1)]), "{kind:?}");
     }
 }
@@ -243,6 +283,10 @@ fn endless_data_an_endless_timestamp_is_cut_off() {
         server.fault("/metadata/timestamp.json", Fault::Endless);
         let out = c.refresh(&server);
         fails(&out, kind, "more than 16384 bytes", "DownloadLengthMismatchError");
+        assert_eq!(
+            server.take_requests(),
+            reqs(&["/metadata/2.root.json", "/metadata/timestamp.json"])
+        );
         assert_eq!(c.trusted(), files(&[("root.json", 1)]), "{kind:?}");
     }
 }
@@ -257,6 +301,10 @@ fn endless_data_a_target_longer_than_signed_is_cut_off() {
         server.fault(&sim.target_request("targets", "a.txt"), Fault::Body(long));
         let out = c.download(&server, &["a.txt"]);
         fails(&out, kind, "more than 10 bytes", "DownloadLengthMismatchError");
+        assert_eq!(
+            server.take_requests().last(),
+            Some(&sim.target_request("targets", "a.txt"))
+        );
         assert!(c.downloaded().is_empty());
     }
 }
@@ -273,12 +321,18 @@ fn extraneous_dependencies_a_role_cannot_list_paths_it_is_not_trusted_for() {
         sim.bump("targets");
         sim.commit_snapshot();
         ok(&c.download(&server, &["app/x.bin"]));
+        server.take_requests();
         let out = c.download(&server, &["base/libc.so"]);
         fails(
             &out,
             kind,
             "target `base/libc.so` is not listed by any trusted role",
             "TargetNotFoundError",
+        );
+        // Everything is cached and no role is trusted for base/*: nothing else is fetched.
+        assert_eq!(
+            server.take_requests(),
+            reqs(&["/metadata/2.root.json", "/metadata/timestamp.json"])
         );
         assert_eq!(c.downloaded(), ["app%2Fx.bin"], "{kind:?}");
     }
@@ -304,6 +358,15 @@ fn mix_and_match_targets_of_another_snapshot_are_refused() {
             "LengthOrHashMismatchError",
         );
         assert_eq!(
+            server.take_requests(),
+            reqs(&[
+                "/metadata/2.root.json",
+                "/metadata/timestamp.json",
+                "/metadata/2.snapshot.json",
+                "/metadata/2.targets.json"
+            ])
+        );
+        assert_eq!(
             c.trusted(),
             files(&[("root.json", 1), ("timestamp.json", 2), ("snapshot.json", 2)])
         );
@@ -327,6 +390,14 @@ fn malicious_mirror_metadata_signed_by_another_key_is_refused() {
             "snapshot: 0 of 1 required signatures",
             "UnsignedMetadataError",
         );
+        assert_eq!(
+            server.take_requests(),
+            reqs(&[
+                "/metadata/2.root.json",
+                "/metadata/timestamp.json",
+                "/metadata/1.snapshot.json"
+            ])
+        );
         assert_eq!(c.trusted(), files(&[("root.json", 1), ("timestamp.json", 1)]));
     }
 }
@@ -345,12 +416,22 @@ fn key_compromise_below_threshold_is_refused() {
         let one = &sim.keys["targets"][0];
         sim.write_signed("3.targets.json", &sim.targets["targets"], "targets", &[one]);
         sim.commit_snapshot();
+        server.take_requests();
         let out = c.download(&server, &["evil.bin"]);
         fails(
             &out,
             kind,
             "targets: 1 of 2 required signatures",
             "UnsignedMetadataError",
+        );
+        assert_eq!(
+            server.take_requests(),
+            reqs(&[
+                "/metadata/3.root.json",
+                "/metadata/timestamp.json",
+                "/metadata/3.snapshot.json",
+                "/metadata/3.targets.json"
+            ])
         );
         assert_eq!(c.trusted()["targets.json"], 2, "{kind:?}");
         assert!(c.downloaded().is_empty());
@@ -390,7 +471,20 @@ fn fast_forward_recovery_after_the_timestamp_key_rotates() {
         sim.rotate("timestamp", 1, 1);
         sim.timestamp.common.version = 1;
         sim.commit_timestamp();
+        server.take_requests();
         ok(&c.refresh(&server));
+        // Tern deletes the trusted snapshot with the timestamp (§5.3.11) and fetches it again;
+        // python-tuf keeps its snapshot, whose signature still verifies. Both end up trusting
+        // the same versions.
+        let mut want = vec![
+            "/metadata/2.root.json",
+            "/metadata/3.root.json",
+            "/metadata/timestamp.json",
+        ];
+        if kind == Kind::Tern {
+            want.push("/metadata/1.snapshot.json");
+        }
+        assert_eq!(server.take_requests(), reqs(&want), "{kind:?}");
         assert_eq!(
             c.trusted(),
             files(&[
@@ -875,4 +969,131 @@ fn a_resumed_download_is_still_verified_from_its_first_byte() {
     fails(&out, Kind::Tern, "hash does not match", "");
     assert!(!partial.exists(), "a complete but wrong file is not kept for resuming");
     ok(&c.download(&server, &["big.img"]));
+}
+
+// ---- Tern's own: directory and bundle sources ------------------------------------------------
+
+#[test]
+fn a_local_directory_is_a_source() {
+    let (mut sim, _server, c) = fresh(Kind::Tern);
+    two_targets(&mut sim);
+    let base = format!("file://{}", sim.path().display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["tuf", "--metadata-dir"])
+        .arg(c.metadata_dir())
+        .args([
+            "--metadata-url",
+            &format!("{base}/metadata/"),
+            "--target-name",
+            "dir/sub/b.bin",
+        ])
+        .args(["--target-base-url", &format!("{base}/targets/"), "--target-dir"])
+        .arg(c.target_dir())
+        .arg("download")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(c.downloaded(), ["dir%2Fsub%2Fb.bin"]);
+    assert_eq!(
+        c.trusted(),
+        files(&[
+            ("root.json", 1),
+            ("timestamp.json", 2),
+            ("snapshot.json", 2),
+            ("targets.json", 2)
+        ])
+    );
+}
+
+#[test]
+fn a_bundle_is_an_offline_source() {
+    // A bundle made by `tern bundle create --include-freshness` carries everything a
+    // client needs; `tern tuf` reads it through the tern-bundle: transport.
+    let d = tempfile::tempdir().unwrap();
+    let tern = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |n: &str| d.path().join(n).display().to_string();
+    tern(&["key", "generate", "--out", &p("k")]);
+    let key = p("k.pem");
+    let repo = p("repo");
+    tern(&[
+        "repo",
+        "init",
+        "--repo",
+        &repo,
+        "--root-key",
+        &key,
+        "--targets-key",
+        &key,
+        "--snapshot-key",
+        &key,
+        "--timestamp-key",
+        &key,
+        "--key",
+        &key,
+    ]);
+    std::fs::write(p("fw.bin"), vec![3u8; 4096]).unwrap();
+    tern(&[
+        "repo",
+        "add-target",
+        "--repo",
+        &repo,
+        &p("fw.bin"),
+        "--name",
+        "fw/fw.bin",
+        "--key",
+        &key,
+    ]);
+    tern(&["repo", "refresh", "--repo", &repo, "--key", &key]);
+    tern(&[
+        "bundle",
+        "create",
+        "--repo",
+        &repo,
+        "--target",
+        "fw/fw.bin",
+        "--out",
+        &p("r.tern"),
+        "--include-freshness",
+    ]);
+    let c = Client::new(Kind::Tern);
+    ok(&c.init(std::path::Path::new(&format!("{repo}/metadata/1.root.json"))));
+    let bundle = format!("tern-bundle:{}", p("r.tern"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["tuf", "--metadata-dir"])
+        .arg(c.metadata_dir())
+        .args([
+            "--metadata-url",
+            &format!("{bundle}#metadata/"),
+            "--target-name",
+            "fw/fw.bin",
+        ])
+        .args(["--target-base-url", &format!("{bundle}#targets/"), "--target-dir"])
+        .arg(c.target_dir())
+        .arg("download")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        std::fs::read(c.target_dir().join("fw%2Ffw.bin")).unwrap(),
+        vec![3u8; 4096]
+    );
+    assert_eq!(
+        c.trusted(),
+        files(&[
+            ("root.json", 1),
+            ("timestamp.json", 2),
+            ("snapshot.json", 2),
+            ("targets.json", 2)
+        ])
+    );
 }
