@@ -14,9 +14,18 @@ use support::*;
 
 /// Scenarios python-tuf 7 accepts though they break the specification.
 const PYTHON_ACCEPTS: [(&str, &str); 3] = [
-    ("key-counted-twice", "counts one key listed under two key ids twice towards the threshold"),
-    ("keyid-mismatch", "never checks that a key id is the hash of its key (spec: clients MUST)"),
-    ("bad-target-name", "downloads `../escape.txt`; its URL escapes the targets directory"),
+    (
+        "key-counted-twice",
+        "counts one key listed under two key ids twice towards the threshold",
+    ),
+    (
+        "keyid-mismatch",
+        "never checks that a key id is the hash of its key (spec: clients MUST)",
+    ),
+    (
+        "bad-target-name",
+        "downloads `../escape.txt`; its URL escapes the targets directory",
+    ),
 ];
 
 #[test]
@@ -25,12 +34,19 @@ fn python_tuf_made_repositories_over_http() {
     let mut seen = 0;
     for entry in std::fs::read_dir(&root).unwrap() {
         let dir = entry.unwrap().path();
-        let Ok(raw) = std::fs::read(dir.join("scenario.json")) else { continue };
+        let Ok(raw) = std::fs::read(dir.join("scenario.json")) else {
+            continue;
+        };
         seen += 1;
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         let scenario: Value = serde_json::from_slice(&raw).unwrap();
         let expect_ok = scenario["expect"] == "ok";
-        let targets: Vec<&str> = scenario["targets"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let targets: Vec<&str> = scenario["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
         let server = Server::start(&dir);
         let mut results = Vec::new();
         for kind in CLIENTS {

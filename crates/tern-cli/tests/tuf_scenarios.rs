@@ -373,17 +373,35 @@ fn mix_and_match_targets_of_another_snapshot_are_refused() {
     }
 }
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
 #[test]
-fn malicious_mirror_metadata_signed_by_another_key_is_refused() {
+fn malicious_mirrors_cannot_prevent_updates_from_good_mirrors() {
     for kind in CLIENTS {
-        let (sim, server, c) = fresh(kind);
+        let (sim, bad_mirror, c) = fresh(kind);
+        // A good mirror keeps the repository as it is.
+        let good_dir = tempfile::tempdir().unwrap();
+        copy_dir(sim.path(), good_dir.path());
+        let good_mirror = Server::start(good_dir.path());
+        // The bad mirror serves a snapshot signed by its own key.
         let mirror = tern_core::SigningKey::generate(tern_core::KeyAlgorithm::Ed25519)
             .unwrap()
             .0;
         let mut snap = sim.snapshot.clone();
         snap.common.expires = now().plus_secs(3650 * DAY).to_string();
         sim.write_signed("1.snapshot.json", &snap, "snapshot", &[&mirror]);
-        let out = c.refresh(&server);
+        let out = c.refresh(&bad_mirror);
         fails(
             &out,
             kind,
@@ -391,7 +409,7 @@ fn malicious_mirror_metadata_signed_by_another_key_is_refused() {
             "UnsignedMetadataError",
         );
         assert_eq!(
-            server.take_requests(),
+            bad_mirror.take_requests(),
             reqs(&[
                 "/metadata/2.root.json",
                 "/metadata/timestamp.json",
@@ -399,6 +417,51 @@ fn malicious_mirror_metadata_signed_by_another_key_is_refused() {
             ])
         );
         assert_eq!(c.trusted(), files(&[("root.json", 1), ("timestamp.json", 1)]));
+        // Nothing the bad mirror sent was kept: the good mirror's update goes through.
+        ok(&c.refresh(&good_mirror));
+        assert_eq!(
+            good_mirror.take_requests(),
+            reqs(&[
+                "/metadata/2.root.json",
+                "/metadata/timestamp.json",
+                "/metadata/1.snapshot.json",
+                "/metadata/1.targets.json"
+            ]),
+            "{kind:?}"
+        );
+        assert_eq!(
+            c.trusted(),
+            files(&[
+                ("root.json", 1),
+                ("timestamp.json", 1),
+                ("snapshot.json", 1),
+                ("targets.json", 1)
+            ])
+        );
+    }
+}
+
+#[test]
+fn wrong_software_another_trusted_file_in_place_of_the_one_wanted_is_refused() {
+    for kind in CLIENTS {
+        let (mut sim, server, c) = fresh(kind);
+        sim.add_target("targets", "a.txt", b"hello tern");
+        sim.add_target("targets", "b.txt", b"hello TERN");
+        sim.bump("targets");
+        sim.commit_snapshot();
+        // b.txt's genuine bytes (same length) served where a.txt was asked for.
+        server.fault(
+            &sim.target_request("targets", "a.txt"),
+            Fault::Body(b"hello TERN".to_vec()),
+        );
+        let out = c.download(&server, &["a.txt"]);
+        fails(
+            &out,
+            kind,
+            "a.txt: sha256 hash does not match",
+            "LengthOrHashMismatchError",
+        );
+        assert!(c.downloaded().is_empty(), "{kind:?}");
     }
 }
 
