@@ -35,6 +35,17 @@ enum Command {
     Bundle(cmd::bundle::Command),
     /// The TUF client: init, refresh, download (the reference clients' CLI shape).
     Tuf(cmd::tuf::Args),
+    /// Provision devices.
+    #[command(subcommand)]
+    Device(cmd::agent::DeviceCommand),
+    /// Simulated hardware.
+    #[command(subcommand)]
+    Sim(cmd::agent::SimCommand),
+    /// Install a bundle (local media or a URL) into the inactive slot.
+    Install(cmd::agent::InstallArgs),
+    /// The device agent.
+    #[command(subcommand)]
+    Agent(cmd::agent::AgentCommand),
     /// Run the end-to-end demonstration on embedded defaults.
     Demo(cmd::demo::Args),
     /// Measure Tern's throughput against the machine's reference tools.
@@ -49,6 +60,10 @@ fn main() -> ExitCode {
         Command::Repo(c) => cmd::repo::run(c),
         Command::Bundle(c) => cmd::bundle::run(c),
         Command::Tuf(a) => cmd::tuf::run(a),
+        Command::Device(cmd::agent::DeviceCommand::Simulate(a)) => cmd::agent::simulate(a),
+        Command::Sim(cmd::agent::SimCommand::Reboot(a)) => cmd::agent::reboot(a),
+        Command::Install(a) => cmd::agent::install_cmd(a),
+        Command::Agent(c) => cmd::agent::agent(c),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bench(c) => cmd::bench::run(c),
     };

@@ -1,5 +1,6 @@
 //! One module per subcommand, each with its arguments and a `run`.
 
+pub mod agent;
 pub mod bench;
 pub mod bundle;
 pub mod demo;

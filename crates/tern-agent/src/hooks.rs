@@ -1,0 +1,77 @@
+//! Integrator hooks: executables run with a documented environment and a timeout.
+//!
+//! Environment of every hook:
+//!
+//! | variable | value |
+//! | --- | --- |
+//! | `TERN_HOOK` | `pre-install`, `post-install`, `health-check`, `on-rollback` or `reboot` |
+//! | `TERN_DEVICE_TYPE`, `TERN_HARDWARE_REVISION` | from the configuration |
+//! | `TERN_STATE_DIR` | the agent's state directory |
+//! | `TERN_TARGET`, `TERN_VERSION` | the release's payload and version (when there is one) |
+//! | `TERN_SLOT`, `TERN_SLOT_DEVICE`, `TERN_BOOTNAME` | the slot being installed or tried |
+//! | `TERN_REASON` | for `on-rollback`: why the rollback happened |
+//!
+//! Exit status 0 is success. Anything else, or running past `hooks.timeout_secs` (the hook
+//! is then killed), is failure: a failed pre- or post-install hook aborts the install
+//! before the slot is made bootable; a failed health check leaves the new slot uncommitted,
+//! so the bootloader's attempts run out and it falls back.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// Run `path` as hook `hook` with `env`; `Ok(())` when it exits 0 in time.
+pub fn run(hook: &'static str, path: &Path, env: &[(&str, String)], timeout: Duration) -> Result<()> {
+    let fail = |reason: String| Error::Hook {
+        hook,
+        path: path.to_owned(),
+        reason,
+    };
+    let mut child = Command::new(path)
+        .env("TERN_HOOK", hook)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start: {e}")))?;
+    // Drain stderr on a thread so a chatty hook cannot block on a full pipe; keep 4 KiB.
+    let mut stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.take(4096).read_to_end(&mut buf);
+            let _ = std::io::copy(s, &mut std::io::sink());
+        }
+        buf
+    });
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!("killed after {} s", timeout.as_secs())));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    };
+    let output = reader.join().unwrap_or_default();
+    if status.success() {
+        return Ok(());
+    }
+    let last = String::from_utf8_lossy(&output).lines().last().unwrap_or("").to_owned();
+    Err(fail(format!(
+        "{status}{}",
+        if last.is_empty() {
+            String::new()
+        } else {
+            format!(": {last}")
+        }
+    )))
+}

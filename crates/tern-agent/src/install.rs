@@ -1,0 +1,684 @@
+//! The install procedure and the boot-time step.
+//!
+//! Install (`Agent::install`), in this order; tests assert it, bootloader calls included:
+//!
+//! 1. Refuse if the configuration refuses local media, or a reboot is pending.
+//! 2. Verify the bundle's metadata from the device's trust anchor (the newest root it has
+//!    verified, else the shipped one): root chain, targets and delegations, and snapshot and
+//!    timestamp as the offline policy requires.
+//! 3. For the payload: check the manifest's device type and hardware revision, and that
+//!    its version is not below the rollback floor.
+//! 4. Choose the inactive slot of the payload's class (never the booted one); its device
+//!    must exist.
+//! 5. Run the pre-install hook.
+//! 6. Mark the slot non-bootable (`mark_bad`), then record it as being written.
+//! 7. Stream the payload into it, decompressing zstd on the fly, hashing the signed bytes
+//!    and the written image; fsync.
+//! 8. Compare the payload's full length and hashes (only now is the bundle verified).
+//! 9. Record the slot: version, image hash and length, install time.
+//! 10. Run the post-install hook.
+//! 11. Mark the slot primary with `boot_attempts` attempts (`set_primary`); persist
+//!     PendingReboot and the newest verified root.
+//! 12. Reboot: the reboot hook if configured (else the operator, or `tern sim reboot`).
+//!
+//! Boot-time step (`Agent::boot_step`), at every start of the agent:
+//!
+//! 13. Booted the new slot: Trial; run the health-check hook; on success commit: `mark_good`,
+//!     raise the rollback floor, Committed. On failure leave the attempts to run out.
+//! 14. Booted another slot while PendingReboot or Trial: the bootloader fell back; mark the
+//!     new slot bad, record RolledBack with the reason, run the on-rollback hook.
+//! 15. Otherwise, if the booted slot is committed, `mark_good` it (restore its attempts).
+//!
+//! A power cut at any point leaves the inactive slot non-bootable until step 11, and step 11
+//! happens only after its content and record are complete.
+
+use std::fs::OpenOptions;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use tern_core::digest::{Digester, HashAlgorithm};
+use tern_core::manifest::{Compression, Installer, Manifest};
+use tern_core::trust::Freshness;
+use tern_core::DateTime;
+
+use crate::bootloader::Bootloader;
+use crate::config::{AgentConfig, OfflineInstall, SlotConfig};
+use crate::state::{AgentState, ErrorRecord, Failed, Idle, Phase, Release, RolledBack, SlotRecord, Store, Trial};
+use crate::{hooks, Error, Result};
+
+const CHUNK: usize = 1 << 20;
+
+/// What an install did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstallReport {
+    /// The release.
+    pub release: Release,
+    /// The slot written.
+    pub slot: String,
+    /// Its bootname.
+    pub bootname: String,
+    /// Bytes written to the slot.
+    pub written: u64,
+    /// Whether a reboot is needed to try it.
+    pub reboot_needed: bool,
+}
+
+/// What the boot-time step found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "outcome")]
+pub enum BootOutcome {
+    /// Nothing pending.
+    Nothing,
+    /// The new slot passed its health check and is committed.
+    Committed {
+        /// The version committed.
+        version: String,
+    },
+    /// The new slot booted but its health check failed; it stays uncommitted.
+    HealthCheckFailed {
+        /// Why.
+        reason: String,
+    },
+    /// The bootloader fell back.
+    RolledBack {
+        /// Why.
+        reason: String,
+    },
+    /// An install was interrupted before the slot was complete; it is not bootable.
+    Interrupted,
+}
+
+/// The agent with its configuration, bootloader and locked state.
+pub struct Agent {
+    /// The configuration.
+    pub cfg: AgentConfig,
+    boot: Box<dyn Bootloader>,
+    store: Store,
+    state: AgentState,
+}
+
+fn now_unix(now: DateTime) -> i64 {
+    now.unix()
+}
+
+impl Agent {
+    /// Lock the state directory and open the bootloader.
+    pub fn open(cfg: AgentConfig) -> Result<Self> {
+        let store = Store::open(&cfg.state_dir)?;
+        let state = store.load()?;
+        let boot = cfg.bootloader()?;
+        Ok(Agent {
+            cfg,
+            boot,
+            store,
+            state,
+        })
+    }
+
+    /// The persisted state.
+    pub fn state(&self) -> &AgentState {
+        &self.state
+    }
+
+    fn save(&mut self) -> Result<()> {
+        self.store.save(&self.state)
+    }
+
+    fn hook_env(&self, release: Option<&Release>, slot: Option<&SlotConfig>) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("TERN_DEVICE_TYPE", self.cfg.device_type.clone()),
+            ("TERN_HARDWARE_REVISION", self.cfg.hardware_revision.clone()),
+            ("TERN_STATE_DIR", self.cfg.state_dir.display().to_string()),
+        ];
+        if let Some(r) = release {
+            env.push(("TERN_TARGET", r.target.clone()));
+            env.push(("TERN_VERSION", r.version.clone()));
+        }
+        if let Some(s) = slot {
+            env.push(("TERN_SLOT", s.name.clone()));
+            env.push(("TERN_SLOT_DEVICE", s.device.display().to_string()));
+            env.push(("TERN_BOOTNAME", s.bootname.clone()));
+        }
+        env
+    }
+
+    fn hook(&self, name: &'static str, path: Option<&PathBuf>, env: &[(&'static str, String)]) -> Result<()> {
+        match path {
+            Some(p) => hooks::run(name, p, env, Duration::from_secs(self.cfg.hooks.timeout_secs)),
+            None => Ok(()),
+        }
+    }
+
+    /// The trust anchor: the newest root this device verified, else the shipped one.
+    fn trust_anchor(&self) -> Result<Vec<u8>> {
+        let newest = self.cfg.state_dir.join("root.json");
+        let path = if newest.exists() {
+            newest
+        } else {
+            self.cfg.trusted_root.clone()
+        };
+        std::fs::read(&path).map_err(|e| Error::TrustedRoot {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    fn record_error(&mut self, e: &Error, now: DateTime) {
+        self.state.last_error = Some(ErrorRecord {
+            kind: e.kind().to_owned(),
+            message: e.to_string(),
+            at: now_unix(now),
+        });
+    }
+
+    /// Steps 1–12: install a bundle from local storage.
+    pub fn install(&mut self, bundle: &Path, now: DateTime, progress: &mut dyn FnMut(u64)) -> Result<InstallReport> {
+        // 1.
+        if self.cfg.offline_install == OfflineInstall::Refuse {
+            return Err(Error::Unsupported {
+                target: bundle.display().to_string(),
+                reason: "this device's configuration refuses local bundles (offline_install = \"refuse\")".into(),
+            });
+        }
+        if !self.state.phase.accepts_install() {
+            return Err(Error::State {
+                path: self.store.path(),
+                reason: format!(
+                    "a reboot is pending ({}); reboot before installing again",
+                    self.state.phase.name()
+                ),
+            });
+        }
+        let freshness = match self.cfg.offline_install {
+            OfflineInstall::RequireFreshness => Freshness::Required,
+            _ => Freshness::IfPresent,
+        };
+        let root = self.trust_anchor()?;
+        let booted = self.boot.booted()?;
+        let file = std::fs::File::open(bundle).map_err(Error::io(bundle))?;
+        let reader = std::io::BufReader::with_capacity(CHUNK, file);
+
+        // The sink runs once per payload, after its metadata verified (step 2).
+        let mut chosen: Option<(Release, SlotConfig, u64, String)> = None;
+        let mut failure: Option<Error> = None;
+        let mut sink =
+            |payload: &tern_bundle::VerifiedPayload, data: &mut dyn Read| -> std::result::Result<(), String> {
+                let r = self.write_payload(payload, data, &booted, chosen.is_some(), now, progress);
+                match r {
+                    Ok(done) => {
+                        chosen = Some(done);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        failure = Some(e);
+                        Err(msg)
+                    }
+                }
+            };
+        let verified = tern_bundle::read_bundle(reader, &root, now, freshness, &mut sink);
+        // 8: only now are the payload's length and hashes known to match.
+        let report = match (verified, failure) {
+            (_, Some(e)) => return Err(self.fail_install(e, now)),
+            (Err(e), None) => return Err(self.fail_install(Error::Bundle(e), now)),
+            (Ok(report), None) => report,
+        };
+        let Some((release, slot, written, image_sha256)) = chosen else {
+            return Err(Error::Unsupported {
+                target: bundle.display().to_string(),
+                reason: "the bundle has no payload for this device".into(),
+            });
+        };
+        // 9.
+        let Phase::Transferring(t) = std::mem::replace(&mut self.state.phase, Phase::Idle) else {
+            return Err(Error::State {
+                path: self.store.path(),
+                reason: "not transferring after the write".into(),
+            });
+        };
+        self.state.slots.insert(
+            slot.name.clone(),
+            SlotRecord {
+                status: "verified".into(),
+                version: Some(release.version.clone()),
+                target: Some(release.target.clone()),
+                sha256: Some(image_sha256),
+                length: written,
+                installed_at: Some(now_unix(now)),
+            },
+        );
+        let verified_state = t.verified();
+        self.state.phase = Phase::Verified(verified_state.clone());
+        self.save()?;
+        // 10.
+        let env = self.hook_env(Some(&release), Some(&slot));
+        if let Err(e) = self.hook("post-install", self.cfg.hooks.post_install.clone().as_ref(), &env) {
+            return Err(self.fail_install(e, now));
+        }
+        // 11.
+        self.boot.set_primary(&slot.bootname, self.cfg.boot_attempts)?;
+        self.state.phase = Phase::PendingReboot(verified_state.applied(booted));
+        self.state.last_error = None;
+        self.save()?;
+        tern_fs::atomic_write(&self.cfg.state_dir.join("root.json"), &report.root, 0o644)?;
+        // 12.
+        self.hook("reboot", self.cfg.hooks.reboot.clone().as_ref(), &env)?;
+        Ok(InstallReport {
+            release,
+            bootname: slot.bootname.clone(),
+            slot: slot.name,
+            written,
+            reboot_needed: true,
+        })
+    }
+
+    /// A failed install: if a slot was touched it stays non-bootable and is recorded bad.
+    fn fail_install(&mut self, e: Error, now: DateTime) -> Error {
+        if let Phase::Transferring(t) = std::mem::replace(&mut self.state.phase, Phase::Idle) {
+            if let Some(rec) = self.state.slots.get_mut(&t.slot) {
+                rec.status = "bad".into();
+            }
+            self.state.phase = Phase::Failed(t.failed(e.to_string()));
+            self.record_error(&e, now);
+            if let Err(save) = self.save() {
+                return save;
+            }
+        }
+        e
+    }
+
+    /// Steps 3–7 for one payload.
+    fn write_payload(
+        &mut self,
+        payload: &tern_bundle::VerifiedPayload,
+        data: &mut dyn Read,
+        booted: &str,
+        already: bool,
+        now: DateTime,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(Release, SlotConfig, u64, String)> {
+        let unsupported = |reason: &str| Error::Unsupported {
+            target: payload.target.clone(),
+            reason: reason.to_owned(),
+        };
+        let m: &Manifest = payload
+            .manifest
+            .as_ref()
+            .ok_or_else(|| unsupported("no Tern manifest (custom.tern)"))?;
+        if already {
+            return Err(unsupported("only one slot payload per bundle is supported"));
+        }
+        if m.installer != Installer::Raw {
+            return Err(unsupported(&format!(
+                "the {} installer is not supported by this agent yet",
+                m.installer
+            )));
+        }
+        // 3.
+        if m.device_type != self.cfg.device_type {
+            return Err(Error::WrongDeviceType {
+                release: m.device_type.clone(),
+                device: self.cfg.device_type.clone(),
+            });
+        }
+        if !m.hardware.is_empty() && !m.hardware.contains(&self.cfg.hardware_revision) {
+            return Err(Error::WrongHardware {
+                supported: m.hardware.clone(),
+                device: self.cfg.hardware_revision.clone(),
+            });
+        }
+        let version = semver::Version::parse(&m.version).map_err(|e| unsupported(&format!("version: {e}")))?;
+        if let Some(floor) = &self.state.rollback_floor {
+            if let Ok(f) = semver::Version::parse(floor) {
+                if version < f {
+                    return Err(Error::BelowRollbackFloor {
+                        release: m.version.clone(),
+                        floor: floor.clone(),
+                    });
+                }
+            }
+        }
+        // 4.
+        let class = m.slot_class.clone().ok_or_else(|| unsupported("no slot class"))?;
+        let slot = self
+            .cfg
+            .slots
+            .iter()
+            .find(|s| s.class == class && s.bootname != booted)
+            .cloned()
+            .ok_or_else(|| Error::NoSlot { class: class.clone() })?;
+        if !slot.device.exists() {
+            return Err(Error::MissingSlotDevice {
+                slot: slot.name.clone(),
+                path: slot.device.clone(),
+            });
+        }
+        let release = Release {
+            target: payload.target.clone(),
+            version: m.version.clone(),
+            payload_sha256: payload.hashes.get("sha256").cloned().unwrap_or_default(),
+        };
+        // 5.
+        let env = self.hook_env(Some(&release), Some(&slot));
+        self.hook("pre-install", self.cfg.hooks.pre_install.clone().as_ref(), &env)?;
+        // 6.
+        self.boot.mark_bad(&slot.bootname)?;
+        self.state.slots.insert(
+            slot.name.clone(),
+            SlotRecord {
+                status: "writing".into(),
+                version: None,
+                target: None,
+                sha256: None,
+                length: 0,
+                installed_at: None,
+            },
+        );
+        self.state.phase = Phase::Transferring(Idle.transfer(release.clone(), slot.name.clone()));
+        let _ = now;
+        self.save()?;
+        // 7.
+        let (written, sha256) = stream_into(&slot.device, data, m.compression, progress)?;
+        Ok((release, slot, written, sha256))
+    }
+
+    /// Steps 13–15.
+    pub fn boot_step(&mut self, now: DateTime) -> Result<BootOutcome> {
+        let booted = self.boot.booted()?;
+        let phase = std::mem::replace(&mut self.state.phase, Phase::Idle);
+        let slot_of = |name: &str| self.cfg.slot(name).cloned();
+        let outcome = match phase {
+            Phase::PendingReboot(p) => {
+                let new = slot_of(&p.slot);
+                if new.as_ref().is_some_and(|s| s.bootname == booted) {
+                    self.state.phase = Phase::Trial(p.booted());
+                    self.save()?;
+                    return self.boot_step(now);
+                }
+                let reason = format!("the bootloader booted {booted} instead of the new slot {}", p.slot);
+                self.roll_back(p.rolled_back(reason.clone()), now)?;
+                BootOutcome::RolledBack { reason }
+            }
+            Phase::Trial(t) => {
+                let new = slot_of(&t.slot).ok_or_else(|| Error::NoSlot { class: t.slot.clone() })?;
+                if new.bootname != booted {
+                    let reason = format!(
+                        "the new slot {} did not become healthy within its boot attempts; the bootloader fell back to {booted}",
+                        t.slot
+                    );
+                    self.roll_back(t.rolled_back(reason.clone()), now)?;
+                    BootOutcome::RolledBack { reason }
+                } else {
+                    self.try_commit(t, &new, now)?
+                }
+            }
+            Phase::Transferring(t) => {
+                // A power cut mid-write: the slot was marked non-bootable first; keep it so.
+                self.boot
+                    .mark_bad(&slot_of(&t.slot).map(|s| s.bootname).unwrap_or_default())?;
+                if let Some(rec) = self.state.slots.get_mut(&t.slot) {
+                    rec.status = "bad".into();
+                }
+                self.state.phase =
+                    Phase::Failed(t.failed("interrupted before the slot was complete; install again".into()));
+                self.save()?;
+                BootOutcome::Interrupted
+            }
+            Phase::Verified(v) => {
+                // Cut between the record and set_primary: the slot is complete but was never
+                // made primary. It did not boot; nothing to commit.
+                if slot_of(&v.slot).is_some_and(|s| s.bootname == booted) {
+                    let t = Trial {
+                        release: v.release,
+                        slot: v.slot.clone(),
+                        previous: String::new(),
+                    };
+                    let new = slot_of(&v.slot).ok_or_else(|| Error::NoSlot { class: v.slot.clone() })?;
+                    self.try_commit(t, &new, now)?
+                } else {
+                    self.state.phase = Phase::Failed(Failed {
+                        release: Some(v.release),
+                        reason: "interrupted before the slot was made primary; install again".into(),
+                    });
+                    self.save()?;
+                    BootOutcome::Interrupted
+                }
+            }
+            other => {
+                self.state.phase = other;
+                // 15.
+                if let Some(s) = self.cfg.slot_by_bootname(&booted).cloned() {
+                    if self.state.slots.get(&s.name).is_some_and(|r| r.status == "good") {
+                        self.boot.mark_good(&s.bootname, self.cfg.boot_attempts)?;
+                    }
+                }
+                BootOutcome::Nothing
+            }
+        };
+        Ok(outcome)
+    }
+
+    fn try_commit(&mut self, t: Trial, slot: &SlotConfig, now: DateTime) -> Result<BootOutcome> {
+        let env = self.hook_env(Some(&t.release), Some(slot));
+        match self.hook("health-check", self.cfg.hooks.health_check.clone().as_ref(), &env) {
+            Ok(()) => {
+                // 13: commit.
+                self.boot.mark_good(&slot.bootname, self.cfg.boot_attempts)?;
+                let version = t.release.version.clone();
+                let raise = match &self.state.rollback_floor {
+                    Some(f) => match (semver::Version::parse(f), semver::Version::parse(&version)) {
+                        (Ok(f), Ok(v)) => v > f,
+                        _ => true,
+                    },
+                    None => true,
+                };
+                if raise {
+                    self.state.rollback_floor = Some(version.clone());
+                }
+                if let Some(rec) = self.state.slots.get_mut(&t.slot) {
+                    rec.status = "good".into();
+                }
+                self.state.phase = Phase::Committed(t.commit());
+                self.state.last_error = None;
+                self.save()?;
+                Ok(BootOutcome::Committed { version })
+            }
+            Err(e) => {
+                // Leave the attempts to run out: the bootloader falls back by itself.
+                let reason = e.to_string();
+                self.record_error(&e, now);
+                self.state.phase = Phase::Trial(t);
+                self.save()?;
+                Ok(BootOutcome::HealthCheckFailed { reason })
+            }
+        }
+    }
+
+    fn roll_back(&mut self, r: RolledBack, now: DateTime) -> Result<()> {
+        // 14.
+        let slot = self.cfg.slot(&r.slot).cloned();
+        if let Some(s) = &slot {
+            self.boot.mark_bad(&s.bootname)?;
+        }
+        if let Some(rec) = self.state.slots.get_mut(&r.slot) {
+            rec.status = "bad".into();
+        }
+        self.state.last_error = Some(ErrorRecord {
+            kind: "RolledBack".into(),
+            message: r.reason.clone(),
+            at: now_unix(now),
+        });
+        let mut env = self.hook_env(Some(&r.release), slot.as_ref());
+        env.push(("TERN_REASON", r.reason.clone()));
+        self.state.phase = Phase::RolledBack(r);
+        self.save()?;
+        // The rollback is recorded whatever the hook does.
+        let _ = self.hook("on-rollback", self.cfg.hooks.on_rollback.clone().as_ref(), &env);
+        Ok(())
+    }
+}
+
+/// Step 7: write `data` into `device` from offset 0, decompressing as declared; returns the
+/// image length and its SHA-256.
+fn stream_into(
+    device: &Path,
+    data: &mut dyn Read,
+    compression: Compression,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(u64, String)> {
+    let f = OpenOptions::new().write(true).open(device).map_err(Error::io(device))?;
+    let mut out = ImageWriter {
+        inner: BufWriter::with_capacity(CHUNK, f),
+        digest: Digester::new(&[HashAlgorithm::Sha256]),
+        progress,
+    };
+    let copied = match compression {
+        Compression::None => copy(data, &mut out),
+        Compression::Zstd => zstd::stream::read::Decoder::new(data).and_then(|mut d| copy(&mut d, &mut out)),
+    };
+    copied.map_err(Error::io(device))?;
+    let file = out.inner.into_inner().map_err(|e| Error::io(device)(e.into_error()))?;
+    file.sync_all().map_err(Error::io(device))?;
+    let (len, hashes) = out.digest.finish();
+    Ok((len, hashes.get("sha256").cloned().unwrap_or_default()))
+}
+
+struct ImageWriter<'a, W: Write> {
+    inner: W,
+    digest: Digester,
+    progress: &'a mut dyn FnMut(u64),
+}
+
+impl<W: Write> Write for ImageWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.digest.update(&buf[..n]);
+        (self.progress)(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn copy(from: &mut dyn Read, to: &mut dyn Write) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// SHA-256 of the first `length` bytes of a slot (what the power-cut test and `agent
+/// status --verify` compare with the record).
+pub fn slot_digest(device: &Path, length: u64) -> Result<String> {
+    let f = std::fs::File::open(device).map_err(Error::io(device))?;
+    let mut d = Digester::new(&[HashAlgorithm::Sha256]);
+    let mut r = f.take(length);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = r.read(&mut buf).map_err(Error::io(device))?;
+        if n == 0 {
+            break;
+        }
+        d.update(&buf[..n]);
+    }
+    let (n, h) = d.finish();
+    if n != length {
+        return Err(Error::State {
+            path: device.to_owned(),
+            reason: format!("slot holds {n} bytes, record says {length}"),
+        });
+    }
+    Ok(h.get("sha256").cloned().unwrap_or_default())
+}
+
+/// `agent status`: read without the lock.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// The state.
+    pub state: Phase,
+    /// The booted slot's bootname.
+    pub booted: Option<String>,
+    /// The bootloader's first choice.
+    pub primary: Option<String>,
+    /// Per slot: configuration and record.
+    pub slots: Vec<SlotStatus>,
+    /// The rollback floor.
+    pub rollback_floor: Option<String>,
+    /// The last error.
+    pub last_error: Option<ErrorRecord>,
+}
+
+/// One slot in `agent status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotStatus {
+    /// Name.
+    pub name: String,
+    /// Class.
+    pub class: String,
+    /// Bootname.
+    pub bootname: String,
+    /// Device.
+    pub device: PathBuf,
+    /// Boot attempts left.
+    pub attempts: Option<u32>,
+    /// The record.
+    pub record: Option<SlotRecord>,
+}
+
+/// Gather the status.
+pub fn status(cfg: &AgentConfig) -> Result<Status> {
+    let state = crate::state::read_state(&cfg.state_dir.join("state.json"))?;
+    let boot = cfg.bootloader()?;
+    Ok(Status {
+        booted: boot.booted().ok(),
+        primary: boot.primary().ok().flatten(),
+        slots: cfg
+            .slots
+            .iter()
+            .map(|s| SlotStatus {
+                name: s.name.clone(),
+                class: s.class.clone(),
+                bootname: s.bootname.clone(),
+                device: s.device.clone(),
+                attempts: boot.attempts(&s.bootname).ok(),
+                record: state.slots.get(&s.name).cloned(),
+            })
+            .collect(),
+        state: state.phase,
+        rollback_floor: state.rollback_floor,
+        last_error: state.last_error,
+    })
+}
+
+/// Record the factory image of a slot (used when a device is provisioned).
+pub fn record_factory_slot(
+    state: &mut AgentState,
+    slot: &str,
+    version: &str,
+    length: u64,
+    sha256: String,
+    now: DateTime,
+) {
+    state.slots.insert(
+        slot.to_owned(),
+        SlotRecord {
+            status: "good".into(),
+            version: Some(version.to_owned()),
+            target: None,
+            sha256: Some(sha256),
+            length,
+            installed_at: Some(now_unix(now)),
+        },
+    );
+}

@@ -1,0 +1,181 @@
+//! Tern's device agent.
+//!
+//! What it does: reads the device's configuration, installs verified releases into the
+//! inactive A/B slot following a fixed, numbered procedure (ARCHITECTURE.md), drives the
+//! bootloader through one small trait (U-Boot, GRUB, an integrator's script, or a simulated
+//! bootloader), runs the integrator's hooks, commits or records the rollback after reboot,
+//! and persists its state atomically after every transition so that a power cut at any
+//! instant leaves a device that boots a verified slot.
+//!
+//! What it does not do: fetch from a server (the protocol arrives with the server; the seam is
+//! [`source::UpdateSource`]) or verify metadata itself (tern-bundle and tern-core do).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod bootloader;
+pub mod config;
+pub mod hooks;
+pub mod install;
+pub mod source;
+pub mod state;
+
+use std::path::PathBuf;
+
+/// Why the agent refused or failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration file is wrong; the message names the key and the line.
+    #[error("{path}: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with key and line.
+        reason: String,
+    },
+    /// A file or device operation failed.
+    #[error("{path}")]
+    Io {
+        /// The file or device.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The slot device is full.
+    #[error("{path}: no space left while writing the slot")]
+    DiskFull {
+        /// The slot device.
+        path: PathBuf,
+    },
+    /// A bootloader command failed.
+    #[error("bootloader {backend}: {reason}")]
+    Bootloader {
+        /// The backend.
+        backend: &'static str,
+        /// What failed.
+        reason: String,
+    },
+    /// The release is for another device type.
+    #[error("release is for device type `{release}`, this device is `{device}`")]
+    WrongDeviceType {
+        /// The release's device type.
+        release: String,
+        /// This device's.
+        device: String,
+    },
+    /// The release does not list this hardware revision.
+    #[error("release supports hardware {supported:?}, this device is `{device}`")]
+    WrongHardware {
+        /// Revisions the release lists.
+        supported: Vec<String>,
+        /// This device's.
+        device: String,
+    },
+    /// The release is older than what this device has committed.
+    #[error("release {release} is below the rollback floor {floor}")]
+    BelowRollbackFloor {
+        /// The release's version.
+        release: String,
+        /// The committed floor.
+        floor: String,
+    },
+    /// No slot of the payload's class exists, or none is inactive.
+    #[error("no inactive slot of class `{class}`")]
+    NoSlot {
+        /// The class.
+        class: String,
+    },
+    /// A configured slot device does not exist.
+    #[error("slot `{slot}`: device {path} does not exist")]
+    MissingSlotDevice {
+        /// The slot.
+        slot: String,
+        /// Its device path.
+        path: PathBuf,
+    },
+    /// The payload has no manifest, or one the agent cannot install.
+    #[error("payload `{target}`: {reason}")]
+    Unsupported {
+        /// The payload.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// The bundle failed verification.
+    #[error(transparent)]
+    Bundle(#[from] tern_bundle::Error),
+    /// Persistent state could not be read or written.
+    #[error("state {path}: {reason}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A hook failed or timed out.
+    #[error("hook {hook} ({path}): {reason}")]
+    Hook {
+        /// Which hook.
+        hook: &'static str,
+        /// The executable.
+        path: PathBuf,
+        /// What happened.
+        reason: String,
+    },
+    /// No trusted root is configured or readable.
+    #[error("trusted root {path}: {reason}")]
+    TrustedRoot {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Another agent operation holds the state lock.
+    #[error("{path}: another agent operation is running")]
+    Busy {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// Local file handling failed.
+    #[error(transparent)]
+    Fs(#[from] tern_fs::Error),
+}
+
+impl Error {
+    /// A short, stable name of the variant (status JSON and tests).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Config { .. } => "Config",
+            Error::Io { .. } => "Io",
+            Error::DiskFull { .. } => "DiskFull",
+            Error::Bootloader { .. } => "Bootloader",
+            Error::WrongDeviceType { .. } => "WrongDeviceType",
+            Error::WrongHardware { .. } => "WrongHardware",
+            Error::BelowRollbackFloor { .. } => "BelowRollbackFloor",
+            Error::NoSlot { .. } => "NoSlot",
+            Error::MissingSlotDevice { .. } => "MissingSlotDevice",
+            Error::Unsupported { .. } => "Unsupported",
+            Error::Bundle(_) => "Bundle",
+            Error::State { .. } => "State",
+            Error::Hook { .. } => "Hook",
+            Error::TrustedRoot { .. } => "TrustedRoot",
+            Error::Busy { .. } => "Busy",
+            Error::Fs(_) => "Fs",
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                Error::DiskFull { path }
+            } else {
+                Error::Io { path, source }
+            }
+        }
+    }
+}
+
+/// Results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

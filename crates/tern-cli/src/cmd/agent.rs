@@ -1,0 +1,326 @@
+//! The device side: `tern device simulate`, `tern sim reboot`, `tern install`,
+//! `tern agent status` and `tern agent run`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use tern_agent::bootloader::SimBootloader;
+use tern_agent::config::{AgentConfig, BootloaderConfig, DEFAULT_PATH};
+use tern_agent::install::{self, Agent};
+use tern_agent::source::{InboxSource, UpdateSource};
+
+use crate::output::{json, now, Format};
+
+fn load(config: &Option<PathBuf>) -> anyhow::Result<AgentConfig> {
+    let path = config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
+    Ok(AgentConfig::load(&path)?)
+}
+
+/// `tern device`.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Create a ready simulated device: file-backed A/B slots, a simulated bootloader, its
+    /// configuration at DIR/agent.toml and a state directory.
+    Simulate(SimulateArgs),
+}
+
+/// `tern device simulate`.
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// The device's directory (created).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The trusted root metadata to provision (copied to DIR/root.json).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Device type.
+    #[arg(long, default_value = "tern-sim")]
+    pub device_type: String,
+    /// Hardware revision.
+    #[arg(long, default_value = "rev-a")]
+    pub hardware: String,
+    /// Size of each slot file in MiB (sparse).
+    #[arg(long, default_value_t = 64)]
+    pub slot_mib: u64,
+    /// Local media policy written to the configuration.
+    #[arg(long, default_value = "allow")]
+    pub offline_install: String,
+}
+
+/// `tern sim`.
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// Power-cycle a simulated device: the bootloader chooses a slot, counts the attempt,
+    /// falls back if needed; then the agent's boot-time step runs.
+    Reboot(ConfigArgs),
+}
+
+/// `--config` and `--output`.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// The agent configuration (default /etc/tern/agent.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Format,
+}
+
+/// `tern install`.
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// A bundle file, or an http(s):// URL of one.
+    pub bundle: String,
+    #[command(flatten)]
+    pub common: ConfigArgs,
+}
+
+/// `tern agent`.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// The state, the booted slot, each slot's version, hash and install time, the last error.
+    Status(ConfigArgs),
+    /// Run the boot-time step, then install what the update sources offer.
+    Run(RunArgs),
+}
+
+/// `tern agent run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// One pass (boot-time step, one poll) instead of running until stopped.
+    #[arg(long)]
+    pub once: bool,
+}
+
+const FACTORY_VERSION: &str = "0.0.0";
+
+/// `tern device simulate`.
+pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
+    if a.dir.join("agent.toml").exists() {
+        bail!("{}: a simulated device exists here already", a.dir.display());
+    }
+    std::fs::create_dir_all(&a.dir).with_context(|| a.dir.display().to_string())?;
+    let dir = &a.dir;
+    // Slot A holds a factory image; slot B is empty and not bootable.
+    let factory: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    for (name, content) in [("slot-a.img", Some(&factory)), ("slot-b.img", None)] {
+        let f = std::fs::File::create(dir.join(name))?;
+        f.set_len(a.slot_mib << 20)?;
+        if let Some(c) = content {
+            std::io::Write::write_all(&mut &f, c)?;
+        }
+        f.sync_all()?;
+    }
+    let root_line = match &a.root {
+        Some(r) => {
+            std::fs::copy(r, dir.join("root.json")).with_context(|| format!("trusted root {}", r.display()))?;
+            "trusted_root = \"root.json\"".to_owned()
+        }
+        None => "trusted_root = \"root.json\"   # provision the repository's root here".to_owned(),
+    };
+    let config = format!(
+        r#"# A simulated Tern device, made by `tern device simulate`.
+device_type = "{dt}"
+hardware_revision = "{hw}"
+{root_line}
+state_dir = "state"
+boot_attempts = 3
+offline_install = "{policy}"
+rollback_floor = "enforce"
+inbox = "inbox"
+
+[bootloader]
+backend = "sim"
+state = "bootloader.json"
+
+[[slot]]
+class = "rootfs"
+name = "rootfs.a"
+device = "slot-a.img"
+bootname = "A"
+
+[[slot]]
+class = "rootfs"
+name = "rootfs.b"
+device = "slot-b.img"
+bootname = "B"
+
+[hooks]
+timeout_secs = 30
+"#,
+        dt = a.device_type,
+        hw = a.hardware,
+        policy = a.offline_install
+    );
+    let cfg_path = dir.join("agent.toml");
+    tern_fs::atomic_write(&cfg_path, config.as_bytes(), 0o644)?;
+    let cfg = AgentConfig::load(&cfg_path)?;
+    let BootloaderConfig::Sim { state } = &cfg.bootloader else { unreachable!("written above") };
+    let mut boot = SimBootloader::create(state, &["A".into(), "B".into()], cfg.boot_attempts)?;
+    tern_agent::bootloader::Bootloader::mark_bad(&mut boot, "B")?;
+    std::fs::create_dir_all(dir.join("inbox"))?;
+    let store = tern_agent::state::Store::open(&cfg.state_dir)?;
+    let mut st = store.load()?;
+    let sha = tern_core::digest::sha256_hex(&factory);
+    install::record_factory_slot(&mut st, "rootfs.a", FACTORY_VERSION, factory.len() as u64, sha, now());
+    store.save(&st)?;
+    println!("simulated device in {} (config {}), booted from slot A", dir.display(), cfg_path.display());
+    Ok(())
+}
+
+/// `tern sim reboot`.
+pub fn reboot(a: ConfigArgs) -> anyhow::Result<()> {
+    let cfg = load(&a.config)?;
+    let BootloaderConfig::Sim { state } = &cfg.bootloader else {
+        bail!("`tern sim reboot` needs the sim bootloader (this device's backend is another)");
+    };
+    let mut boot = SimBootloader::open(state)?;
+    let Some(booted) = boot.power_on()? else {
+        bail!("no slot has boot attempts left: this device would not boot");
+    };
+    drop(boot);
+    let mut agent = Agent::open(cfg)?;
+    let outcome = agent.boot_step(now())?;
+    match a.output {
+        Format::Json => json(&serde_json::json!({"booted": booted, "boot_step": outcome})),
+        Format::Text => {
+            println!("booted slot {booted}: {}", serde_json::to_string(&outcome)?);
+            Ok(())
+        }
+    }
+}
+
+fn fetch(url: &str, state_dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Read;
+    let limits = tern_client::Limits::default();
+    let transport = tern_client::HttpTransport::new(&limits)?;
+    let fetched = tern_client::Transport::fetch(&transport, url, 0)?;
+    let dest = state_dir.join("download.tern");
+    let mut out = tern_fs::AtomicFile::create(&dest, 0o600)?;
+    // The bundle is verified as it is installed; this only bounds what is stored.
+    let limit: u64 = 64 << 30;
+    let copied = std::io::copy(&mut fetched.body.take(limit + 1), out.file())?;
+    if copied > limit {
+        bail!("{url}: larger than {limit} bytes");
+    }
+    out.commit()?;
+    Ok(dest)
+}
+
+/// `tern install`.
+pub fn install_cmd(a: InstallArgs) -> anyhow::Result<()> {
+    let cfg = load(&a.common.config)?;
+    let bundle = if a.bundle.starts_with("http://") || a.bundle.starts_with("https://") {
+        fetch(&a.bundle, &cfg.state_dir)?
+    } else {
+        PathBuf::from(&a.bundle)
+    };
+    let total = std::fs::metadata(&bundle).map(|m| m.len()).with_context(|| format!("bundle {}", bundle.display()))?;
+    let mut agent = Agent::open(cfg)?;
+    let tty = std::io::stderr().is_terminal() && a.common.output == Format::Text;
+    let bar = if tty {
+        let b = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("installing [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}") {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut written = 0u64;
+    let mut next_line = 0u64;
+    let plain = !tty && a.common.output == Format::Text;
+    let mut progress = |n: u64| {
+        written += n;
+        bar.set_position(written);
+        if plain && written >= next_line {
+            eprintln!("installing: {} MiB written", written >> 20);
+            next_line = written + (64 << 20);
+        }
+    };
+    let report = agent
+        .install(&bundle, now(), &mut progress)
+        .with_context(|| format!("install {}", bundle.display()));
+    bar.finish_and_clear();
+    let report = report?;
+    match a.common.output {
+        Format::Json => json(&report),
+        Format::Text => {
+            println!(
+                "installed {} {} into slot {} ({}); reboot to try it",
+                report.release.target, report.release.version, report.slot, report.bootname
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `tern agent`.
+pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
+    match cmd {
+        AgentCommand::Status(a) => {
+            let cfg = load(&a.config)?;
+            let st = install::status(&cfg)?;
+            match a.output {
+                Format::Json => json(&st),
+                Format::Text => {
+                    println!("state     {}", st.state.name());
+                    println!("booted    {}", st.booted.as_deref().unwrap_or("?"));
+                    println!("primary   {}", st.primary.as_deref().unwrap_or("?"));
+                    println!("floor     {}", st.rollback_floor.as_deref().unwrap_or("none"));
+                    for s in &st.slots {
+                        let r = s.record.as_ref();
+                        println!(
+                            "slot      {} ({}) {:<9} version {:<8} attempts {} sha256 {}",
+                            s.name,
+                            s.bootname,
+                            r.map_or("empty", |r| r.status.as_str()),
+                            r.and_then(|r| r.version.as_deref()).unwrap_or("-"),
+                            s.attempts.map_or("?".into(), |n| n.to_string()),
+                            r.and_then(|r| r.sha256.as_deref()).unwrap_or("-"),
+                        );
+                    }
+                    if let Some(e) = &st.last_error {
+                        println!("error     {}: {}", e.kind, e.message);
+                    }
+                    Ok(())
+                }
+            }
+        }
+        AgentCommand::Run(a) => {
+            let cfg = load(&a.common.config)?;
+            let interval = std::time::Duration::from_secs(cfg.server.as_ref().map_or(60, |s| s.poll_interval_secs));
+            let inbox = cfg.inbox.clone();
+            let mut agent = Agent::open(cfg)?;
+            let outcome = agent.boot_step(now())?;
+            eprintln!("boot-time step: {}", serde_json::to_string(&outcome)?);
+            let mut sources: Vec<Box<dyn UpdateSource>> = Vec::new();
+            if let Some(dir) = inbox {
+                sources.push(Box::new(InboxSource::new(&dir)));
+            }
+            if agent.cfg.server.is_some() {
+                eprintln!("note: the server protocol arrives with the update server; polling local sources only");
+            }
+            loop {
+                for src in &mut sources {
+                    if let Some(offer) = src.poll()? {
+                        eprintln!("{}: installing {}", src.name(), offer.bundle.display());
+                        match agent.install(&offer.bundle, now(), &mut |_| {}) {
+                            Ok(r) => eprintln!("installed {} {} into {}; reboot to try it", r.release.target, r.release.version, r.slot),
+                            Err(e) => eprintln!("refused {}: {e}", offer.bundle.display()),
+                        }
+                        src.done(&offer)?;
+                    }
+                }
+                if a.once {
+                    return Ok(());
+                }
+                std::thread::sleep(interval);
+            }
+        }
+    }
+}
