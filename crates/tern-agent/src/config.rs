@@ -204,6 +204,15 @@ fn line_of(text: &str, needle: &str) -> usize {
     text.lines().position(|l| l.contains(needle)).map_or(0, |i| i + 1)
 }
 
+/// The line of the last occurrence: where a duplicate is.
+fn last_line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(needle))
+        .last()
+        .map_or(0, |(i, _)| i + 1)
+}
+
 fn valid_bootname(s: &str) -> bool {
     (1..=32).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
@@ -226,7 +235,9 @@ impl AgentConfig {
         };
         let mut cfg: AgentConfig = toml::from_str(text).map_err(|e| {
             // toml's message names the key; add the line, which it gives as a byte span.
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             let msg = e.message().trim().to_owned();
             match line {
                 Some(l) => bad(format!("line {l}: {msg}")),
@@ -243,7 +254,7 @@ impl AgentConfig {
             if !names.insert(s.name.clone()) {
                 return Err(bad(format!(
                     "line {}: `slot.name` \"{}\" is used twice",
-                    at(&format!("\"{}\"", s.name)),
+                    last_line_of(text, &format!("name = \"{}\"", s.name)),
                     s.name
                 )));
             }
@@ -257,7 +268,7 @@ impl AgentConfig {
             if !bootnames.insert(s.bootname.clone()) {
                 return Err(bad(format!(
                     "line {}: `slot.bootname` \"{}\" is used twice",
-                    at(&format!("bootname = \"{}\"", s.bootname)),
+                    last_line_of(text, &format!("bootname = \"{}\"", s.bootname)),
                     s.bootname
                 )));
             }
@@ -399,7 +410,7 @@ bootname = "B"
         let dup = GOOD.replace("bootname = \"B\"", "bootname = \"A\"");
         let e = AgentConfig::parse(Path::new("a.toml"), &dup).unwrap_err().to_string();
         assert!(
-            e.contains("`slot.bootname` \"A\" is used twice") && e.contains("line 13"),
+            e.contains("`slot.bootname` \"A\" is used twice") && e.contains("line 22"),
             "{e}"
         );
         let missing = GOOD.replace("offline_install = \"allow\"\n", "");

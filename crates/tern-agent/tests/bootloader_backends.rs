@@ -98,14 +98,22 @@ impl Uboot {
         let default_env = dir.path().join("initial-env");
         let text: String = initial.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
         std::fs::write(&default_env, text).unwrap();
-        run(Command::new("fw_setenv").arg("-c").arg(&config).arg("-f").arg(&default_env));
+        run(Command::new("fw_setenv")
+            .arg("-c")
+            .arg(&config)
+            .arg("-f")
+            .arg(&default_env));
         let uboot = Uboot { dir, config };
         assert_eq!(uboot.printenv(), vars(initial), "initialised environment");
         uboot
     }
 
     fn backend(&self, cmdline: &str) -> UbootEnv {
-        UbootEnv::new(self.config.clone(), write_cmdline(self.dir.path(), cmdline), "tern.slot".into())
+        UbootEnv::new(
+            self.config.clone(),
+            write_cmdline(self.dir.path(), cmdline),
+            "tern.slot".into(),
+        )
     }
 
     /// The environment as a separate `fw_printenv` invocation sees it.
@@ -123,15 +131,24 @@ fn exercise_model(bl: &mut dyn Bootloader, env: &dyn Fn() -> BTreeMap<String, St
     assert_eq!(bl.attempts("C").unwrap(), 0, "a missing counter is 0");
 
     bl.set_primary("B", 3).unwrap();
-    assert_eq!(env(), vars(&[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]));
+    assert_eq!(
+        env(),
+        vars(&[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")])
+    );
     assert_eq!(bl.primary().unwrap().as_deref(), Some("B"));
 
     bl.mark_bad("B").unwrap();
-    assert_eq!(env(), vars(&[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")]));
+    assert_eq!(
+        env(),
+        vars(&[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")])
+    );
     assert_eq!(bl.attempts("B").unwrap(), 0);
 
     bl.mark_good("A", 5).unwrap();
-    assert_eq!(env(), vars(&[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "5"), ("BOOT_B_LEFT", "0")]));
+    assert_eq!(
+        env(),
+        vars(&[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "5"), ("BOOT_B_LEFT", "0")])
+    );
     assert_eq!(bl.attempts("A").unwrap(), 5);
 
     // A slot missing from BOOT_ORDER is added in front; the others keep their order.
@@ -203,7 +220,10 @@ fn uboot_tool_errors_carry_stderr() {
     let bl = UbootEnv::new(dir.path().join("missing.config"), cmdline.clone(), "tern.slot".into());
     let reason = bootloader_reason(bl.primary(), "uboot");
     assert!(reason.contains("fw_printenv failed"), "{reason}");
-    assert!(reason.contains("Configuration file wrong or corrupted"), "stderr quoted: {reason}");
+    assert!(
+        reason.contains("Configuration file wrong or corrupted"),
+        "stderr quoted: {reason}"
+    );
 
     // An environment that was never written (zero-filled: bad CRC), with no default
     // environment file to fall back to.
@@ -247,7 +267,11 @@ impl Grub {
     }
 
     fn backend(&self, cmdline: &str) -> GrubEnv {
-        GrubEnv::new(self.grubenv.clone(), write_cmdline(self.dir.path(), cmdline), "tern.slot".into())
+        GrubEnv::new(
+            self.grubenv.clone(),
+            write_cmdline(self.dir.path(), cmdline),
+            "tern.slot".into(),
+        )
     }
 
     /// The environment as a separate `grub-editenv list` sees it.
@@ -333,7 +357,8 @@ fn write_script(path: &Path, body: &str) -> PathBuf {
 }
 
 struct Custom {
-    dir: tempfile::TempDir,
+    /// Holds the script, state and log until the test ends.
+    _dir: tempfile::TempDir,
     command: PathBuf,
     state: PathBuf,
     log: PathBuf,
@@ -354,7 +379,7 @@ impl Custom {
         );
         let command = write_script(&dir.path().join("bootctl"), &body);
         Custom {
-            dir,
+            _dir: dir,
             command,
             state: state_path,
             log,
@@ -420,17 +445,32 @@ fn custom_example_script_records_the_exact_calls() {
 fn custom_example_script_empty_state_and_cmdline() {
     let dir = tempfile::tempdir().unwrap();
     let cmdline = write_cmdline(dir.path(), CMDLINE);
-    let custom = Custom::new("", &format!("TERN_CUSTOM_BOOT_CMDLINE='{}'\nexport TERN_CUSTOM_BOOT_CMDLINE", cmdline.display()));
+    let custom = Custom::new(
+        "",
+        &format!(
+            "TERN_CUSTOM_BOOT_CMDLINE='{}'\nexport TERN_CUSTOM_BOOT_CMDLINE",
+            cmdline.display()
+        ),
+    );
     let mut bl = custom.backend();
     assert_eq!(bl.booted().unwrap(), "B", "from tern.slot= on the command line");
     assert_eq!(bl.primary().unwrap(), None);
     bl.set_primary("A", 2).unwrap();
     bl.set_primary("B", 1).unwrap();
     assert_eq!(bl.primary().unwrap().as_deref(), Some("B"));
-    assert_eq!(listing(&std::fs::read_to_string(&custom.state).unwrap())["BOOT_ORDER"], "B A");
+    assert_eq!(
+        listing(&std::fs::read_to_string(&custom.state).unwrap())["BOOT_ORDER"],
+        "B A"
+    );
     assert_eq!(
         custom.calls(),
-        ["get-booted", "get-primary", "set-primary A 2", "set-primary B 1", "get-primary"]
+        [
+            "get-booted",
+            "get-primary",
+            "set-primary A 2",
+            "set-primary B 1",
+            "get-primary"
+        ]
     );
 }
 
@@ -439,7 +479,13 @@ fn custom_failure_reports_first_stderr_line() {
     // No BOOTED in the state and a command line without tern.slot=: get-booted fails.
     let dir = tempfile::tempdir().unwrap();
     let cmdline = write_cmdline(dir.path(), "console=ttyS0 quiet\n");
-    let custom = Custom::new("", &format!("TERN_CUSTOM_BOOT_CMDLINE='{}'\nexport TERN_CUSTOM_BOOT_CMDLINE", cmdline.display()));
+    let custom = Custom::new(
+        "",
+        &format!(
+            "TERN_CUSTOM_BOOT_CMDLINE='{}'\nexport TERN_CUSTOM_BOOT_CMDLINE",
+            cmdline.display()
+        ),
+    );
     let reason = bootloader_reason(custom.backend().booted(), "custom");
     assert!(reason.contains("get-booted"), "{reason}");
     assert!(reason.contains("custom-bootloader: booted slot unknown"), "{reason}");
@@ -469,7 +515,10 @@ esac
     let reason = bootloader_reason(bl.attempts("A"), "custom");
     assert!(reason.contains("not a number"), "{reason}");
     let reason = bootloader_reason(bl.mark_bad("A"), "custom");
-    assert!(reason.contains("first line") && !reason.contains("second line"), "{reason}");
+    assert!(
+        reason.contains("first line") && !reason.contains("second line"),
+        "{reason}"
+    );
     let reason = bootloader_reason(bl.mark_good("A", 3), "custom");
     assert!(reason.contains("failed"), "{reason}");
 
@@ -477,7 +526,11 @@ esac
     let started = Instant::now();
     let reason = bootloader_reason(bl.set_primary("A", 3), "custom");
     assert!(reason.contains("killed after"), "{reason}");
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
 
     let missing = CustomBootloader::new(dir.path().join("nope"), Duration::from_secs(1));
     let reason = bootloader_reason(missing.booted(), "custom");

@@ -120,14 +120,14 @@ fn run_tool(backend: &'static str, mut cmd: Command, stdin: Option<&[u8]>) -> Re
         backend,
         reason: format!("cannot run {program}: {e}"),
     })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // The input is small (a few lines), far below a pipe's buffer, so writing it before
-        // reading the output cannot deadlock. Dropping `pipe` closes it: end of input.
-        pipe.write_all(input).map_err(|e| Error::Bootloader {
-            backend,
-            reason: format!("{program}: cannot write its input: {e}"),
-        })?;
-    }
+    // The input is small (a few lines), far below a pipe's buffer, so writing it before
+    // reading the output cannot deadlock. Dropping the pipe closes it: end of input. A tool
+    // that exits early (bad configuration) breaks the pipe; its exit status and stderr
+    // explain why better than the broken pipe, so they are looked at first.
+    let written = match (stdin, child.stdin.take()) {
+        (Some(input), Some(mut pipe)) => pipe.write_all(input),
+        _ => Ok(()),
+    };
     let out = child.wait_with_output().map_err(|e| Error::Bootloader {
         backend,
         reason: format!("{program}: {e}"),
@@ -143,6 +143,10 @@ fn run_tool(backend: &'static str, mut cmd: Command, stdin: Option<&[u8]>) -> Re
             },
         });
     }
+    written.map_err(|e| Error::Bootloader {
+        backend,
+        reason: format!("{program}: cannot write its input: {e}"),
+    })?;
     String::from_utf8(out.stdout).map_err(|_| Error::Bootloader {
         backend,
         reason: format!("{program} printed output that is not UTF-8"),

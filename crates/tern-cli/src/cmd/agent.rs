@@ -106,7 +106,9 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.dir).with_context(|| a.dir.display().to_string())?;
     let dir = &a.dir;
     // Slot A holds a factory image; slot B is empty and not bootable.
-    let factory: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let factory: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     for (name, content) in [("slot-a.img", Some(&factory)), ("slot-b.img", None)] {
         let f = std::fs::File::create(dir.join(name))?;
         f.set_len(a.slot_mib << 20)?;
@@ -159,7 +161,9 @@ timeout_secs = 30
     let cfg_path = dir.join("agent.toml");
     tern_fs::atomic_write(&cfg_path, config.as_bytes(), 0o644)?;
     let cfg = AgentConfig::load(&cfg_path)?;
-    let BootloaderConfig::Sim { state } = &cfg.bootloader else { unreachable!("written above") };
+    let BootloaderConfig::Sim { state } = &cfg.bootloader else {
+        unreachable!("written above")
+    };
     let mut boot = SimBootloader::create(state, &["A".into(), "B".into()], cfg.boot_attempts)?;
     tern_agent::bootloader::Bootloader::mark_bad(&mut boot, "B")?;
     std::fs::create_dir_all(dir.join("inbox"))?;
@@ -168,7 +172,11 @@ timeout_secs = 30
     let sha = tern_core::digest::sha256_hex(&factory);
     install::record_factory_slot(&mut st, "rootfs.a", FACTORY_VERSION, factory.len() as u64, sha, now());
     store.save(&st)?;
-    println!("simulated device in {} (config {}), booted from slot A", dir.display(), cfg_path.display());
+    println!(
+        "simulated device in {} (config {}), booted from slot A",
+        dir.display(),
+        cfg_path.display()
+    );
     Ok(())
 }
 
@@ -219,12 +227,16 @@ pub fn install_cmd(a: InstallArgs) -> anyhow::Result<()> {
     } else {
         PathBuf::from(&a.bundle)
     };
-    let total = std::fs::metadata(&bundle).map(|m| m.len()).with_context(|| format!("bundle {}", bundle.display()))?;
+    let total = std::fs::metadata(&bundle)
+        .map(|m| m.len())
+        .with_context(|| format!("bundle {}", bundle.display()))?;
     let mut agent = Agent::open(cfg)?;
     let tty = std::io::stderr().is_terminal() && a.common.output == Format::Text;
     let bar = if tty {
         let b = indicatif::ProgressBar::new(total);
-        if let Ok(style) = indicatif::ProgressStyle::with_template("installing [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}") {
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("installing [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+        {
             b.set_style(style.progress_chars("=> "));
         }
         b
@@ -232,7 +244,7 @@ pub fn install_cmd(a: InstallArgs) -> anyhow::Result<()> {
         indicatif::ProgressBar::hidden()
     };
     let mut written = 0u64;
-    let mut next_line = 0u64;
+    let mut next_line = 64u64 << 20;
     let plain = !tty && a.common.output == Format::Text;
     let mut progress = |n: u64| {
         written += n;
@@ -310,7 +322,10 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                     if let Some(offer) = src.poll()? {
                         eprintln!("{}: installing {}", src.name(), offer.bundle.display());
                         match agent.install(&offer.bundle, now(), &mut |_| {}) {
-                            Ok(r) => eprintln!("installed {} {} into {}; reboot to try it", r.release.target, r.release.version, r.slot),
+                            Ok(r) => eprintln!(
+                                "installed {} {} into {}; reboot to try it",
+                                r.release.target, r.release.version, r.slot
+                            ),
                             Err(e) => eprintln!("refused {}: {e}", offer.bundle.display()),
                         }
                         src.done(&offer)?;

@@ -1,0 +1,436 @@
+//! The device agent on simulated devices, through the real binary: install, reboot, commit;
+//! rollback after a failing health check; refusals that change nothing; the order of
+//! bootloader calls.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn tern(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tern")).args(args).output().unwrap()
+}
+
+#[track_caller]
+fn ok(args: &[&str]) -> String {
+    let out = tern(args);
+    assert!(
+        out.status.success(),
+        "tern {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[track_caller]
+fn fails(args: &[&str], needle: &str) -> String {
+    let out = tern(args);
+    // Plain progress lines may come first; the error is the last line.
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let err = stderr.lines().last().unwrap_or("").to_owned();
+    assert_eq!(out.status.code(), Some(1), "tern {args:?} should fail: {err}");
+    assert!(
+        err.starts_with("tern: ") && err.contains(needle),
+        "expected {needle:?} in {err:?}"
+    );
+    err
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A repository whose releases the tests bundle.
+struct Releases {
+    dir: tempfile::TempDir,
+}
+
+impl Releases {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases { dir };
+        ok(&["key", "generate", "--out", &r.p("k")]);
+        let k = r.key();
+        ok(&[
+            "repo",
+            "init",
+            "--repo",
+            &r.p("repo"),
+            "--root-key",
+            &k,
+            "--targets-key",
+            &k,
+            "--snapshot-key",
+            &k,
+            "--timestamp-key",
+            &k,
+            "--key",
+            &k,
+        ]);
+        r
+    }
+
+    fn p(&self, rel: &str) -> String {
+        s(&self.dir.path().join(rel))
+    }
+
+    fn key(&self) -> String {
+        self.p("k.pem")
+    }
+
+    fn root(&self) -> String {
+        self.p("repo/metadata/1.root.json")
+    }
+
+    /// A bundle of one raw rootfs image of `size` bytes, version `version`.
+    fn bundle(
+        &self,
+        version: &str,
+        device_type: &str,
+        hardware: &[&str],
+        size: usize,
+        zstd: bool,
+    ) -> (PathBuf, Vec<u8>) {
+        let image: Vec<u8> = (0..size).map(|i| ((i * 7 + version.len()) % 251) as u8).collect();
+        let img = self.p(&format!("rootfs-{version}-{device_type}.img"));
+        fs::write(&img, &image).unwrap();
+        let name = format!("rootfs-{version}-{device_type}.img");
+        let mut args = vec![
+            "repo".to_owned(),
+            "add-target".into(),
+            "--repo".into(),
+            self.p("repo"),
+            img,
+            "--name".into(),
+            name.clone(),
+            "--release-version".into(),
+            version.into(),
+            "--device-type".into(),
+            device_type.into(),
+            "--installer".into(),
+            "raw".into(),
+            "--slot-class".into(),
+            "rootfs".into(),
+            "--key".into(),
+            self.key(),
+        ];
+        for h in hardware {
+            args.push("--hardware".into());
+            args.push((*h).into());
+        }
+        if zstd {
+            args.extend(["--compression".into(), "zstd".into()]);
+        }
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        ok(&["repo", "refresh", "--repo", &self.p("repo"), "--key", &self.key()]);
+        let out = self.dir.path().join(format!("{name}.tern"));
+        ok(&[
+            "bundle",
+            "create",
+            "--repo",
+            &self.p("repo"),
+            "--target",
+            &name,
+            "--out",
+            &s(&out),
+        ]);
+        (out, image)
+    }
+}
+
+/// A simulated device.
+struct Device {
+    dir: tempfile::TempDir,
+}
+
+impl Device {
+    fn new(root: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        ok(&[
+            "device",
+            "simulate",
+            "--dir",
+            &s(&dir.path().join("d")),
+            "--root",
+            root,
+            "--slot-mib",
+            "16",
+        ]);
+        Device { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join("d").join(rel)
+    }
+
+    fn config(&self) -> String {
+        s(&self.path("agent.toml"))
+    }
+
+    fn install(&self, bundle: &Path) -> String {
+        ok(&["install", &s(bundle), "--config", &self.config()])
+    }
+
+    fn reboot(&self) -> Value {
+        serde_json::from_str(&ok(&["sim", "reboot", "--config", &self.config(), "--output", "json"])).unwrap()
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&ok(&[
+            "agent",
+            "status",
+            "--config",
+            &self.config(),
+            "--output",
+            "json",
+        ]))
+        .unwrap()
+    }
+
+    fn log(&self) -> Vec<String> {
+        fs::read_to_string(self.path("bootloader.log"))
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn add_hook(&self, name: &str, script: &str) {
+        let path = self.path(name);
+        fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        let mut perm = fs::metadata(&path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        fs::set_permissions(&path, perm).unwrap();
+        let mut cfg = fs::read_to_string(self.path("agent.toml")).unwrap();
+        cfg.push_str(&format!("{} = \"{name}\"\n", name.replace('-', "_")));
+        fs::write(self.path("agent.toml"), cfg).unwrap();
+    }
+
+    /// Everything a refusal must leave as it was.
+    fn snapshot(&self) -> Vec<(String, Vec<u8>)> {
+        ["slot-a.img", "slot-b.img", "state/state.json", "bootloader.json"]
+            .iter()
+            .map(|f| (f.to_string(), fs::read(self.path(f)).unwrap_or_default()))
+            .collect()
+    }
+}
+
+fn slot_content(dev: &Device, slot_file: &str, len: usize) -> Vec<u8> {
+    fs::read(dev.path(slot_file)).unwrap()[..len].to_vec()
+}
+
+#[test]
+fn install_reboot_commit_with_the_bootloader_calls_in_order() {
+    let rel = Releases::new();
+    let (bundle, image) = rel.bundle("1.0.0", "tern-sim", &["rev-a"], 300_000, true);
+    let dev = Device::new(&rel.root());
+    dev.install(&bundle);
+    let st = dev.status();
+    assert_eq!(st["state"]["state"], "pending-reboot");
+    assert_eq!(st["booted"], "A");
+    assert_eq!(st["primary"], "B");
+    assert_eq!(st["slots"][1]["record"]["status"], "verified");
+    assert_eq!(
+        slot_content(&dev, "slot-b.img", image.len()),
+        image,
+        "the decompressed image is in slot B"
+    );
+
+    let boot = dev.reboot();
+    assert_eq!(boot["booted"], "B");
+    assert_eq!(boot["boot_step"]["outcome"], "committed");
+    let st = dev.status();
+    assert_eq!(st["state"]["state"], "committed");
+    assert_eq!(st["rollback_floor"], "1.0.0");
+    assert_eq!(st["slots"][1]["record"]["version"], "1.0.0");
+    assert_eq!(
+        st["slots"][1]["record"]["sha256"],
+        tern_core::digest::sha256_hex(&image)
+    );
+    // The procedure's bootloader calls, in order (the first line is provisioning).
+    assert_eq!(
+        dev.log(),
+        [
+            "mark-bad B",
+            "mark-bad B",
+            "set-primary B 3",
+            "power-on -> B",
+            "mark-good B 3"
+        ]
+    );
+
+    // The next release goes to slot A, the now inactive one.
+    let (bundle2, image2) = rel.bundle("1.1.0", "tern-sim", &[], 200_000, false);
+    dev.install(&bundle2);
+    assert_eq!(dev.reboot()["booted"], "A");
+    assert_eq!(slot_content(&dev, "slot-a.img", image2.len()), image2);
+    assert_eq!(dev.status()["rollback_floor"], "1.1.0");
+}
+
+#[test]
+fn a_failing_health_check_rolls_back_after_the_attempts_run_out() {
+    let rel = Releases::new();
+    let (bundle, _) = rel.bundle("2.0.0", "tern-sim", &[], 100_000, false);
+    let dev = Device::new(&rel.root());
+    dev.add_hook("health-check", "echo 'service x did not start' >&2; exit 1");
+    dev.add_hook(
+        "on-rollback",
+        "echo \"$TERN_VERSION $TERN_REASON\" > \"$TERN_STATE_DIR/rolled-back\"",
+    );
+    dev.install(&bundle);
+    for left in [2, 1, 0] {
+        let b = dev.reboot();
+        assert_eq!(b["booted"], "B");
+        assert_eq!(b["boot_step"]["outcome"], "health-check-failed", "{b}");
+        assert!(b["boot_step"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("service x did not start"));
+        assert_eq!(dev.status()["slots"][1]["attempts"], left);
+    }
+    let b = dev.reboot();
+    assert_eq!(b["booted"], "A", "the bootloader fell back");
+    assert_eq!(b["boot_step"]["outcome"], "rolled-back");
+    let st = dev.status();
+    assert_eq!(st["state"]["state"], "rolled-back");
+    assert_eq!(st["last_error"]["kind"], "RolledBack");
+    assert_eq!(st["slots"][1]["record"]["status"], "bad");
+    assert_eq!(st["slots"][1]["attempts"], 0);
+    assert_eq!(st["rollback_floor"], Value::Null, "nothing was committed");
+    let hook_saw = fs::read_to_string(dev.path("state/rolled-back")).unwrap();
+    assert!(
+        hook_saw.starts_with("2.0.0 ") && hook_saw.contains("fell back to A"),
+        "{hook_saw}"
+    );
+    // The device keeps running the old slot, and the release may be offered again.
+    assert_eq!(dev.reboot()["booted"], "A");
+    dev.install(&bundle);
+}
+
+#[test]
+fn refusals_before_writing_change_nothing() {
+    let rel = Releases::new();
+    let dev = Device::new(&rel.root());
+    let (wrong_type, _) = rel.bundle("1.0.0", "other-board", &[], 1000, false);
+    let (wrong_hw, _) = rel.bundle("1.0.1", "tern-sim", &["rev-z"], 1000, false);
+    let before = dev.snapshot();
+    let cfg = dev.config();
+    fails(
+        &["install", &s(&wrong_type), "--config", &cfg],
+        "release is for device type `other-board`, this device is `tern-sim`",
+    );
+    fails(
+        &["install", &s(&wrong_hw), "--config", &cfg],
+        "release supports hardware [\"rev-z\"], this device is `rev-a`",
+    );
+
+    // A bundle from another repository: its chain does not lead to this device's root.
+    let other = Releases::new();
+    let (foreign, _) = other.bundle("9.0.0", "tern-sim", &[], 1000, false);
+    fails(
+        &["install", &s(&foreign), "--config", &cfg],
+        "root chain does not lead back to the trusted root",
+    );
+    assert_eq!(dev.snapshot(), before);
+
+    // Below the rollback floor.
+    let (v2, _) = rel.bundle("2.0.0", "tern-sim", &[], 1000, false);
+    let (v1, _) = rel.bundle("1.5.0", "tern-sim", &[], 1000, false);
+    dev.install(&v2);
+    dev.reboot();
+    let before = dev.snapshot();
+    fails(
+        &["install", &s(&v1), "--config", &cfg],
+        "release 1.5.0 is below the rollback floor 2.0.0",
+    );
+    assert_eq!(dev.snapshot(), before);
+
+    // A missing slot device.
+    fs::remove_file(dev.path("slot-a.img")).unwrap();
+    let (v3, _) = rel.bundle("3.0.0", "tern-sim", &[], 1000, false);
+    let before = dev.snapshot();
+    fails(&["install", &s(&v3), "--config", &cfg], "slot `rootfs.a`: device");
+    assert_eq!(dev.snapshot(), before);
+}
+
+#[test]
+fn a_tampered_payload_is_caught_before_the_slot_becomes_bootable() {
+    let rel = Releases::new();
+    let (bundle, _) = rel.bundle("1.0.0", "tern-sim", &[], 400_000, false);
+    let mut bytes = fs::read(&bundle).unwrap();
+    let at = bytes.len() - 1024 - 100_000;
+    bytes[at] ^= 0x40;
+    fs::write(&bundle, &bytes).unwrap();
+    let dev = Device::new(&rel.root());
+    let slot_a = fs::read(dev.path("slot-a.img")).unwrap();
+    fails(
+        &["install", &s(&bundle), "--config", &dev.config()],
+        "sha256 hash does not match",
+    );
+    let st = dev.status();
+    // Never made primary, no attempts, recorded bad; slot A and the booted slot untouched.
+    assert_eq!(st["primary"], "A");
+    assert_eq!(st["slots"][1]["attempts"], 0);
+    assert_eq!(st["slots"][1]["record"]["status"], "bad");
+    assert_eq!(st["state"]["state"], "failed");
+    assert_eq!(fs::read(dev.path("slot-a.img")).unwrap(), slot_a);
+    assert_eq!(dev.log(), ["mark-bad B", "mark-bad B"]);
+    assert_eq!(dev.reboot()["booted"], "A");
+}
+
+#[test]
+fn a_full_disk_while_writing_is_refused() {
+    let rel = Releases::new();
+    let (bundle, _) = rel.bundle("1.0.0", "tern-sim", &[], 300_000, false);
+    let dev = Device::new(&rel.root());
+    // Slot B on a device that is always full (writes fail with ENOSPC).
+    let cfg = fs::read_to_string(dev.path("agent.toml"))
+        .unwrap()
+        .replace("device = \"slot-b.img\"", "device = \"/dev/full\"");
+    fs::write(dev.path("agent.toml"), cfg).unwrap();
+    fails(
+        &["install", &s(&bundle), "--config", &dev.config()],
+        "/dev/full: no space left while writing the slot",
+    );
+    let st = dev.status();
+    assert_eq!(st["primary"], "A");
+    assert_eq!(st["last_error"]["kind"], "DiskFull");
+    assert_eq!(dev.reboot()["booted"], "A");
+}
+
+#[test]
+fn a_reboot_pending_refuses_another_install() {
+    let rel = Releases::new();
+    let (bundle, _) = rel.bundle("1.0.0", "tern-sim", &[], 1000, false);
+    let dev = Device::new(&rel.root());
+    dev.install(&bundle);
+    fails(
+        &["install", &s(&bundle), "--config", &dev.config()],
+        "a reboot is pending",
+    );
+}
+
+#[test]
+fn agent_run_installs_from_its_inbox() {
+    let rel = Releases::new();
+    let (bundle, _) = rel.bundle("1.0.0", "tern-sim", &[], 5000, false);
+    let dev = Device::new(&rel.root());
+    fs::copy(&bundle, dev.path("inbox/r.tern")).unwrap();
+    ok(&["agent", "run", "--once", "--config", &dev.config()]);
+    assert!(dev.path("inbox/r.tern.done").exists());
+    assert_eq!(dev.status()["state"]["state"], "pending-reboot");
+    assert_eq!(dev.reboot()["boot_step"]["outcome"], "committed");
+}
+
+#[test]
+fn configuration_errors_name_the_key_and_line() {
+    let rel = Releases::new();
+    let dev = Device::new(&rel.root());
+    let cfg = fs::read_to_string(dev.path("agent.toml"))
+        .unwrap()
+        .replace("boot_attempts = 3", "boot_atempts = 3");
+    fs::write(dev.path("agent.toml"), cfg).unwrap();
+    let err = fails(&["agent", "status", "--config", &dev.config()], "boot_atempts");
+    assert!(err.contains("line 6"), "{err}");
+}
