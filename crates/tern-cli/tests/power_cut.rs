@@ -1,0 +1,248 @@
+//! Power cuts: SIGKILL the agent at random instants during install and during the boot-time
+//! step (commit), then power-cycle the simulated device and run the agent again.
+//!
+//! After every kill: the device boots a slot, that slot's content hash matches its recorded
+//! metadata, the state file parses, and re-running finishes (committed) or rolls back. The
+//! tally is printed and written to `target/power-cut-report.json`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const RUNS: u64 = 200;
+
+fn tern() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+}
+
+#[track_caller]
+fn ok(args: &[&str]) -> String {
+    let out = tern().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "tern {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A small deterministic PRNG (xorshift), so a failing run can be reproduced.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Start `args`, SIGKILL it after `delay` (if still running); true if it was killed.
+fn kill_after(args: &[&str], delay: Duration) -> bool {
+    let mut child = tern()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + delay;
+    loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            return false;
+        }
+        if Instant::now() >= deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn sha256_prefix(path: &Path, len: u64) -> String {
+    let bytes = fs::read(path).unwrap();
+    tern_core::digest::sha256_hex(&bytes[..len as usize])
+}
+
+/// The invariants that must hold after any kill and a power cycle.
+fn check_boots_a_verified_slot(dev: &Path, run: u64) -> String {
+    let state: Value = serde_json::from_slice(&fs::read(dev.join("state/state.json")).unwrap())
+        .unwrap_or_else(|e| panic!("run {run}: state file does not parse: {e}"));
+    let boot: Value = serde_json::from_slice(&fs::read(dev.join("bootloader.json")).unwrap()).unwrap();
+    let booted = boot["booted"].as_str().unwrap();
+    let (slot, file) = match booted {
+        "A" => ("rootfs.a", "slot-a.img"),
+        _ => ("rootfs.b", "slot-b.img"),
+    };
+    let rec = &state["slots"][slot];
+    let status = rec["status"].as_str().unwrap_or("none");
+    assert!(
+        status == "good" || status == "verified",
+        "run {run}: booted slot {booted} is `{status}`: {state}"
+    );
+    let len = rec["length"].as_u64().unwrap();
+    assert_eq!(
+        sha256_prefix(&dev.join(file), len),
+        rec["sha256"].as_str().unwrap(),
+        "run {run}: slot {booted} content does not match its record"
+    );
+    booted.to_owned()
+}
+
+#[test]
+fn power_cuts_during_install_and_commit_never_brick() {
+    let work = tempfile::tempdir().unwrap();
+    let p = |n: &str| work.path().join(n);
+    ok(&["key", "generate", "--out", &s(&p("k"))]);
+    let k = s(&p("k.pem"));
+    let repo = s(&p("repo"));
+    ok(&[
+        "repo",
+        "init",
+        "--repo",
+        &repo,
+        "--root-key",
+        &k,
+        "--targets-key",
+        &k,
+        "--snapshot-key",
+        &k,
+        "--timestamp-key",
+        &k,
+        "--key",
+        &k,
+    ]);
+    let image: Vec<u8> = (0..(4u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    fs::write(p("rootfs.img"), &image).unwrap();
+    ok(&[
+        "repo",
+        "add-target",
+        "--repo",
+        &repo,
+        &s(&p("rootfs.img")),
+        "--name",
+        "rootfs.img",
+        "--release-version",
+        "1.0.0",
+        "--device-type",
+        "tern-sim",
+        "--installer",
+        "raw",
+        "--slot-class",
+        "rootfs",
+        "--compression",
+        "zstd",
+        "--key",
+        &k,
+    ]);
+    ok(&["repo", "refresh", "--repo", &repo, "--key", &k]);
+    let bundle = s(&p("r.tern"));
+    ok(&[
+        "bundle",
+        "create",
+        "--repo",
+        &repo,
+        "--target",
+        "rootfs.img",
+        "--out",
+        &bundle,
+    ]);
+    let root = format!("{repo}/metadata/1.root.json");
+
+    let new_device = |n: u64| -> PathBuf {
+        let d = p(&format!("dev-{n}"));
+        ok(&[
+            "device",
+            "simulate",
+            "--dir",
+            &s(&d),
+            "--root",
+            &root,
+            "--slot-mib",
+            "8",
+        ]);
+        d
+    };
+    // How long the two operations take here, to spread the kills over them.
+    let d = new_device(9999);
+    let cfg = s(&d.join("agent.toml"));
+    let t = Instant::now();
+    ok(&["install", &bundle, "--config", &cfg]);
+    let install_time = t.elapsed();
+    let t = Instant::now();
+    ok(&["sim", "reboot", "--config", &cfg]);
+    let reboot_time = t.elapsed();
+
+    let mut rng = Rng(0x7e57_c0de_1234_5678);
+    let mut tally: BTreeMap<String, u64> = BTreeMap::new();
+    let mut killed = 0;
+    for run in 0..RUNS {
+        let dev = new_device(run);
+        let cfg = s(&dev.join("agent.toml"));
+        let during_install = run % 2 == 0;
+        let was_killed = if during_install {
+            let delay = install_time.mul_f64((rng.next() % 1200) as f64 / 1000.0);
+            kill_after(&["install", &bundle, "--config", &cfg], delay)
+        } else {
+            ok(&["install", &bundle, "--config", &cfg]);
+            let delay = reboot_time.mul_f64((rng.next() % 1200) as f64 / 1000.0);
+            kill_after(&["sim", "reboot", "--config", &cfg], delay)
+        };
+        killed += u64::from(was_killed);
+        // Power on again: the bootloader must find a slot, and that slot must be verified.
+        ok(&["sim", "reboot", "--config", &cfg]);
+        check_boots_a_verified_slot(&dev, run);
+        // Run the agent again until the update settles.
+        let mut outcome = String::new();
+        for _ in 0..6 {
+            let st: Value =
+                serde_json::from_str(&ok(&["agent", "status", "--config", &cfg, "--output", "json"])).unwrap();
+            match st["state"]["state"].as_str().unwrap() {
+                "committed" | "rolled-back" => {
+                    outcome = st["state"]["state"].as_str().unwrap().to_owned();
+                    break;
+                }
+                "pending-reboot" | "trial" => {
+                    ok(&["sim", "reboot", "--config", &cfg]);
+                }
+                _ => {
+                    ok(&["install", &bundle, "--config", &cfg]);
+                }
+            }
+            check_boots_a_verified_slot(&dev, run);
+        }
+        assert!(!outcome.is_empty(), "run {run}: the update did not settle");
+        let phase = if during_install { "install" } else { "commit" };
+        let key = format!(
+            "{phase}/{}/{outcome}",
+            if was_killed { "killed" } else { "finished-first" }
+        );
+        *tally.entry(key).or_default() += 1;
+        fs::remove_dir_all(&dev).unwrap();
+    }
+    let report = serde_json::json!({
+        "runs": RUNS,
+        "killed": killed,
+        "install_ms": install_time.as_millis() as u64,
+        "reboot_ms": reboot_time.as_millis() as u64,
+        "outcomes": tally,
+    });
+    eprintln!("power-cut test: {report}");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/power-cut-report.json");
+    let _ = fs::write(target, serde_json::to_vec_pretty(&report).unwrap());
+    assert!(
+        killed >= RUNS / 2,
+        "too few kills landed ({killed}); the timing spread is off"
+    );
+}
