@@ -1160,3 +1160,132 @@ fn a_bundle_is_an_offline_source() {
         ])
     );
 }
+
+// ---- regressions found in review ----------------------------------------------------------------
+
+#[test]
+fn fast_forward_recovery_survives_an_interrupted_root_update() {
+    // The snapshot key rotates in root v2 after a fast-forward, and fetching root v3 fails
+    // once. The recovery (deleting the trusted timestamp and snapshot) must already have
+    // happened when root v2 was persisted, or the next run starts from v2, sees no rotation,
+    // and stays locked out by the fast-forwarded snapshot version.
+    let (mut sim, server, c) = fresh(Kind::Tern);
+    sim.snapshot.common.version = 499;
+    sim.commit_snapshot();
+    ok(&c.refresh(&server));
+    sim.rotate("snapshot", 1, 1); // root v2
+    sim.new_root_version(); // root v3
+    sim.snapshot.common.version = 0;
+    sim.commit_snapshot();
+    server.fault("/metadata/3.root.json", Fault::Status(500));
+    assert!(!c.refresh(&server).ok);
+    assert_eq!(c.trusted()["root.json"], 2);
+    assert!(!c.trusted().contains_key("snapshot.json"), "{:?}", c.trusted());
+    server.clear_faults();
+    ok(&c.refresh(&server));
+    assert_eq!(c.trusted()["snapshot.json"], 1);
+}
+
+#[test]
+fn a_delegator_reached_by_name_through_two_paths_is_not_confused() {
+    // targets → A (a/*, attacker-held key) → "x" (key K2) → "y" (key K3); targets → x (b/*,
+    // key K1) → y (key K4). A one-time attacker left its own x.json and y.json (right versions)
+    // in the client's metadata directory. Looking up a/1 trusts them through A; b/evil must
+    // then be looked up through the genuine x and y, not through the cached attacker's y.
+    for kind in [Kind::Tern] {
+        let (mut sim, server, c) = fresh(kind);
+        sim.delegate("targets", "A", Some(vec!["a/*"]), None, false, 1, 1);
+        sim.delegate("targets", "x", Some(vec!["b/*"]), None, false, 1, 1);
+        sim.delegate("x", "y", Some(vec!["b/*"]), None, false, 1, 1);
+        sim.add_target("y", "b/good", b"good");
+        for r in ["A", "x", "y", "targets"] {
+            sim.bump(r);
+        }
+        // A (attacker-controlled for a/*) delegates a role it also calls "x".
+        let k2 = tern_core::SigningKey::generate(tern_core::KeyAlgorithm::Ed25519)
+            .unwrap()
+            .0;
+        let k3 = tern_core::SigningKey::generate(tern_core::KeyAlgorithm::Ed25519)
+            .unwrap()
+            .0;
+        let deleg = |k: &tern_core::SigningKey, name: &str, paths: Vec<&str>| tern_core::metadata::Delegations {
+            keys: [(k.public().keyid(), k.public().clone())].into(),
+            roles: Some(vec![tern_core::metadata::DelegatedRole {
+                name: name.into(),
+                keyids: vec![k.public().keyid()],
+                threshold: 1,
+                terminating: false,
+                paths: Some(paths.into_iter().map(String::from).collect()),
+                path_hash_prefixes: None,
+                unrecognized: Default::default(),
+            }]),
+            succinct_roles: None,
+            unrecognized: Default::default(),
+        };
+        sim.targets.get_mut("A").unwrap().delegations = Some(deleg(&k2, "x", vec!["a/*"]));
+        sim.bump("A");
+        sim.commit_snapshot();
+        // The attacker's x (signed by K2) delegates y to K3; its y lists b/evil.
+        let mut evil_x = sim.targets["x"].clone();
+        evil_x.delegations = Some(deleg(&k3, "y", vec!["a/*", "b/*"]));
+        let mut evil_y = sim.targets["y"].clone();
+        let evil = b"evil";
+        evil_y.targets.insert(
+            "b/evil".into(),
+            tern_core::TargetFile {
+                length: evil.len() as u64,
+                hashes: tern_core::digest::hashes_of(evil, &[tern_core::digest::HashAlgorithm::Sha256]),
+                custom: None,
+                unrecognized: Default::default(),
+            },
+        );
+        sim.write_target(&format!("b/{}.evil", tern_core::digest::sha256_hex(evil)), evil);
+        // a/1 is legitimately the attacker's to publish (A holds a/*): it is listed in the
+        // attacker's y, so looking it up loads the planted x and y through A.
+        let one = b"one";
+        evil_y.targets.insert(
+            "a/1".into(),
+            tern_core::TargetFile {
+                length: one.len() as u64,
+                hashes: tern_core::digest::hashes_of(one, &[tern_core::digest::HashAlgorithm::Sha256]),
+                custom: None,
+                unrecognized: Default::default(),
+            },
+        );
+        sim.write_target(&format!("a/{}.1", tern_core::digest::sha256_hex(one)), one);
+        let planted = |value: &tern_core::Targets, role: &str, key: &tern_core::SigningKey| {
+            let mut env = tern_core::Envelope::new(value).unwrap();
+            env.sign(role, key).unwrap();
+            std::fs::create_dir_all(c.metadata_dir()).unwrap();
+            std::fs::write(c.metadata_dir().join(format!("{role}.json")), env.to_bytes()).unwrap();
+        };
+        planted(&evil_x, "x", &k2);
+        planted(&evil_y, "y", &k3);
+        let out = c.download(&server, &["a/1", "b/evil"]);
+        fails(&out, kind, "target `b/evil` is not listed by any trusted role", "");
+        assert_eq!(c.downloaded(), ["a%2F1"]);
+    }
+}
+
+#[test]
+fn a_complete_partial_download_is_finished_without_asking_the_server() {
+    let (mut sim, server, c) = fresh(Kind::Tern);
+    let data = vec![9u8; 50_000];
+    sim.add_target("targets", "big.img", &data);
+    sim.bump("targets");
+    sim.commit_snapshot();
+    ok(&c.refresh(&server));
+    std::fs::create_dir_all(c.target_dir()).unwrap();
+    // Complete and right: renamed into place with no target request.
+    std::fs::write(c.target_dir().join(".big.img.partial"), &data).unwrap();
+    server.take_requests();
+    ok(&c.download(&server, &["big.img"]));
+    assert!(!server.take_requests().iter().any(|r| r.starts_with("/targets/")));
+    // Complete length but wrong bytes: discarded and fetched again from the start.
+    std::fs::remove_file(c.target_dir().join("big.img")).unwrap();
+    std::fs::write(c.target_dir().join(".big.img.partial"), vec![8u8; 50_000]).unwrap();
+    ok(&c.download(&server, &["big.img"]));
+    let url = sim.target_request("targets", "big.img");
+    assert_eq!(server.take_requests().last(), Some(&url));
+    assert_eq!(std::fs::read(c.target_dir().join("big.img")).unwrap(), data);
+}

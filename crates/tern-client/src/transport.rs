@@ -94,7 +94,18 @@ impl HttpTransport {
         let client = reqwest::Client::builder()
             .connect_timeout(limits.connect_timeout)
             .no_proxy()
-            .redirect(reqwest::redirect::Policy::limited(5))
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                // A few redirects, and never from https down to http.
+                let downgrade =
+                    attempt.previous().iter().any(|u| u.scheme() == "https") && attempt.url().scheme() != "https";
+                if attempt.previous().len() >= 5 {
+                    attempt.error("too many redirects")
+                } else if downgrade {
+                    attempt.error("redirect from https to http refused")
+                } else {
+                    attempt.follow()
+                }
+            }))
             .user_agent(concat!("tern/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| TransportError::failed("http client", error_chain(&e)))?;
@@ -128,6 +139,10 @@ impl Transport for HttpTransport {
             })?
             .map_err(|e| TransportError::failed(url, error_chain(&e)))?;
         let status = resp.status();
+        if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && offset > 0 {
+            // The resource changed or the partial file is stale: start from the beginning.
+            return self.fetch(url, 0);
+        }
         if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
             return Err(TransportError::NotFound { url: url.to_owned() });
         }
@@ -222,6 +237,13 @@ impl Transport for FileTransport {
         let path = percent_encoding::percent_decode_str(path)
             .decode_utf8_lossy()
             .into_owned();
+        // A role named `../x` is encoded in the URL; decoded, it must not climb directories.
+        if Path::new(&path)
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(TransportError::failed(url, "`..` in a file URL"));
+        }
         let mut f = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -393,7 +415,7 @@ pub(crate) fn fetch_bounded(
         read: 0,
     };
     let mut buf = Vec::new();
-    let read = (&mut body).take(limit + 1).read_to_end(&mut buf);
+    let read = (&mut body).take(limit.saturating_add(1)).read_to_end(&mut buf);
     match read {
         Ok(_) if buf.len() as u64 > limit => Err(TransportError::TooLarge {
             url: url.to_owned(),

@@ -109,7 +109,6 @@ impl<'t> Updater<'t> {
 
     /// §5.3: the root update loop.
     fn update_root(&mut self) -> Result<()> {
-        let initial = self.trusted.root().signed.clone();
         for _ in 0..self.limits.max_root_rotations {
             // 5.3.2–5.3.3: try N+1; only "not found" ends the loop, any other failure aborts.
             let next = self.trusted.root().version() + 1;
@@ -118,19 +117,22 @@ impl<'t> Updater<'t> {
                 Err(Error::Transport(e)) if e.is_not_found() => break,
                 Err(e) => return Err(e),
             };
+            let previous = self.trusted.root().signed.clone();
             // 5.3.4–5.3.7: signed by old and new thresholds, version exactly N+1.
             self.trusted.update_root(&bytes)?;
+            // 5.3.11, per version and before the new root is persisted: if this update stops
+            // here (a failure fetching N+2, a power cut), what is on disk still matches the
+            // root on disk, and the recovery from a fast-forward attack is not lost.
+            let rotated = self.trusted.rotated_since(&previous);
+            if rotated.timestamp_and_snapshot {
+                self.dir.remove("timestamp")?;
+                self.dir.remove("snapshot")?;
+            }
+            if rotated.targets {
+                self.dir.remove("targets")?;
+            }
             // 5.3.8: persist.
             self.dir.write("root", &bytes)?;
-        }
-        // 5.3.11: fast-forward attack recovery.
-        let rotated = self.trusted.rotated_since(&initial);
-        if rotated.timestamp_and_snapshot {
-            self.dir.remove("timestamp")?;
-            self.dir.remove("snapshot")?;
-        }
-        if rotated.targets {
-            self.dir.remove("targets")?;
         }
         // 5.3.10: freeze attack.
         self.trusted.check_root_expiry()?;
@@ -163,7 +165,10 @@ impl<'t> Updater<'t> {
         }
         // 5.5.1: download N.snapshot.json, up to the length timestamp lists (or Y).
         let meta = self.trusted.snapshot_meta()?.clone();
-        let limit = meta.length.unwrap_or(self.limits.snapshot_max);
+        let limit = meta
+            .length
+            .unwrap_or(self.limits.snapshot_max)
+            .min(tern_core::metadata::MAX_METADATA_BYTES as u64);
         let bytes = self.fetch("snapshot", self.consistent().then_some(meta.version), limit)?;
         // 5.5.2–5.5.6: hashes, signatures, version, rollback, freeze.
         self.trusted.update_snapshot(&bytes, false)?;
@@ -180,7 +185,10 @@ impl<'t> Updater<'t> {
         }
         // 5.6.1: download N.targets.json, up to the length snapshot lists (or Z).
         let meta = self.trusted.role_meta("targets")?.clone();
-        let limit = meta.length.unwrap_or(self.limits.targets_max);
+        let limit = meta
+            .length
+            .unwrap_or(self.limits.targets_max)
+            .min(tern_core::metadata::MAX_METADATA_BYTES as u64);
         let bytes = self.fetch("targets", self.consistent().then_some(meta.version), limit)?;
         // 5.6.2–5.6.5: hashes, signatures, version, freeze.
         self.trusted.update_targets(&bytes)?;
@@ -188,26 +196,27 @@ impl<'t> Updater<'t> {
         self.dir.write("targets", &bytes)
     }
 
-    /// A delegated role, through `delegator` (itself reached through `grand`): the trusted
-    /// local copy if it verifies against this delegator, else downloaded.
-    fn update_delegated(&mut self, grand: Option<&str>, delegator: &str, candidate: &Candidate) -> Result<()> {
+    /// A delegated role, as delegated by the role at `parent` (a delegation chain): the local
+    /// copy if it verifies through this chain, else downloaded.
+    fn update_delegated(&mut self, parent: &[String], candidate: &Candidate) -> Result<()> {
         let role = candidate.name.as_str();
-        if self.trusted.delegated(delegator, role).is_some() {
+        let mut chain = parent.to_vec();
+        chain.push(role.to_owned());
+        if self.trusted.get(&chain).is_some() {
             return Ok(());
         }
         if let Some(local) = self.dir.read(role, self.limits.targets_max)? {
-            if self
-                .trusted
-                .update_delegated(&local, candidate, grand, delegator)
-                .is_ok()
-            {
+            if self.trusted.update_delegated(&local, candidate, parent).is_ok() {
                 return Ok(());
             }
         }
         let meta = self.trusted.role_meta(role)?.clone();
-        let limit = meta.length.unwrap_or(self.limits.targets_max);
+        let limit = meta
+            .length
+            .unwrap_or(self.limits.targets_max)
+            .min(tern_core::metadata::MAX_METADATA_BYTES as u64);
         let bytes = self.fetch(role, self.consistent().then_some(meta.version), limit)?;
-        self.trusted.update_delegated(&bytes, candidate, grand, delegator)?;
+        self.trusted.update_delegated(&bytes, candidate, parent)?;
         self.dir.write(role, &bytes)
     }
 
@@ -219,41 +228,42 @@ impl<'t> Updater<'t> {
             self.refresh()?;
         }
         struct Visit {
-            role: String,
-            delegator: Option<String>,
-            grand: Option<String>,
+            /// The role's delegation chain, `["targets", …, role]`.
+            chain: Vec<String>,
             candidate: Option<Candidate>,
         }
         let mut stack = vec![Visit {
-            role: "targets".into(),
-            delegator: None,
-            grand: None,
+            chain: vec!["targets".into()],
             candidate: None,
         }];
-        let mut visited: BTreeSet<(Option<String>, String)> = BTreeSet::new();
+        let mut visited: BTreeSet<Vec<String>> = BTreeSet::new();
         while let Some(v) = stack.pop() {
-            // 5.6.7.1: skip roles already visited (cycles); stop at the bound.
-            if visited.contains(&(v.delegator.clone(), v.role.clone())) {
+            // 5.6.7.1: skip roles already visited (cycles); stop at the bound. A cycle through
+            // different delegators grows the chain instead, so its length is bounded too.
+            if visited.contains(&v.chain) {
                 continue;
             }
-            if visited.len() >= self.limits.max_delegations {
+            if visited.len() >= self.limits.max_delegations || v.chain.len() > self.limits.max_delegations {
                 break;
             }
-            if let (Some(delegator), Some(candidate)) = (&v.delegator, &v.candidate) {
-                self.update_delegated(v.grand.as_deref(), delegator, candidate)?;
+            if let Some(candidate) = &v.candidate {
+                self.update_delegated(&v.chain[..v.chain.len() - 1], candidate)?;
             }
+            let role_name = v.chain.last().cloned().unwrap_or_default();
             let role = self
                 .trusted
-                .get(v.delegator.as_deref(), &v.role)
-                .ok_or_else(|| tern_core::Error::MissingRole { role: v.role.clone() })?;
+                .get(&v.chain)
+                .ok_or_else(|| tern_core::Error::MissingRole {
+                    role: role_name.clone(),
+                })?;
             if let Some(file) = role.signed.targets.get(name) {
                 return Ok(TargetInfo {
                     path,
                     file: file.clone(),
-                    role: v.role,
+                    role: role_name,
                 });
             }
-            visited.insert((v.delegator.clone(), v.role.clone()));
+            visited.insert(v.chain.clone());
             // 5.6.7.2: the delegations in order; a terminating one ends the search below it.
             let Some(delegations) = &role.signed.delegations else {
                 continue;
@@ -261,10 +271,10 @@ impl<'t> Updater<'t> {
             let mut children = Vec::new();
             for candidate in delegations.roles_for_target(name) {
                 let terminating = candidate.terminating;
+                let mut chain = v.chain.clone();
+                chain.push(candidate.name.clone());
                 children.push(Visit {
-                    role: candidate.name.clone(),
-                    delegator: Some(v.role.clone()),
-                    grand: v.delegator.clone(),
+                    chain,
                     candidate: Some(candidate),
                 });
                 if terminating {

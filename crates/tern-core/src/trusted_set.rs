@@ -44,9 +44,11 @@ pub struct TrustedSet {
     timestamp: Option<Signed<Timestamp>>,
     snapshot: Option<Signed<Snapshot>>,
     targets: Option<Signed<Targets>>,
-    /// Delegated roles by (delegator, name): a role is trusted through the delegator whose
-    /// keys verified it, never merely because a role of that name was loaded before.
-    delegated: BTreeMap<(String, String), Signed<Targets>>,
+    /// Delegated roles by their delegation chain (`["targets", "a", "b"]` is role `b` as
+    /// delegated by `a` as delegated by top-level targets): a role is trusted through the
+    /// exact chain of documents that verified it, never because a role, or a delegator, of
+    /// that name was loaded before through another path.
+    delegated: BTreeMap<Vec<String>, Signed<Targets>>,
 }
 
 fn role_keys<'a>(root: &'a Root, name: &str) -> Result<&'a RoleKeys> {
@@ -115,9 +117,12 @@ impl TrustedSet {
         self.targets.as_ref()
     }
 
-    /// A delegated role as verified through `delegator`.
-    pub fn delegated(&self, delegator: &str, role: &str) -> Option<&Signed<Targets>> {
-        self.delegated.get(&(delegator.to_owned(), role.to_owned()))
+    /// A targets role by its delegation chain (`["targets"]` is the top-level role).
+    pub fn get(&self, chain: &[String]) -> Option<&Signed<Targets>> {
+        match chain {
+            [top] if top == "targets" => self.targets.as_ref(),
+            _ => self.delegated.get(chain),
+        }
     }
 
     /// §5.3.4–5.3.7: accept the next root version.
@@ -290,32 +295,17 @@ impl TrustedSet {
         Ok(())
     }
 
-    /// The verified targets metadata of `role` reached through `delegator` (`None` for top-level).
-    pub fn get(&self, delegator: Option<&str>, role: &str) -> Option<&Signed<Targets>> {
-        match delegator {
-            None => self.targets.as_ref(),
-            Some(d) => self.delegated(d, role),
-        }
-    }
-
-    /// §5.6 for a delegated role: offer `role`'s metadata as delegated by `delegator`
-    /// (itself reached through `delegator_parent`).
-    pub fn update_delegated(
-        &mut self,
-        bytes: &[u8],
-        candidate: &Candidate,
-        delegator_parent: Option<&str>,
-        delegator: &str,
-    ) -> Result<()> {
+    /// §5.6 for a delegated role: offer `candidate`'s metadata as delegated by the role at
+    /// `parent` (a chain starting with `"targets"`).
+    pub fn update_delegated(&mut self, bytes: &[u8], candidate: &Candidate, parent: &[String]) -> Result<()> {
         let role = candidate.name.as_str();
         let meta = self.role_meta(role)?.clone();
         check_meta(role, bytes, &meta)?;
-        let parent = self
-            .get(delegator_parent, delegator)
-            .ok_or_else(|| Error::MissingRole {
-                role: delegator.to_owned(),
-            })?;
-        let keys = &parent
+        let delegator = parent.last().map(String::as_str).unwrap_or("targets");
+        let parent_role = self.get(parent).ok_or_else(|| Error::MissingRole {
+            role: delegator.to_owned(),
+        })?;
+        let keys = &parent_role
             .signed
             .delegations
             .as_ref()
@@ -332,7 +322,9 @@ impl TrustedSet {
             });
         }
         expired(role, &new, self.now)?;
-        self.delegated.insert((delegator.to_owned(), role.to_owned()), new);
+        let mut chain = parent.to_vec();
+        chain.push(role.to_owned());
+        self.delegated.insert(chain, new);
         Ok(())
     }
 }

@@ -605,7 +605,15 @@ fn serve(req: tiny_http::Request, root: &Path, log: &Mutex<Vec<String>>, faults:
                 None,
             ),
             Some(data) => match range_start {
-                Some(start) if start <= data.len() => {
+                // RFC 9110: a range starting at or past the end is not satisfiable.
+                Some(start) if start >= data.len() => tiny_http::Response::new(
+                    tiny_http::StatusCode(416),
+                    vec![],
+                    Box::new(Cursor::new(Vec::new())) as Box<dyn Read + Send>,
+                    Some(0),
+                    None,
+                ),
+                Some(start) => {
                     let total = data.len();
                     let header = tiny_http::Header::from_bytes(
                         "Content-Range",
