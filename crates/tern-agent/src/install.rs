@@ -53,6 +53,17 @@ const CHUNK: usize = 1 << 20;
 /// What an install did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InstallReport {
+    /// The slot image, if the bundle had one.
+    pub slot_image: Option<SlotInstall>,
+    /// Files and archives installed in place (no reboot needed for them).
+    pub applied: Vec<AppRecord>,
+    /// Whether a reboot is needed to try the slot image.
+    pub reboot_needed: bool,
+}
+
+/// A slot image written by an install.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotInstall {
     /// The release.
     pub release: Release,
     /// The slot written.
@@ -61,8 +72,21 @@ pub struct InstallReport {
     pub bootname: String,
     /// Bytes written to the slot.
     pub written: u64,
-    /// Whether a reboot is needed to try it.
-    pub reboot_needed: bool,
+}
+
+pub use crate::state::AppRecord;
+
+/// A file or archive payload written beside its destination, put in place only after the
+/// whole bundle verified.
+enum Staged {
+    File {
+        tmp: tern_fs::AtomicFile,
+        record: AppRecord,
+    },
+    Archive {
+        new_dir: PathBuf,
+        record: AppRecord,
+    },
 }
 
 /// What the boot-time step found.
@@ -202,33 +226,57 @@ impl Agent {
 
         // The sink runs once per payload, after its metadata verified (step 2).
         let mut chosen: Option<(Release, SlotConfig, u64, String)> = None;
+        let mut staged: Vec<Staged> = Vec::new();
         let mut failure: Option<Error> = None;
         let mut sink =
             |payload: &tern_bundle::VerifiedPayload, data: &mut dyn Read| -> std::result::Result<(), String> {
-                let r = self.write_payload(payload, data, &booted, chosen.is_some(), now, progress);
-                match r {
-                    Ok(done) => {
-                        chosen = Some(done);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        let msg = e.to_string();
-                        failure = Some(e);
-                        Err(msg)
-                    }
-                }
+                let is_raw = payload.manifest.as_ref().is_some_and(|m| m.installer == Installer::Raw);
+                let r = if is_raw || payload.manifest.is_none() {
+                    self.write_payload(payload, data, &booted, chosen.is_some(), now, progress)
+                        .map(|done| chosen = Some(done))
+                } else {
+                    self.stage_payload(payload, data, now).map(|s| staged.push(s))
+                };
+                r.map_err(|e| {
+                    let msg = e.to_string();
+                    failure = Some(e);
+                    msg
+                })
             };
         let verified = tern_bundle::read_bundle(reader, &root, now, freshness, &mut sink);
-        // 8: only now are the payload's length and hashes known to match.
+        // 8: only now are the payloads' lengths and hashes known to match.
         let report = match (verified, failure) {
-            (_, Some(e)) => return Err(self.fail_install(e, now)),
-            (Err(e), None) => return Err(self.fail_install(Error::Bundle(e), now)),
+            (_, Some(e)) => {
+                discard(staged);
+                return Err(self.fail_install(e, now));
+            }
+            (Err(e), None) => {
+                discard(staged);
+                return Err(self.fail_install(Error::Bundle(e), now));
+            }
             (Ok(report), None) => report,
         };
+        // Files and archives go in place now that everything verified.
+        let mut applied = Vec::new();
+        for s in staged {
+            let record = apply(s)?;
+            self.state.apps.insert(record.target.clone(), record.clone());
+            applied.push(record);
+        }
         let Some((release, slot, written, image_sha256)) = chosen else {
-            return Err(Error::Unsupported {
-                target: bundle.display().to_string(),
-                reason: "the bundle has no payload for this device".into(),
+            if applied.is_empty() {
+                return Err(Error::Unsupported {
+                    target: bundle.display().to_string(),
+                    reason: "the bundle has no payload for this device".into(),
+                });
+            }
+            self.state.last_error = None;
+            self.save()?;
+            tern_fs::atomic_write(&self.cfg.state_dir.join("root.json"), &report.root, 0o644)?;
+            return Ok(InstallReport {
+                slot_image: None,
+                applied,
+                reboot_needed: false,
             });
         };
         // 9.
@@ -266,12 +314,90 @@ impl Agent {
         // 12.
         self.hook("reboot", self.cfg.hooks.reboot.clone().as_ref(), &env)?;
         Ok(InstallReport {
-            release,
-            bootname: slot.bootname.clone(),
-            slot: slot.name,
-            written,
+            slot_image: Some(SlotInstall {
+                release,
+                bootname: slot.bootname.clone(),
+                slot: slot.name,
+                written,
+            }),
+            applied,
             reboot_needed: true,
         })
+    }
+
+    /// Checks every payload passes: the manifest's device type and hardware revision.
+    fn check_compatible(&self, m: &Manifest) -> Result<()> {
+        if m.device_type != self.cfg.device_type {
+            return Err(Error::WrongDeviceType {
+                release: m.device_type.clone(),
+                device: self.cfg.device_type.clone(),
+            });
+        }
+        if !m.hardware.is_empty() && !m.hardware.contains(&self.cfg.hardware_revision) {
+            return Err(Error::WrongHardware {
+                supported: m.hardware.clone(),
+                device: self.cfg.hardware_revision.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A file or archive payload: written beside its destination, not yet in place.
+    fn stage_payload(
+        &mut self,
+        payload: &tern_bundle::VerifiedPayload,
+        data: &mut dyn Read,
+        now: DateTime,
+    ) -> Result<Staged> {
+        let unsupported = |reason: &str| Error::Unsupported {
+            target: payload.target.clone(),
+            reason: reason.to_owned(),
+        };
+        let m = payload
+            .manifest
+            .as_ref()
+            .ok_or_else(|| unsupported("no Tern manifest (custom.tern)"))?;
+        self.check_compatible(m)?;
+        let dest = PathBuf::from(m.install_path.as_ref().ok_or_else(|| unsupported("no install_path"))?);
+        if !dest.is_absolute() || dest.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(unsupported("install_path must be an absolute path without `..`"));
+        }
+        let record = AppRecord {
+            target: payload.target.clone(),
+            version: m.version.clone(),
+            destination: dest.clone(),
+            installed_at: now_unix(now),
+        };
+        let mut input: Box<dyn Read + '_> = match m.compression {
+            Compression::None => Box::new(data),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(data).map_err(Error::io(&dest))?),
+        };
+        match m.installer {
+            Installer::File => {
+                let mut tmp = tern_fs::AtomicFile::create(&dest, 0o644)?;
+                copy(&mut input, tmp.file()).map_err(Error::io(&dest))?;
+                Ok(Staged::File { tmp, record })
+            }
+            Installer::Archive => {
+                let name = dest
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let new_dir = dest.with_file_name(format!(".{name}.tern-new"));
+                let _ = std::fs::remove_dir_all(&new_dir);
+                std::fs::create_dir_all(&new_dir).map_err(Error::io(&new_dir))?;
+                // tar's unpack keeps every entry inside `new_dir` (no `..`, no absolute paths,
+                // no writing through symlinks that point outside).
+                let mut archive = tar::Archive::new(input);
+                archive.set_preserve_permissions(true);
+                if let Err(e) = archive.unpack(&new_dir) {
+                    let _ = std::fs::remove_dir_all(&new_dir);
+                    return Err(Error::io(&new_dir)(e));
+                }
+                Ok(Staged::Archive { new_dir, record })
+            }
+            other => Err(unsupported(&format!("the {other} installer needs a slot"))),
+        }
     }
 
     /// A failed install: if a slot was touched it stays non-bootable and is recorded bad.
@@ -310,25 +436,8 @@ impl Agent {
         if already {
             return Err(unsupported("only one slot payload per bundle is supported"));
         }
-        if m.installer != Installer::Raw {
-            return Err(unsupported(&format!(
-                "the {} installer is not supported by this agent yet",
-                m.installer
-            )));
-        }
         // 3.
-        if m.device_type != self.cfg.device_type {
-            return Err(Error::WrongDeviceType {
-                release: m.device_type.clone(),
-                device: self.cfg.device_type.clone(),
-            });
-        }
-        if !m.hardware.is_empty() && !m.hardware.contains(&self.cfg.hardware_revision) {
-            return Err(Error::WrongHardware {
-                supported: m.hardware.clone(),
-                device: self.cfg.hardware_revision.clone(),
-            });
-        }
+        self.check_compatible(m)?;
         let version = semver::Version::parse(&m.version).map_err(|e| unsupported(&format!("version: {e}")))?;
         if let Some(floor) = &self.state.rollback_floor {
             if let Ok(f) = semver::Version::parse(floor) {
@@ -520,6 +629,44 @@ impl Agent {
     }
 }
 
+/// Drop staged payloads of a failed install.
+fn discard(staged: Vec<Staged>) {
+    for s in staged {
+        if let Staged::Archive { new_dir, .. } = s {
+            let _ = std::fs::remove_dir_all(new_dir);
+        }
+        // A staged file's temp is removed when its AtomicFile drops.
+    }
+}
+
+/// Put a staged payload in place.
+fn apply(s: Staged) -> Result<AppRecord> {
+    match s {
+        Staged::File { tmp, record } => {
+            tmp.commit()?;
+            Ok(record)
+        }
+        Staged::Archive { new_dir, record } => {
+            let dest = &record.destination;
+            let name = dest
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let old = dest.with_file_name(format!(".{name}.tern-old"));
+            let _ = std::fs::remove_dir_all(&old);
+            if dest.exists() {
+                std::fs::rename(dest, &old).map_err(Error::io(dest))?;
+            }
+            std::fs::rename(&new_dir, dest).map_err(Error::io(dest))?;
+            if let Some(parent) = dest.parent() {
+                tern_fs::sync_dir(parent)?;
+            }
+            let _ = std::fs::remove_dir_all(&old);
+            Ok(record)
+        }
+    }
+}
+
 /// Step 7: write `data` into `device` from offset 0, decompressing as declared; returns the
 /// image length and its SHA-256.
 fn stream_into(
@@ -617,6 +764,8 @@ pub struct Status {
     pub rollback_floor: Option<String>,
     /// The last error.
     pub last_error: Option<ErrorRecord>,
+    /// Files and archives installed in place.
+    pub apps: Vec<AppRecord>,
 }
 
 /// One slot in `agent status`.
@@ -658,6 +807,7 @@ pub fn status(cfg: &AgentConfig) -> Result<Status> {
         state: state.phase,
         rollback_floor: state.rollback_floor,
         last_error: state.last_error,
+        apps: state.apps.into_values().collect(),
     })
 }
 

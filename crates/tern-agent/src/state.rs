@@ -233,6 +233,19 @@ pub struct SlotRecord {
     pub installed_at: Option<i64>,
 }
 
+/// A file or archive installed in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppRecord {
+    /// The payload's target path.
+    pub target: String,
+    /// Its version.
+    pub version: String,
+    /// Where it was installed.
+    pub destination: PathBuf,
+    /// When (seconds since the Unix epoch).
+    pub installed_at: i64,
+}
+
 /// A recorded error, for `agent status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorRecord {
@@ -255,6 +268,9 @@ pub struct AgentState {
     pub rollback_floor: Option<String>,
     /// The last error.
     pub last_error: Option<ErrorRecord>,
+    /// Files and archives installed in place, by target.
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppRecord>,
 }
 
 impl Default for AgentState {
@@ -264,6 +280,7 @@ impl Default for AgentState {
             slots: BTreeMap::new(),
             rollback_floor: None,
             last_error: None,
+            apps: BTreeMap::new(),
         }
     }
 }

@@ -434,3 +434,91 @@ fn configuration_errors_name_the_key_and_line() {
     let err = fails(&["agent", "status", "--config", &dev.config()], "boot_atempts");
     assert!(err.contains("line 6"), "{err}");
 }
+
+#[test]
+fn file_and_archive_payloads_are_installed_in_place_after_verification() {
+    let rel = Releases::new();
+    let dev = Device::new(&rel.root());
+    let apps = dev.path("apps");
+    fs::create_dir_all(&apps).unwrap();
+    // A single file and a tar archive of an application directory.
+    fs::write(rel.p("motd"), b"welcome to tern\n").unwrap();
+    let src = rel.dir.path().join("app-src");
+    fs::create_dir_all(src.join("bin")).unwrap();
+    fs::write(src.join("bin/app"), b"#!/bin/sh\necho hi\n").unwrap();
+    fs::write(src.join("config.toml"), b"x = 1\n").unwrap();
+    let tar_out = Command::new("tar")
+        .arg("-C")
+        .arg(&src)
+        .args(["-cf", &rel.p("app.tar"), "."])
+        .output()
+        .unwrap();
+    assert!(tar_out.status.success());
+    let k = rel.key();
+    let repo = rel.p("repo");
+    let motd_dest = s(&apps.join("motd"));
+    let app_dest = s(&apps.join("app"));
+    for (file, name, installer, dest, zstd) in [
+        (rel.p("motd"), "etc/motd", "file", motd_dest.as_str(), false),
+        (rel.p("app.tar"), "apps/app.tar.zst", "archive", app_dest.as_str(), true),
+    ] {
+        let mut args = vec![
+            "repo",
+            "add-target",
+            "--repo",
+            &repo,
+            &file,
+            "--name",
+            name,
+            "--release-version",
+            "1.0.0",
+            "--device-type",
+            "tern-sim",
+            "--installer",
+            installer,
+            "--install-path",
+            dest,
+            "--key",
+            &k,
+        ];
+        if zstd {
+            args.extend(["--compression", "zstd"]);
+        }
+        ok(&args);
+    }
+    ok(&["repo", "refresh", "--repo", &repo, "--key", &k]);
+    let bundle = rel.p("apps.tern");
+    ok(&[
+        "bundle",
+        "create",
+        "--repo",
+        &repo,
+        "--target",
+        "etc/motd",
+        "--target",
+        "apps/app.tar.zst",
+        "--out",
+        &bundle,
+    ]);
+    // Tampered: nothing is put in place.
+    let mut bad = fs::read(&bundle).unwrap();
+    let at = bad.windows(7).position(|w| w == b"welcome").unwrap();
+    bad[at] ^= 1;
+    fs::write(rel.p("bad.tern"), &bad).unwrap();
+    fails(
+        &["install", &rel.p("bad.tern"), "--config", &dev.config()],
+        "hash does not match",
+    );
+    assert!(!apps.join("motd").exists() && !apps.join("app").exists());
+    assert_eq!(fs::read_dir(&apps).unwrap().count(), 0, "no staging left behind");
+    // Genuine: both in place, no reboot needed, recorded.
+    let out = dev.install(Path::new(&bundle));
+    assert!(out.contains("installed etc/motd 1.0.0"), "{out}");
+    assert_eq!(fs::read(apps.join("motd")).unwrap(), b"welcome to tern\n");
+    assert_eq!(fs::read(apps.join("app/bin/app")).unwrap(), b"#!/bin/sh\necho hi\n");
+    assert_eq!(fs::read(apps.join("app/config.toml")).unwrap(), b"x = 1\n");
+    let st = dev.status();
+    assert_eq!(st["state"]["state"], "idle");
+    assert_eq!(st["apps"].as_array().unwrap().len(), 2);
+    assert_eq!(st["primary"], "A", "no slot was touched");
+}

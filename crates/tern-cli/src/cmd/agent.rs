@@ -262,10 +262,20 @@ pub fn install_cmd(a: InstallArgs) -> anyhow::Result<()> {
     match a.common.output {
         Format::Json => json(&report),
         Format::Text => {
-            println!(
-                "installed {} {} into slot {} ({}); reboot to try it",
-                report.release.target, report.release.version, report.slot, report.bootname
-            );
+            for app in &report.applied {
+                println!(
+                    "installed {} {} at {}",
+                    app.target,
+                    app.version,
+                    app.destination.display()
+                );
+            }
+            if let Some(s) = &report.slot_image {
+                println!(
+                    "installed {} {} into slot {} ({}); reboot to try it",
+                    s.release.target, s.release.version, s.slot, s.bootname
+                );
+            }
             Ok(())
         }
     }
@@ -322,10 +332,7 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                     if let Some(offer) = src.poll()? {
                         eprintln!("{}: installing {}", src.name(), offer.bundle.display());
                         match agent.install(&offer.bundle, now(), &mut |_| {}) {
-                            Ok(r) => eprintln!(
-                                "installed {} {} into {}; reboot to try it",
-                                r.release.target, r.release.version, r.slot
-                            ),
+                            Ok(r) => eprintln!("installed: {}", serde_json::to_string(&r).unwrap_or_default()),
                             Err(e) => eprintln!("refused {}: {e}", offer.bundle.display()),
                         }
                         src.done(&offer)?;
