@@ -623,6 +623,13 @@ impl Agent {
         env.push(("TERN_REASON", r.reason.clone()));
         self.state.phase = Phase::RolledBack(r);
         self.save()?;
+        // The slot that booted instead is the committed one: restore its attempts (15).
+        let booted = self.boot.booted()?;
+        if let Some(s) = self.cfg.slot_by_bootname(&booted).cloned() {
+            if self.state.slots.get(&s.name).is_some_and(|r| r.status == "good") {
+                self.boot.mark_good(&s.bootname, self.cfg.boot_attempts)?;
+            }
+        }
         // The rollback is recorded whatever the hook does.
         let _ = self.hook("on-rollback", self.cfg.hooks.on_rollback.clone().as_ref(), &env);
         Ok(())

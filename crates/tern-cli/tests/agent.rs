@@ -522,3 +522,19 @@ fn file_and_archive_payloads_are_installed_in_place_after_verification() {
     assert_eq!(st["apps"].as_array().unwrap().len(), 2);
     assert_eq!(st["primary"], "A", "no slot was touched");
 }
+
+#[test]
+fn the_demo_installs_commits_and_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&["demo", "--dir", &s(&dir.path().join("demo")), "--image-mib", "2"]);
+    assert!(
+        out.contains("release 1.0.0  written to slot B; boot B: committed 1.0.0"),
+        "{out}"
+    );
+    assert!(out.contains("boot B: rolled back"), "{out}");
+    assert!(
+        out.contains("device status  state rolled-back, booted B, rollback floor 1.0.0"),
+        "{out}"
+    );
+    assert!(out.contains("tampered copy  refused"), "{out}");
+}

@@ -173,6 +173,72 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Err(e) => format!("{e:#}"),
     };
 
+    step(
+        8,
+        "a simulated device (A/B file slots, simulated bootloader) is provisioned with root v1",
+    );
+    let device = dir.join("device");
+    super::agent::simulate(super::agent::SimulateArgs {
+        dir: device.clone(),
+        root: Some(repo_dir.join("metadata/1.root.json")),
+        device_type: "tern-sim".into(),
+        hardware: "rev-a".into(),
+        slot_mib: 64,
+        offline_install: "allow".into(),
+    })?;
+    // The integrator's health check: release 1.1.0 is made to fail it.
+    let hook = device.join("health-check");
+    fs::write(
+        &hook,
+        "#!/bin/sh
+[ \"$TERN_VERSION\" != 1.1.0 ] || { echo 'demo: 1.1.0 fails its health check' >&2; exit 1; }
+",
+    )?;
+    let mut perm = fs::metadata(&hook)?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    fs::set_permissions(&hook, perm)?;
+    let cfg_path = device.join("agent.toml");
+    let mut cfg_text = fs::read_to_string(&cfg_path)?;
+    cfg_text.push_str("health_check = \"health-check\"\n");
+    fs::write(&cfg_path, cfg_text)?;
+
+    step(
+        9,
+        "the device installs release 1.0.0 from the bundle into its inactive slot B, reboots, commits",
+    );
+    let cfg = tern_agent::config::AgentConfig::load(&cfg_path)?;
+    let first = device_install_and_reboot(&cfg, &bundle, 1)?;
+
+    step(
+        10,
+        "release 1.1.0 fails its health check: the bootloader's attempts run out and it falls back",
+    );
+    let image2 = dir.join("rootfs-1.1.0.img");
+    sample_image(&image2, args.image_mib)?;
+    let name2 = TargetPath::new("sim/rootfs-1.1.0.img.zst")?;
+    let mut manifest2 = manifest.clone();
+    manifest2.version = "1.1.0".into();
+    repo.add_target(
+        &AddTarget {
+            role: "sim-product".into(),
+            name: name2.clone(),
+            source: image2,
+            custom: Some(manifest2.to_custom()),
+            hashes: vec![HashAlgorithm::Sha256],
+            compression: Compression::Zstd,
+        },
+        &signers,
+        now,
+    )?;
+    repo.refresh(&signers, now, false)?;
+    let bundle2 = dir.join("release-1.1.0.tern");
+    tern_bundle::write_bundle(
+        &repo.release_contents(std::slice::from_ref(&name2), true, now)?,
+        &bundle2,
+    )?;
+    let second = device_install_and_reboot(&cfg, &bundle2, 4)?;
+    let status = tern_agent::install::status(&cfg)?;
+
     let image_size = fs::metadata(&image)?.len();
     let p = &report.payloads[0];
     println!();
@@ -213,6 +279,59 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("  sha256         {}", p.hashes["sha256"]);
     println!("  verified       in {:.1} ms", verify_time.as_secs_f64() * 1e3);
     println!("  tampered copy  refused: {refusal}");
+    println!("  device         {}", device.display());
+    println!("  release 1.0.0  {first}");
+    println!("  release 1.1.0  {second}");
+    println!(
+        "  device status  state {}, booted {}, rollback floor {}, last error: {}",
+        status.state.name(),
+        status.booted.as_deref().unwrap_or("?"),
+        status.rollback_floor.as_deref().unwrap_or("none"),
+        status.last_error.as_ref().map_or("none".into(), |e| e.message.clone())
+    );
+    for s in &status.slots {
+        let r = s.record.as_ref();
+        println!(
+            "  slot {}        {} version {} ({} attempts left)",
+            s.bootname,
+            r.map_or("empty", |r| r.status.as_str()),
+            r.and_then(|r| r.version.as_deref()).unwrap_or("-"),
+            s.attempts.unwrap_or(0)
+        );
+    }
     println!("  total          {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Install a bundle on the simulated device, then power-cycle it `reboots` times (the
+/// bootloader's selection, then the agent's boot-time step); a one-line account.
+fn device_install_and_reboot(
+    cfg: &tern_agent::config::AgentConfig,
+    bundle: &Path,
+    reboots: u32,
+) -> anyhow::Result<String> {
+    use tern_agent::bootloader::SimBootloader;
+    use tern_agent::config::BootloaderConfig;
+    let report = {
+        let mut agent = tern_agent::install::Agent::open(cfg.clone())?;
+        agent.install(bundle, now(), &mut |_| {})?
+    };
+    let slot = report.slot_image.as_ref().map_or("-".into(), |s| s.bootname.clone());
+    let BootloaderConfig::Sim { state } = &cfg.bootloader else {
+        anyhow::bail!("the demo device uses the sim bootloader")
+    };
+    let mut steps = Vec::new();
+    for _ in 0..reboots {
+        let booted = SimBootloader::open(state)?.power_on()?.context("no bootable slot")?;
+        let outcome = tern_agent::install::Agent::open(cfg.clone())?.boot_step(now())?;
+        let what = match outcome {
+            tern_agent::install::BootOutcome::Committed { version } => format!("committed {version}"),
+            tern_agent::install::BootOutcome::HealthCheckFailed { .. } => "health check failed".into(),
+            tern_agent::install::BootOutcome::RolledBack { .. } => "rolled back".into(),
+            tern_agent::install::BootOutcome::Interrupted => "interrupted".into(),
+            tern_agent::install::BootOutcome::Nothing => "nothing pending".into(),
+        };
+        steps.push(format!("boot {booted}: {what}"));
+    }
+    Ok(format!("written to slot {slot}; {}", steps.join(", ")))
 }
