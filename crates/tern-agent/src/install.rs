@@ -33,7 +33,7 @@
 //! happens only after its content and record are complete.
 
 use std::fs::OpenOptions;
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,6 +49,8 @@ use crate::state::{AgentState, ErrorRecord, Failed, Idle, Phase, Release, Rolled
 use crate::{hooks, Error, Result};
 
 const CHUNK: usize = 1 << 20;
+/// Bytes written between two `fdatasync`s of a slot.
+const SYNC_EVERY: usize = 64 << 20;
 
 /// What an install did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -489,7 +491,9 @@ impl Agent {
         let _ = now;
         self.save()?;
         // 7.
-        let (written, sha256) = stream_into(&slot.device, data, m.compression, progress)?;
+        let signed_sha256 = !release.payload_sha256.is_empty();
+        let (written, image_sha256) = stream_into(&slot.device, data, m.compression, signed_sha256, progress)?;
+        let sha256 = image_sha256.unwrap_or_else(|| release.payload_sha256.clone());
         Ok((release, slot, written, sha256))
     }
 
@@ -675,46 +679,90 @@ fn apply(s: Staged) -> Result<AppRecord> {
 }
 
 /// Step 7: write `data` into `device` from offset 0, decompressing as declared; returns the
-/// image length and its SHA-256.
+/// image length and its SHA-256 (`None` for an uncompressed payload: the image is then the
+/// signed payload itself, whose hashes the bundle reader checks).
+///
+/// Reading (and the bundle reader's hashing) happens on this thread, writing on another,
+/// with a few 1 MiB buffers between them: hashing and writing overlap, memory stays flat.
 fn stream_into(
     device: &Path,
     data: &mut dyn Read,
     compression: Compression,
+    signed_sha256: bool,
     progress: &mut dyn FnMut(u64),
-) -> Result<(u64, String)> {
+) -> Result<(u64, Option<String>)> {
     let f = OpenOptions::new().write(true).open(device).map_err(Error::io(device))?;
-    let mut out = ImageWriter {
-        inner: BufWriter::with_capacity(CHUNK, f),
-        digest: Digester::new(&[HashAlgorithm::Sha256]),
-        progress,
+    let need = compression != Compression::None || !signed_sha256;
+    let mut digest = need.then(|| Digester::new(&[HashAlgorithm::Sha256]));
+    let mut source: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(data),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(data).map_err(Error::io(device))?),
     };
-    let copied = match compression {
-        Compression::None => copy(data, &mut out),
-        Compression::Zstd => zstd::stream::read::Decoder::new(data).and_then(|mut d| copy(&mut d, &mut out)),
-    };
-    copied.map_err(Error::io(device))?;
-    let file = out.inner.into_inner().map_err(|e| Error::io(device)(e.into_error()))?;
-    file.sync_all().map_err(Error::io(device))?;
-    let (len, hashes) = out.digest.finish();
-    Ok((len, hashes.get("sha256").cloned().unwrap_or_default()))
+    let (written, result) = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let writer = scope.spawn(move || -> std::io::Result<()> {
+            let mut f = f;
+            let mut unsynced = 0usize;
+            for buf in rx {
+                f.write_all(&buf)?;
+                // Flush as we go, so the final fsync does not wait for the whole image and
+                // dirty pages do not pile up.
+                unsynced += buf.len();
+                if unsynced >= SYNC_EVERY {
+                    f.sync_data()?;
+                    unsynced = 0;
+                }
+                let _ = back_tx.try_send(buf);
+            }
+            f.sync_all()
+        });
+        let mut total = 0u64;
+        let read = (|| -> std::io::Result<()> {
+            loop {
+                let mut buf = back_rx.try_recv().unwrap_or_default();
+                buf.resize(CHUNK, 0);
+                let n = read_full(&mut source, &mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.truncate(n);
+                if let Some(d) = digest.as_mut() {
+                    d.update(&buf);
+                }
+                progress(n as u64);
+                total += n as u64;
+                if tx.send(buf).is_err() {
+                    // The writer stopped: its error is the one to report.
+                    return Ok(());
+                }
+            }
+        })();
+        drop(tx);
+        let wrote = writer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")));
+        (total, read.and(wrote))
+    });
+    result.map_err(Error::io(device))?;
+    Ok((
+        written,
+        digest.map(|d| d.finish().1.get("sha256").cloned().unwrap_or_default()),
+    ))
 }
 
-struct ImageWriter<'a, W: Write> {
-    inner: W,
-    digest: Digester,
-    progress: &'a mut dyn FnMut(u64),
-}
-
-impl<W: Write> Write for ImageWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.digest.update(&buf[..n]);
-        (self.progress)(n as u64);
-        Ok(n)
+/// Fill `buf` as far as the source allows (short only at the end).
+fn read_full(from: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match from.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
+    Ok(n)
 }
 
 fn copy(from: &mut dyn Read, to: &mut dyn Write) -> std::io::Result<u64> {

@@ -25,6 +25,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Refresh plus one lookup in a 10,000-target hashed-bin repository: Tern against python-tuf.
     Tuf(TufArgs),
+    /// Install of an image from a local bundle into a file slot, beside `openssl dgst -sha256`,
+    /// and the agent's peak RSS for a 64 MiB and the full-size image.
+    Install(VerifyArgs),
 }
 
 /// `tern bench verify`.
@@ -116,7 +119,21 @@ pub fn make_bundle(dir: &Path, size: u64) -> anyhow::Result<(PathBuf, PathBuf, P
             role: "targets".into(),
             name: name.clone(),
             source: payload.clone(),
-            custom: None,
+            // A raw rootfs image for the simulated device, so `bench install` can use it too.
+            custom: Some(
+                tern_core::manifest::Manifest {
+                    version: "1.0.0".into(),
+                    device_type: "tern-sim".into(),
+                    hardware: vec![],
+                    installer: tern_core::manifest::Installer::Raw,
+                    slot_class: Some("rootfs".into()),
+                    install_path: None,
+                    compression: Compression::None,
+                    encryption: None,
+                    delta_base: None,
+                }
+                .to_custom(),
+            ),
             hashes: vec![HashAlgorithm::Sha256],
             compression: Compression::None,
         },
@@ -134,6 +151,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     let a = match cmd {
         Command::Verify(a) => a,
         Command::Tuf(a) => return run_tuf(a),
+        Command::Install(a) => return run_install(a),
     };
     let size = parse_size(&a.size)?;
     let (dir, _temp) = super::work_dir(a.dir.as_ref(), "tern-bench-")?;
@@ -488,6 +506,102 @@ pub fn run_tuf(a: TufArgs) -> anyhow::Result<()> {
             println!(
                 "python-tuf / tern           {:.1}x",
                 py_t.as_secs_f64() / tern_t.as_secs_f64()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Install `bundle` on a fresh simulated device in `dir`; the wall time of the install alone.
+fn timed_install(exe: &Path, dir: &Path, root: &Path, bundle: &Path, size: u64) -> anyhow::Result<Duration> {
+    let dev = dir.join("device");
+    let _ = fs::remove_dir_all(&dev);
+    let slot_mib = (size >> 20) + 2;
+    run_quiet(
+        Process::new(exe)
+            .args(["device", "simulate", "--dir"])
+            .arg(&dev)
+            .arg("--root")
+            .arg(root)
+            .args(["--slot-mib", &slot_mib.to_string()]),
+    )?;
+    let t = Instant::now();
+    run_quiet(
+        Process::new(exe)
+            .arg("install")
+            .arg(bundle)
+            .arg("--config")
+            .arg(dev.join("agent.toml"))
+            .args(["--output", "json"]),
+    )?;
+    let took = t.elapsed();
+    fs::remove_dir_all(&dev)?;
+    Ok(took)
+}
+
+/// `tern bench install`.
+pub fn run_install(a: VerifyArgs) -> anyhow::Result<()> {
+    let size = parse_size(&a.size)?;
+    let (dir, _temp) = super::work_dir(a.dir.as_ref(), "tern-bench-install-")?;
+    let exe = std::env::current_exe()?;
+    // The small image first: peak RSS is a running maximum over the children waited for.
+    let small_dir = dir.join("small");
+    fs::create_dir_all(&small_dir)?;
+    let (small_bundle, small_root, _) = make_bundle(&small_dir, 64 << 20)?;
+    timed_install(&exe, &small_dir, &small_root, &small_bundle, 64 << 20)?;
+    let rss_small = crate::rusage::children_peak_rss();
+    fs::remove_dir_all(&small_dir)?;
+    eprintln!("preparing a {size}-byte image and its bundle in {}", dir.display());
+    let (bundle, root, payload) = make_bundle(&dir, size)?;
+    for f in [&payload, &bundle] {
+        std::io::copy(&mut fs::File::open(f)?, &mut std::io::sink())?;
+    }
+    let mut best = Duration::MAX;
+    for _ in 0..a.runs.max(1) {
+        best = best.min(timed_install(&exe, &dir, &root, &bundle, size)?);
+    }
+    let rss_big = crate::rusage::children_peak_rss();
+    let openssl = best_of(a.runs, || {
+        run_quiet(Process::new("openssl").args(["dgst", "-sha256"]).arg(&payload))
+    })?;
+    let mbps = |d: Duration| size as f64 / d.as_secs_f64() / 1e6;
+    let ratio = openssl.as_secs_f64() / best.as_secs_f64();
+    let report = serde_json::json!({
+        "image_bytes": size,
+        "tern_install_seconds": best.as_secs_f64(),
+        "tern_install_mb_per_s": mbps(best),
+        "openssl_dgst_sha256_seconds": openssl.as_secs_f64(),
+        "openssl_dgst_sha256_mb_per_s": mbps(openssl),
+        "ratio_to_openssl": ratio,
+        "peak_rss_64mib_bytes": rss_small,
+        "peak_rss_full_bytes": rss_big,
+    });
+    match a.output {
+        Format::Json => json(&report),
+        Format::Text => {
+            println!(
+                "image                                {size} bytes, raw, uncompressed, into a file slot (fsynced)"
+            );
+            println!(
+                "tern install        (best of {})      {:>8.3} s  {:>7.0} MB/s",
+                a.runs,
+                best.as_secs_f64(),
+                mbps(best)
+            );
+            println!(
+                "openssl dgst -sha256 (best of {})     {:>8.3} s  {:>7.0} MB/s",
+                a.runs,
+                openssl.as_secs_f64(),
+                mbps(openssl)
+            );
+            println!("ratio to openssl                     {ratio:.2}x");
+            println!(
+                "peak RSS, 64 MiB image               {:.1} MiB",
+                rss_small as f64 / (1 << 20) as f64
+            );
+            println!(
+                "peak RSS, {size}-byte image   {:.1} MiB",
+                rss_big as f64 / (1 << 20) as f64
             );
             Ok(())
         }
