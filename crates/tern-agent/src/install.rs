@@ -398,7 +398,9 @@ impl Agent {
                 }
                 Ok(Staged::Archive { new_dir, record })
             }
-            other => Err(unsupported(&format!("the {other} installer needs a slot"))),
+            other => Err(unsupported(&format!(
+                "the {other} installer is not supported by this agent"
+            ))),
         }
     }
 

@@ -92,7 +92,7 @@ fn verify_role<T: RoleType>(
     Ok(signed)
 }
 
-fn check_expiry<T: RoleType>(role: &str, signed: &Signed<T>, now: DateTime) -> Result<()> {
+pub(crate) fn check_expiry<T: RoleType>(role: &str, signed: &Signed<T>, now: DateTime) -> Result<()> {
     if signed.expires() <= now {
         return Err(Error::Expired {
             role: role.to_owned(),
@@ -102,11 +102,11 @@ fn check_expiry<T: RoleType>(role: &str, signed: &Signed<T>, now: DateTime) -> R
     Ok(())
 }
 
-fn check_meta(role: &str, bytes: &[u8], meta: &MetaFile) -> Result<()> {
+pub(crate) fn check_meta(role: &str, bytes: &[u8], meta: &MetaFile) -> Result<()> {
     digest::check(role, bytes, meta.length, meta.hashes.as_ref())
 }
 
-fn top_role<'a>(root: &'a Root, name: &str) -> Result<&'a crate::metadata::RoleKeys> {
+pub(crate) fn top_role<'a>(root: &'a Root, name: &str) -> Result<&'a crate::metadata::RoleKeys> {
     root.role(name)
         .ok_or_else(|| Error::field("root", "roles", format!("role `{name}` is missing")))
 }

@@ -12,10 +12,10 @@
 use std::collections::BTreeMap;
 
 use crate::delegation::Candidate;
-use crate::digest;
 use crate::error::{Error, Result};
-use crate::metadata::{Envelope, MetaFile, RoleKeys, RoleType, Root, Signed, Snapshot, Targets, Timestamp};
+use crate::metadata::{Envelope, MetaFile, RoleType, Root, Signed, Snapshot, Targets, Timestamp};
 use crate::timefmt::DateTime;
+use crate::trust::{check_expiry as expired, check_meta, top_role as role_keys};
 use crate::verify::verify_threshold;
 
 /// Outcome of offering a timestamp.
@@ -51,30 +51,11 @@ pub struct TrustedSet {
     delegated: BTreeMap<Vec<String>, Signed<Targets>>,
 }
 
-fn role_keys<'a>(root: &'a Root, name: &str) -> Result<&'a RoleKeys> {
-    root.role(name)
-        .ok_or_else(|| Error::field("root", "roles", format!("role `{name}` is missing")))
-}
-
 fn verify_top<T: RoleType>(role: &str, bytes: &[u8], root: &Root) -> Result<Signed<T>> {
     let envelope = Envelope::parse(role, bytes)?;
     let keys = role_keys(root, role)?;
     verify_threshold(role, &envelope, &root.keys, &keys.keyids, keys.threshold)?;
     Signed::from_envelope(role, envelope)
-}
-
-fn expired<T: RoleType>(role: &str, s: &Signed<T>, now: DateTime) -> Result<()> {
-    if s.expires() <= now {
-        return Err(Error::Expired {
-            role: role.to_owned(),
-            expires: s.signed.common().expires.clone(),
-        });
-    }
-    Ok(())
-}
-
-fn check_meta(role: &str, bytes: &[u8], meta: &MetaFile) -> Result<()> {
-    digest::check(role, bytes, meta.length, meta.hashes.as_ref())
 }
 
 impl TrustedSet {

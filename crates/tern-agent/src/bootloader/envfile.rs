@@ -153,6 +153,41 @@ fn run_tool(backend: &'static str, mut cmd: Command, stdin: Option<&[u8]>) -> Re
     })
 }
 
+/// Both environment backends implement the trait the same way over their `EnvStore`.
+macro_rules! env_bootloader {
+    ($ty:ty) => {
+        impl Bootloader for $ty {
+            fn name(&self) -> &'static str {
+                Self::BACKEND
+            }
+
+            fn booted(&self) -> Result<String> {
+                booted_from_cmdline(Self::BACKEND, &self.cmdline, &self.cmdline_key)
+            }
+
+            fn primary(&self) -> Result<Option<String>> {
+                env_primary(self)
+            }
+
+            fn set_primary(&mut self, bootname: &str, attempts: u32) -> Result<()> {
+                env_set_primary(self, bootname, attempts)
+            }
+
+            fn mark_good(&mut self, bootname: &str, attempts: u32) -> Result<()> {
+                env_set_attempts(self, bootname, attempts)
+            }
+
+            fn mark_bad(&mut self, bootname: &str) -> Result<()> {
+                env_set_attempts(self, bootname, 0)
+            }
+
+            fn attempts(&self, bootname: &str) -> Result<u32> {
+                env_attempts(self, bootname)
+            }
+        }
+    };
+}
+
 /// The storage half of an environment backend: list all variables, set several at once.
 trait EnvStore {
     const BACKEND: &'static str;
@@ -285,35 +320,7 @@ impl EnvStore for UbootEnv {
     }
 }
 
-impl Bootloader for UbootEnv {
-    fn name(&self) -> &'static str {
-        Self::BACKEND
-    }
-
-    fn booted(&self) -> Result<String> {
-        booted_from_cmdline(Self::BACKEND, &self.cmdline, &self.cmdline_key)
-    }
-
-    fn primary(&self) -> Result<Option<String>> {
-        env_primary(self)
-    }
-
-    fn set_primary(&mut self, bootname: &str, attempts: u32) -> Result<()> {
-        env_set_primary(self, bootname, attempts)
-    }
-
-    fn mark_good(&mut self, bootname: &str, attempts: u32) -> Result<()> {
-        env_set_attempts(self, bootname, attempts)
-    }
-
-    fn mark_bad(&mut self, bootname: &str) -> Result<()> {
-        env_set_attempts(self, bootname, 0)
-    }
-
-    fn attempts(&self, bootname: &str) -> Result<u32> {
-        env_attempts(self, bootname)
-    }
-}
+env_bootloader!(UbootEnv);
 
 /// GRUB's environment block (`grubenv`), through `grub-editenv`.
 ///
@@ -372,35 +379,7 @@ impl EnvStore for GrubEnv {
     }
 }
 
-impl Bootloader for GrubEnv {
-    fn name(&self) -> &'static str {
-        Self::BACKEND
-    }
-
-    fn booted(&self) -> Result<String> {
-        booted_from_cmdline(Self::BACKEND, &self.cmdline, &self.cmdline_key)
-    }
-
-    fn primary(&self) -> Result<Option<String>> {
-        env_primary(self)
-    }
-
-    fn set_primary(&mut self, bootname: &str, attempts: u32) -> Result<()> {
-        env_set_primary(self, bootname, attempts)
-    }
-
-    fn mark_good(&mut self, bootname: &str, attempts: u32) -> Result<()> {
-        env_set_attempts(self, bootname, attempts)
-    }
-
-    fn mark_bad(&mut self, bootname: &str) -> Result<()> {
-        env_set_attempts(self, bootname, 0)
-    }
-
-    fn attempts(&self, bootname: &str) -> Result<u32> {
-        env_attempts(self, bootname)
-    }
-}
+env_bootloader!(GrubEnv);
 
 #[cfg(test)]
 mod tests {
