@@ -17,6 +17,7 @@
 //! so the bootloader's attempts run out and it falls back.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,6 +25,11 @@ use std::time::{Duration, Instant};
 use crate::{Error, Result};
 
 /// Run `path` as hook `hook` with `env`; `Ok(())` when it exits 0 in time.
+///
+/// The hook runs in its own process group; on timeout the whole group is killed, so a
+/// hook's children cannot outlive it. Its stderr (the last line is reported on failure) is
+/// read on a helper thread and waited for only until the deadline: a background process
+/// that keeps the pipe open cannot hold the agent.
 pub fn run(hook: &'static str, path: &Path, env: &[(&str, String)], timeout: Duration) -> Result<()> {
     let fail = |reason: String| Error::Hook {
         hook,
@@ -36,35 +42,54 @@ pub fn run(hook: &'static str, path: &Path, env: &[(&str, String)], timeout: Dur
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(|e| fail(format!("cannot start: {e}")))?;
-    // Drain stderr on a thread so a chatty hook cannot block on a full pipe; keep 4 KiB.
+    let pgid = child.id();
     let mut stderr = child.stderr.take();
-    let reader = std::thread::spawn(move || {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut buf = Vec::new();
         if let Some(s) = stderr.as_mut() {
             let _ = s.take(4096).read_to_end(&mut buf);
+            let _ = tx.send(buf);
             let _ = std::io::copy(s, &mut std::io::sink());
+        } else {
+            let _ = tx.send(buf);
         }
-        buf
     });
+    let kill_group = |child: &mut std::process::Child| {
+        // Without `unsafe` there is no killpg here; kill(1) does it.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = child.kill();
+        let _ = child.wait();
+    };
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if started.elapsed() > timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_group(&mut child);
                 return Err(fail(format!("killed after {} s", timeout.as_secs())));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(fail(e.to_string())),
+            Err(e) => {
+                kill_group(&mut child);
+                return Err(fail(e.to_string()));
+            }
         }
     };
-    let output = reader.join().unwrap_or_default();
     if status.success() {
         return Ok(());
     }
+    let left = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(100));
+    let output = rx.recv_timeout(left).unwrap_or_default();
     let last = String::from_utf8_lossy(&output).lines().last().unwrap_or("").to_owned();
     Err(fail(format!(
         "{status}{}",

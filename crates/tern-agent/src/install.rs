@@ -134,6 +134,7 @@ impl Agent {
     pub fn open(cfg: AgentConfig) -> Result<Self> {
         let store = Store::open(&cfg.state_dir)?;
         let state = store.load()?;
+        recover_archive_swaps(&state.apps);
         let boot = cfg.bootloader()?;
         Ok(Agent {
             cfg,
@@ -194,7 +195,7 @@ impl Agent {
     fn record_error(&mut self, e: &Error, now: DateTime) {
         self.state.last_error = Some(ErrorRecord {
             kind: e.kind().to_owned(),
-            message: e.to_string(),
+            message: error_chain(e),
             at: now_unix(now),
         });
     }
@@ -230,8 +231,19 @@ impl Agent {
         let mut chosen: Option<(Release, SlotConfig, u64, String)> = None;
         let mut staged: Vec<Staged> = Vec::new();
         let mut failure: Option<Error> = None;
+        let mut anchor_saved = false;
+        let anchor_path = self.cfg.state_dir.join("root.json");
         let mut sink =
             |payload: &tern_bundle::VerifiedPayload, data: &mut dyn Read| -> std::result::Result<(), String> {
+                // The root chain verified: persist the newest root before anything else.
+                if !anchor_saved && payload.root.as_slice() != root.as_slice() {
+                    tern_fs::atomic_write(&anchor_path, &payload.root, 0o644).map_err(|e| {
+                        let msg = e.to_string();
+                        failure = Some(e.into());
+                        msg
+                    })?;
+                }
+                anchor_saved = true;
                 let is_raw = payload.manifest.as_ref().is_some_and(|m| m.installer == Installer::Raw);
                 let r = if is_raw || payload.manifest.is_none() {
                     self.write_payload(payload, data, &booted, chosen.is_some(), now, progress)
@@ -274,7 +286,6 @@ impl Agent {
             }
             self.state.last_error = None;
             self.save()?;
-            tern_fs::atomic_write(&self.cfg.state_dir.join("root.json"), &report.root, 0o644)?;
             return Ok(InstallReport {
                 slot_image: None,
                 applied,
@@ -307,12 +318,19 @@ impl Agent {
         if let Err(e) = self.hook("post-install", self.cfg.hooks.post_install.clone().as_ref(), &env) {
             return Err(self.fail_install(e, now));
         }
-        // 11.
-        self.boot.set_primary(&slot.bootname, self.cfg.boot_attempts)?;
-        self.state.phase = Phase::PendingReboot(verified_state.applied(booted));
+        // 11. PendingReboot is persisted first: a cut after it, before `set_primary`, leaves
+        // the slot non-bootable (0 attempts) and the next boot records that it did not run.
+        let boot_id = self.boot.boot_id()?;
+        self.state.phase = Phase::PendingReboot(verified_state.clone().applied(booted, boot_id));
         self.state.last_error = None;
         self.save()?;
-        tern_fs::atomic_write(&self.cfg.state_dir.join("root.json"), &report.root, 0o644)?;
+        if let Err(e) = self.boot.set_primary(&slot.bootname, self.cfg.boot_attempts) {
+            // It may have half-happened: make sure the slot cannot boot.
+            let _ = self.boot.mark_bad(&slot.bootname);
+            self.state.phase = Phase::Verified(verified_state);
+            return Err(self.fail_install(e, now));
+        }
+        drop(report);
         // 12.
         self.hook("reboot", self.cfg.hooks.reboot.clone().as_ref(), &env)?;
         Ok(InstallReport {
@@ -364,6 +382,25 @@ impl Agent {
         if !dest.is_absolute() || dest.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
             return Err(unsupported("install_path must be an absolute path without `..`"));
         }
+        // The rollback floor of files and archives: never below what is installed there.
+        let version = semver::Version::parse(&m.version).map_err(|e| unsupported(&format!("version: {e}")))?;
+        for installed in self
+            .state
+            .apps
+            .values()
+            .filter(|a| a.destination == dest || a.target == payload.target)
+        {
+            let floor = semver::Version::parse(&installed.version).map_err(|e| Error::State {
+                path: self.store.path(),
+                reason: format!("installed version of {}: {e}", installed.target),
+            })?;
+            if version < floor {
+                return Err(Error::BelowRollbackFloor {
+                    release: m.version.clone(),
+                    floor: installed.version.clone(),
+                });
+            }
+        }
         let record = AppRecord {
             target: payload.target.clone(),
             version: m.version.clone(),
@@ -388,13 +425,9 @@ impl Agent {
                 let new_dir = dest.with_file_name(format!(".{name}.tern-new"));
                 let _ = std::fs::remove_dir_all(&new_dir);
                 std::fs::create_dir_all(&new_dir).map_err(Error::io(&new_dir))?;
-                // tar's unpack keeps every entry inside `new_dir` (no `..`, no absolute paths,
-                // no writing through symlinks that point outside).
-                let mut archive = tar::Archive::new(input);
-                archive.set_preserve_permissions(true);
-                if let Err(e) = archive.unpack(&new_dir) {
+                if let Err(e) = unpack_archive(input, &new_dir) {
                     let _ = std::fs::remove_dir_all(&new_dir);
-                    return Err(Error::io(&new_dir)(e));
+                    return Err(e);
                 }
                 Ok(Staged::Archive { new_dir, record })
             }
@@ -406,16 +439,30 @@ impl Agent {
 
     /// A failed install: if a slot was touched it stays non-bootable and is recorded bad.
     fn fail_install(&mut self, e: Error, now: DateTime) -> Error {
-        if let Phase::Transferring(t) = std::mem::replace(&mut self.state.phase, Phase::Idle) {
-            if let Some(rec) = self.state.slots.get_mut(&t.slot) {
-                rec.status = "bad".into();
+        let phase = std::mem::replace(&mut self.state.phase, Phase::Idle);
+        let (release, slot) = match phase {
+            Phase::Transferring(t) => (t.release, t.slot),
+            Phase::Verified(v) => (v.release, v.slot),
+            Phase::PendingReboot(p) => (p.release, p.slot),
+            other => {
+                // Nothing was touched: the state stays as it was.
+                self.state.phase = other;
+                return e;
             }
-            self.state.phase = Phase::Failed(t.failed(e.to_string()));
-            self.record_error(&e, now);
-            if let Err(save) = self.save() {
-                return save;
-            }
+        };
+        if let Some(s) = self.cfg.slot(&slot).cloned() {
+            let _ = self.boot.mark_bad(&s.bootname);
         }
+        if let Some(rec) = self.state.slots.get_mut(&slot) {
+            rec.status = "bad".into();
+        }
+        self.state.phase = Phase::Failed(Failed {
+            release: Some(release),
+            reason: error_chain(&e),
+        });
+        self.record_error(&e, now);
+        // The original error matters more than a failure to record it.
+        let _ = self.save();
         e
     }
 
@@ -444,17 +491,37 @@ impl Agent {
         self.check_compatible(m)?;
         let version = semver::Version::parse(&m.version).map_err(|e| unsupported(&format!("version: {e}")))?;
         if let Some(floor) = &self.state.rollback_floor {
-            if let Ok(f) = semver::Version::parse(floor) {
-                if version < f {
-                    return Err(Error::BelowRollbackFloor {
-                        release: m.version.clone(),
-                        floor: floor.clone(),
-                    });
-                }
+            // An unreadable floor refuses everything rather than nothing.
+            let f = semver::Version::parse(floor).map_err(|e| Error::State {
+                path: self.store.path(),
+                reason: format!("rollback floor `{floor}`: {e}"),
+            })?;
+            if version < f {
+                return Err(Error::BelowRollbackFloor {
+                    release: m.version.clone(),
+                    floor: floor.clone(),
+                });
             }
         }
-        // 4.
+        // 4. Only a class holding the booted slot is A/B here; the booted slot must be known,
+        // committed, and is never the one written.
         let class = m.slot_class.clone().ok_or_else(|| unsupported("no slot class"))?;
+        let running = self.cfg.slot_by_bootname(booted).cloned().ok_or_else(|| Error::State {
+            path: self.store.path(),
+            reason: format!("the bootloader says slot `{booted}` booted, which no [[slot]] in the configuration names"),
+        })?;
+        if running.class != class {
+            return Err(Error::NoSlot { class });
+        }
+        if self.state.slots.get(&running.name).is_none_or(|r| r.status != "good") {
+            return Err(Error::State {
+                path: self.store.path(),
+                reason: format!(
+                    "the running slot {} is not committed; reboot into a committed slot before installing",
+                    running.name
+                ),
+            });
+        }
         let slot = self
             .cfg
             .slots
@@ -502,9 +569,22 @@ impl Agent {
     /// Steps 13–15.
     pub fn boot_step(&mut self, now: DateTime) -> Result<BootOutcome> {
         let booted = self.boot.booted()?;
+        if self.cfg.slot_by_bootname(&booted).is_none() {
+            return Err(Error::State {
+                path: self.store.path(),
+                reason: format!(
+                    "the bootloader says slot `{booted}` booted, which no [[slot]] in the configuration names"
+                ),
+            });
+        }
         let phase = std::mem::replace(&mut self.state.phase, Phase::Idle);
         let slot_of = |name: &str| self.cfg.slot(name).cloned();
         let outcome = match phase {
+            Phase::PendingReboot(p) if !p.boot_id.is_empty() && self.boot.boot_id()? == p.boot_id => {
+                // The agent restarted without a reboot: nothing to conclude yet.
+                self.state.phase = Phase::PendingReboot(p);
+                BootOutcome::Nothing
+            }
             Phase::PendingReboot(p) => {
                 let new = slot_of(&p.slot);
                 if new.as_ref().is_some_and(|s| s.bootname == booted) {
@@ -531,8 +611,9 @@ impl Agent {
             }
             Phase::Transferring(t) => {
                 // A power cut mid-write: the slot was marked non-bootable first; keep it so.
-                self.boot
-                    .mark_bad(&slot_of(&t.slot).map(|s| s.bootname).unwrap_or_default())?;
+                if let Some(s) = slot_of(&t.slot) {
+                    self.boot.mark_bad(&s.bootname)?;
+                }
                 if let Some(rec) = self.state.slots.get_mut(&t.slot) {
                     rec.status = "bad".into();
                 }
@@ -553,6 +634,13 @@ impl Agent {
                     let new = slot_of(&v.slot).ok_or_else(|| Error::NoSlot { class: v.slot.clone() })?;
                     self.try_commit(t, &new, now)?
                 } else {
+                    // Whatever the bootloader was told, this slot must not boot now.
+                    if let Some(s) = slot_of(&v.slot) {
+                        self.boot.mark_bad(&s.bootname)?;
+                    }
+                    if let Some(rec) = self.state.slots.get_mut(&v.slot) {
+                        rec.status = "bad".into();
+                    }
                     self.state.phase = Phase::Failed(Failed {
                         release: Some(v.release),
                         reason: "interrupted before the slot was made primary; install again".into(),
@@ -642,6 +730,81 @@ impl Agent {
     }
 }
 
+/// An error with its causes, for the persisted record.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Unpack an application archive: regular files and directories only (no links, devices or
+/// FIFOs), names that stay inside `dir`, modes without setuid, setgid or world write; every
+/// file and directory fsynced, so the swap that follows exposes complete content.
+fn unpack_archive(input: impl Read, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let bad = |entry: &str, reason: &str| Error::Unsupported {
+        target: entry.to_owned(),
+        reason: format!("archive entry: {reason}"),
+    };
+    let mut archive = tar::Archive::new(input);
+    let mut written: Vec<PathBuf> = vec![dir.to_owned()];
+    for entry in archive.entries().map_err(Error::io(dir))? {
+        let mut entry = entry.map_err(Error::io(dir))?;
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            return Err(bad(&name, "only regular files and directories are installed"));
+        }
+        let rel = Path::new(&name);
+        if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(bad(&name, "absolute or `..` path"));
+        }
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
+        if !entry.unpack_in(dir).map_err(Error::io(dir))? {
+            return Err(bad(&name, "would land outside the install directory"));
+        }
+        let path = dir.join(rel);
+        std::fs::set_permissions(
+            &path,
+            std::fs::Permissions::from_mode(mode | if kind.is_dir() { 0o700 } else { 0o600 }),
+        )
+        .map_err(Error::io(&path))?;
+        written.push(path);
+    }
+    // Files first, then directories deepest first: their entries are durable before them.
+    written.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in &written {
+        std::fs::File::open(p)
+            .and_then(|f| f.sync_all())
+            .map_err(Error::io(p))?;
+    }
+    Ok(())
+}
+
+/// Finish or undo an archive swap a power cut interrupted (run when the agent starts).
+fn recover_archive_swaps(apps: &std::collections::BTreeMap<String, AppRecord>) {
+    for a in apps.values() {
+        let dest = &a.destination;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let old = dest.with_file_name(format!(".{name}.tern-old"));
+        let new = dest.with_file_name(format!(".{name}.tern-new"));
+        if !dest.exists() && old.exists() {
+            // Cut between the two renames: put the previous version back.
+            let _ = std::fs::rename(&old, dest);
+        }
+        let _ = std::fs::remove_dir_all(&new);
+        let _ = std::fs::remove_dir_all(&old);
+    }
+}
+
 /// Drop staged payloads of a failed install.
 fn discard(staged: Vec<Staged>) {
     for s in staged {
@@ -701,22 +864,33 @@ fn stream_into(
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(data).map_err(Error::io(device))?),
     };
     let (written, result) = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        // A third thread flushes what was written so far while the writer goes on, so the
+        // final fsync does not wait for the whole image and writing never stops to flush.
+        let syncer_file = f.try_clone();
+        let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let syncer = scope.spawn(move || -> std::io::Result<()> {
+            let f = syncer_file?;
+            for () in sync_rx {
+                f.sync_data()?;
+            }
+            Ok(())
+        });
         let writer = scope.spawn(move || -> std::io::Result<()> {
             let mut f = f;
             let mut unsynced = 0usize;
             for buf in rx {
                 f.write_all(&buf)?;
-                // Flush as we go, so the final fsync does not wait for the whole image and
-                // dirty pages do not pile up.
                 unsynced += buf.len();
                 if unsynced >= SYNC_EVERY {
-                    f.sync_data()?;
+                    // A flush request; if one is still running, the next covers this too.
+                    let _ = sync_tx.try_send(());
                     unsynced = 0;
                 }
                 let _ = back_tx.try_send(buf);
             }
+            drop(sync_tx);
             f.sync_all()
         });
         let mut total = 0u64;
@@ -744,7 +918,10 @@ fn stream_into(
         let wrote = writer
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")));
-        (total, read.and(wrote))
+        let synced = syncer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")));
+        (total, read.and(wrote).and(synced))
     });
     result.map_err(Error::io(device))?;
     Ok((

@@ -55,6 +55,10 @@ pub struct PendingReboot {
     pub slot: String,
     /// The slot that was running when it was installed.
     pub previous: String,
+    /// The boot id when it was installed: the same id at the boot-time step means the agent
+    /// restarted without a reboot, which says nothing about the new slot.
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 /// Booted from the new slot; the health check decides.
@@ -167,11 +171,12 @@ impl Transferring {
 
 impl Verified {
     /// The slot was made primary.
-    pub fn applied(self, previous: String) -> PendingReboot {
+    pub fn applied(self, previous: String, boot_id: String) -> PendingReboot {
         PendingReboot {
             release: self.release,
             slot: self.slot,
             previous,
+            boot_id,
         }
     }
 }

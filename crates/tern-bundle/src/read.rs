@@ -31,6 +31,10 @@ pub struct VerifiedPayload {
     pub role: String,
     /// Tern's manifest, if the target carries one.
     pub manifest: Option<Manifest>,
+    /// The newest root the bundle's chain verified: a device persists it as its trust anchor
+    /// as soon as it is verified (spec §5.3.8), whatever then happens to the payload.
+    #[serde(skip)]
+    pub root: std::sync::Arc<Vec<u8>>,
 }
 
 /// What verification established.
@@ -241,7 +245,7 @@ fn walk_roots(trusted_root: &[u8], roots: &BTreeMap<u64, Vec<u8>>) -> Result<Vec
 }
 
 struct Verified {
-    root: Vec<u8>,
+    root: std::sync::Arc<Vec<u8>>,
     header: BundleHeader,
     repo: TrustedRepository,
     roles: BTreeMap<String, Vec<u8>>,
@@ -255,7 +259,7 @@ fn establish_trust(front: Front, trusted_root: &[u8], now: DateTime, freshness: 
     let mut source = BundleSource { roles: &front.roles };
     let repo = TrustedRepository::load(&root, &mut source, now, freshness)?;
     Ok(Verified {
-        root,
+        root: std::sync::Arc::new(root),
         header,
         repo,
         roles: front.roles,
@@ -339,6 +343,7 @@ pub fn read_bundle<R: Read>(
             hashes: found.file.hashes.clone(),
             role: found.role.clone(),
             manifest,
+            root: v.root.clone(),
         };
         let mut hashing = HashingReader {
             inner: &mut entry,
@@ -376,7 +381,7 @@ pub fn read_bundle<R: Read>(
     }
     Ok(VerifyReport {
         root_version: v.repo.root().version(),
-        root: v.root,
+        root: v.root.to_vec(),
         timestamp_version: v.repo.timestamp().map(|t| t.version()),
         snapshot_version: v.repo.snapshot().map(|s| s.version()),
         targets_version: v.repo.targets().version(),

@@ -37,4 +37,14 @@ pub trait Bootloader: Send {
     fn mark_bad(&mut self, bootname: &str) -> Result<()>;
     /// Boot attempts left for `bootname`.
     fn attempts(&self, bootname: &str) -> Result<u32>;
+    /// Something that changes at every boot, so the agent can tell "restarted" from
+    /// "rebooted": the kernel's boot id by default.
+    fn boot_id(&self) -> Result<String> {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| crate::Error::Bootloader {
+                backend: "boot id",
+                reason: e.to_string(),
+            })
+    }
 }

@@ -154,4 +154,8 @@ impl Bootloader for SimBootloader {
     fn attempts(&self, bootname: &str) -> Result<u32> {
         Ok(self.state.left.get(bootname).copied().unwrap_or(0))
     }
+
+    fn boot_id(&self) -> Result<String> {
+        Ok(format!("sim-boot-{}", self.state.boots))
+    }
 }

@@ -331,11 +331,19 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                 for src in &mut sources {
                     if let Some(offer) = src.poll()? {
                         eprintln!("{}: installing {}", src.name(), offer.bundle.display());
-                        match agent.install(&offer.bundle, now(), &mut |_| {}) {
+                        let result = agent.install(&offer.bundle, now(), &mut |_| {});
+                        // A refusal that may pass later (busy, a reboot pending) keeps the offer.
+                        let transient = matches!(
+                            &result,
+                            Err(tern_agent::Error::Busy { .. } | tern_agent::Error::State { .. })
+                        );
+                        match result {
                             Ok(r) => eprintln!("installed: {}", serde_json::to_string(&r).unwrap_or_default()),
                             Err(e) => eprintln!("refused {}: {e}", offer.bundle.display()),
                         }
-                        src.done(&offer)?;
+                        if !transient {
+                            src.done(&offer)?;
+                        }
                     }
                 }
                 if a.once {
