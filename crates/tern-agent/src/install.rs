@@ -123,6 +123,9 @@ pub struct Agent {
     boot: Box<dyn Bootloader>,
     store: Store,
     state: AgentState,
+    /// Persistent writes (state file, bootloader) so far, for crash testing.
+    writes: usize,
+    crash_at: Option<usize>,
 }
 
 fn now_unix(now: DateTime) -> i64 {
@@ -136,11 +139,16 @@ impl Agent {
         let state = store.load()?;
         recover_archive_swaps(&state.apps);
         let boot = cfg.bootloader()?;
+        // Tests set TERN_TEST_CRASH_AT=N to abort right after the Nth persistent write, so
+        // that every window between two writes is exercised (crates/tern-cli/tests/power_cut.rs).
+        let crash_at = std::env::var("TERN_TEST_CRASH_AT").ok().and_then(|v| v.parse().ok());
         Ok(Agent {
             cfg,
             boot,
             store,
             state,
+            writes: 0,
+            crash_at,
         })
     }
 
@@ -150,7 +158,17 @@ impl Agent {
     }
 
     fn save(&mut self) -> Result<()> {
-        self.store.save(&self.state)
+        self.store.save(&self.state)?;
+        self.crash_point();
+        Ok(())
+    }
+
+    /// Abort here if a crash test asked for it (after the Nth persistent write).
+    fn crash_point(&mut self) {
+        self.writes += 1;
+        if self.crash_at == Some(self.writes) {
+            std::process::abort();
+        }
     }
 
     fn hook_env(&self, release: Option<&Release>, slot: Option<&SlotConfig>) -> Vec<(&'static str, String)> {
@@ -324,7 +342,9 @@ impl Agent {
         self.state.phase = Phase::PendingReboot(verified_state.clone().applied(booted, boot_id));
         self.state.last_error = None;
         self.save()?;
-        if let Err(e) = self.boot.set_primary(&slot.bootname, self.cfg.boot_attempts) {
+        let primary = self.boot.set_primary(&slot.bootname, self.cfg.boot_attempts);
+        self.crash_point();
+        if let Err(e) = primary {
             // It may have half-happened: make sure the slot cannot boot.
             let _ = self.boot.mark_bad(&slot.bootname);
             self.state.phase = Phase::Verified(verified_state);
@@ -545,6 +565,7 @@ impl Agent {
         self.hook("pre-install", self.cfg.hooks.pre_install.clone().as_ref(), &env)?;
         // 6.
         self.boot.mark_bad(&slot.bootname)?;
+        self.crash_point();
         self.state.slots.insert(
             slot.name.clone(),
             SlotRecord {
@@ -613,6 +634,7 @@ impl Agent {
                 // A power cut mid-write: the slot was marked non-bootable first; keep it so.
                 if let Some(s) = slot_of(&t.slot) {
                     self.boot.mark_bad(&s.bootname)?;
+                    self.crash_point();
                 }
                 if let Some(rec) = self.state.slots.get_mut(&t.slot) {
                     rec.status = "bad".into();
@@ -637,6 +659,7 @@ impl Agent {
                     // Whatever the bootloader was told, this slot must not boot now.
                     if let Some(s) = slot_of(&v.slot) {
                         self.boot.mark_bad(&s.bootname)?;
+                        self.crash_point();
                     }
                     if let Some(rec) = self.state.slots.get_mut(&v.slot) {
                         rec.status = "bad".into();
@@ -655,6 +678,7 @@ impl Agent {
                 if let Some(s) = self.cfg.slot_by_bootname(&booted).cloned() {
                     if self.state.slots.get(&s.name).is_some_and(|r| r.status == "good") {
                         self.boot.mark_good(&s.bootname, self.cfg.boot_attempts)?;
+                        self.crash_point();
                     }
                 }
                 BootOutcome::Nothing
@@ -669,6 +693,7 @@ impl Agent {
             Ok(()) => {
                 // 13: commit.
                 self.boot.mark_good(&slot.bootname, self.cfg.boot_attempts)?;
+                self.crash_point();
                 let version = t.release.version.clone();
                 let raise = match &self.state.rollback_floor {
                     Some(f) => match (semver::Version::parse(f), semver::Version::parse(&version)) {
@@ -704,6 +729,7 @@ impl Agent {
         let slot = self.cfg.slot(&r.slot).cloned();
         if let Some(s) = &slot {
             self.boot.mark_bad(&s.bootname)?;
+            self.crash_point();
         }
         if let Some(rec) = self.state.slots.get_mut(&r.slot) {
             rec.status = "bad".into();
@@ -722,6 +748,7 @@ impl Agent {
         if let Some(s) = self.cfg.slot_by_bootname(&booted).cloned() {
             if self.state.slots.get(&s.name).is_some_and(|r| r.status == "good") {
                 self.boot.mark_good(&s.bootname, self.cfg.boot_attempts)?;
+                self.crash_point();
             }
         }
         // The rollback is recorded whatever the hook does.

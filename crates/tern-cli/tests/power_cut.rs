@@ -4,6 +4,11 @@
 //! After every kill: the device boots a slot, that slot's content hash matches its recorded
 //! metadata, the state file parses, and re-running finishes (committed) or rolls back. The
 //! tally is printed and written to `target/power-cut-report.json`.
+//!
+//! SIGKILL at random instants rarely lands in the narrow windows between two persistent
+//! writes, so a second test aborts the agent right after each of its persistent writes in
+//! turn (`TERN_TEST_CRASH_AT=N`), during install and during the boot-time step, including a
+//! restart of the agent without a reboot.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -245,4 +250,133 @@ fn power_cuts_during_install_and_commit_never_brick() {
         killed >= RUNS / 2,
         "too few kills landed ({killed}); the timing spread is off"
     );
+}
+
+/// Prepare a repository with one release bundle; returns (workdir, bundle, root).
+fn release() -> (tempfile::TempDir, String, String) {
+    let work = tempfile::tempdir().unwrap();
+    let p = |n: &str| s(&work.path().join(n));
+    ok(&["key", "generate", "--out", &p("k")]);
+    let k = p("k.pem");
+    let repo = p("repo");
+    ok(&[
+        "repo",
+        "init",
+        "--repo",
+        &repo,
+        "--root-key",
+        &k,
+        "--targets-key",
+        &k,
+        "--snapshot-key",
+        &k,
+        "--timestamp-key",
+        &k,
+        "--key",
+        &k,
+    ]);
+    fs::write(p("rootfs.img"), vec![0x5au8; 1 << 20]).unwrap();
+    ok(&[
+        "repo",
+        "add-target",
+        "--repo",
+        &repo,
+        &p("rootfs.img"),
+        "--name",
+        "rootfs.img",
+        "--release-version",
+        "1.0.0",
+        "--device-type",
+        "tern-sim",
+        "--installer",
+        "raw",
+        "--slot-class",
+        "rootfs",
+        "--key",
+        &k,
+    ]);
+    ok(&["repo", "refresh", "--repo", &repo, "--key", &k]);
+    ok(&[
+        "bundle",
+        "create",
+        "--repo",
+        &repo,
+        "--target",
+        "rootfs.img",
+        "--out",
+        &p("r.tern"),
+    ]);
+    let root = format!("{repo}/metadata/1.root.json");
+    let bundle = p("r.tern");
+    (work, bundle, root)
+}
+
+/// Run `args` with the agent set to abort after its `n`th persistent write; true if it did.
+fn crash_at(args: &[&str], n: usize) -> bool {
+    let status = tern()
+        .args(args)
+        .env("TERN_TEST_CRASH_AT", n.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    !status.success() && status.code().is_none()
+}
+
+#[test]
+fn a_crash_after_every_persistent_write_never_bricks() {
+    let (work, bundle, root) = release();
+    let mut crashes = 0;
+    for phase in ["install", "agent-run-then-reboot", "boot-step"] {
+        for n in 1..=12 {
+            let dev = work.path().join(format!("{phase}-{n}"));
+            ok(&[
+                "device",
+                "simulate",
+                "--dir",
+                &s(&dev),
+                "--root",
+                &root,
+                "--slot-mib",
+                "2",
+            ]);
+            let cfg = s(&dev.join("agent.toml"));
+            let crashed = match phase {
+                "boot-step" => {
+                    ok(&["install", &bundle, "--config", &cfg]);
+                    crash_at(&["sim", "reboot", "--config", &cfg], n)
+                }
+                _ => crash_at(&["install", &bundle, "--config", &cfg], n),
+            };
+            crashes += usize::from(crashed);
+            if phase == "agent-run-then-reboot" {
+                // The agent restarts without a reboot first: it must conclude nothing wrong.
+                ok(&["agent", "run", "--once", "--config", &cfg]);
+            }
+            ok(&["sim", "reboot", "--config", &cfg]);
+            check_boots_a_verified_slot(&dev, n as u64);
+            let mut settled = false;
+            for _ in 0..6 {
+                let st: Value =
+                    serde_json::from_str(&ok(&["agent", "status", "--config", &cfg, "--output", "json"])).unwrap();
+                match st["state"]["state"].as_str().unwrap() {
+                    "committed" | "rolled-back" => {
+                        settled = true;
+                        break;
+                    }
+                    "pending-reboot" | "trial" => {
+                        ok(&["sim", "reboot", "--config", &cfg]);
+                    }
+                    _ => {
+                        ok(&["install", &bundle, "--config", &cfg]);
+                    }
+                }
+                check_boots_a_verified_slot(&dev, n as u64);
+            }
+            assert!(settled, "{phase} crash point {n}: the update did not settle");
+        }
+    }
+    eprintln!("crash points: {crashes} crashes landed");
+    // Install makes at least 5 persistent writes, the boot-time step at least 2.
+    assert!(crashes >= 2 * 5 + 2, "only {crashes} crash points were reached");
 }
