@@ -52,6 +52,15 @@ const CHUNK: usize = 1 << 20;
 /// Bytes written between two `fdatasync`s of a slot.
 const SYNC_EVERY: usize = 64 << 20;
 
+/// Where a bundle came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Local media (USB, an inbox directory): the configured offline policy applies.
+    LocalMedia,
+    /// Fetched over the network: snapshot and timestamp are always required.
+    Network,
+}
+
 /// What an install did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InstallReport {
@@ -220,8 +229,20 @@ impl Agent {
 
     /// Steps 1–12: install a bundle from local storage.
     pub fn install(&mut self, bundle: &Path, now: DateTime, progress: &mut dyn FnMut(u64)) -> Result<InstallReport> {
+        self.install_from(bundle, Origin::LocalMedia, now, progress)
+    }
+
+    /// Steps 1–12 for a bundle from `origin`: one fetched over the network must carry
+    /// snapshot and timestamp whatever the local-media policy says (DESIGN §3).
+    pub fn install_from(
+        &mut self,
+        bundle: &Path,
+        origin: Origin,
+        now: DateTime,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<InstallReport> {
         // 1.
-        if self.cfg.offline_install == OfflineInstall::Refuse {
+        if origin == Origin::LocalMedia && self.cfg.offline_install == OfflineInstall::Refuse {
             return Err(Error::Unsupported {
                 target: bundle.display().to_string(),
                 reason: "this device's configuration refuses local bundles (offline_install = \"refuse\")".into(),
@@ -236,8 +257,8 @@ impl Agent {
                 ),
             });
         }
-        let freshness = match self.cfg.offline_install {
-            OfflineInstall::RequireFreshness => Freshness::Required,
+        let freshness = match (origin, self.cfg.offline_install) {
+            (Origin::Network, _) | (_, OfflineInstall::RequireFreshness) => Freshness::Required,
             _ => Freshness::IfPresent,
         };
         let root = self.trust_anchor()?;

@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod support;
+
 fn tern(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tern")).args(args).output().unwrap()
 }
@@ -595,4 +597,40 @@ fn a_hook_past_its_timeout_is_killed_with_its_children() {
     let alive = fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
     assert!(!alive, "the hook's child {pid} outlived it");
     assert_eq!(dev.status()["primary"], "A");
+}
+
+#[test]
+fn a_bundle_fetched_over_the_network_must_carry_freshness() {
+    let rel = Releases::new();
+    let (bundle, _) = rel.bundle("1.0.0", "tern-sim", &[], 5000, false);
+    let dev = Device::new(&rel.root());
+    let served = tempfile::tempdir().unwrap();
+    fs::copy(&bundle, served.path().join("plain.tern")).unwrap();
+    let name = bundle.file_name().unwrap().to_string_lossy().replace(".tern", "");
+    ok(&[
+        "bundle",
+        "create",
+        "--repo",
+        &rel.p("repo"),
+        "--target",
+        &name,
+        "--out",
+        &s(&served.path().join("fresh.tern")),
+        "--include-freshness",
+    ]);
+    let server = support::Server::start(served.path());
+    // Without snapshot and timestamp: fine from local media, refused from the network.
+    fails(
+        &[
+            "install",
+            &format!("{}/plain.tern", server.base),
+            "--config",
+            &dev.config(),
+        ],
+        "role `timestamp` is not available",
+    );
+    assert!(!dev.path("state/download.tern").exists(), "the download is not kept");
+    let out = dev.install(Path::new(&format!("{}/fresh.tern", server.base)));
+    assert!(out.contains("installed"), "{out}");
+    assert_eq!(dev.reboot()["boot_step"]["outcome"], "committed");
 }

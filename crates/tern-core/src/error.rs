@@ -170,8 +170,8 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// A delegated role's metadata that the search needs is not available.
-    #[error("delegated role `{role}` is not available")]
+    /// Metadata the verification needs is not available (a role, or a root version).
+    #[error("role `{role}` is not available")]
     MissingRole {
         /// The role.
         role: String,

@@ -222,10 +222,16 @@ fn fetch(url: &str, state_dir: &Path) -> anyhow::Result<PathBuf> {
 /// `tern install`.
 pub fn install_cmd(a: InstallArgs) -> anyhow::Result<()> {
     let cfg = load(&a.common.config)?;
-    let bundle = if a.bundle.starts_with("http://") || a.bundle.starts_with("https://") {
+    let network = a.bundle.starts_with("http://") || a.bundle.starts_with("https://");
+    let bundle = if network {
         fetch(&a.bundle, &cfg.state_dir)?
     } else {
         PathBuf::from(&a.bundle)
+    };
+    let origin = if network {
+        install::Origin::Network
+    } else {
+        install::Origin::LocalMedia
     };
     let total = std::fs::metadata(&bundle)
         .map(|m| m.len())
@@ -255,9 +261,13 @@ pub fn install_cmd(a: InstallArgs) -> anyhow::Result<()> {
         }
     };
     let report = agent
-        .install(&bundle, now(), &mut progress)
+        .install_from(&bundle, origin, now(), &mut progress)
         .with_context(|| format!("install {}", bundle.display()));
     bar.finish_and_clear();
+    if network {
+        // The download was only a carrier; whatever happened, it is not kept.
+        let _ = std::fs::remove_file(&bundle);
+    }
     let report = report?;
     match a.common.output {
         Format::Json => json(&report),
@@ -317,21 +327,23 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
             let cfg = load(&a.common.config)?;
             let interval = std::time::Duration::from_secs(cfg.server.as_ref().map_or(60, |s| s.poll_interval_secs));
             let inbox = cfg.inbox.clone();
-            let mut agent = Agent::open(cfg)?;
-            let outcome = agent.boot_step(now())?;
+            // The state lock is held only while the agent works, never while it sleeps, so an
+            // operator's `tern install` is not refused as busy.
+            let outcome = Agent::open(cfg.clone())?.boot_step(now())?;
             eprintln!("boot-time step: {}", serde_json::to_string(&outcome)?);
             let mut sources: Vec<Box<dyn UpdateSource>> = Vec::new();
             if let Some(dir) = inbox {
                 sources.push(Box::new(InboxSource::new(&dir)));
             }
-            if agent.cfg.server.is_some() {
+            if cfg.server.is_some() {
                 eprintln!("note: the server protocol arrives with the update server; polling local sources only");
             }
             loop {
                 for src in &mut sources {
                     if let Some(offer) = src.poll()? {
                         eprintln!("{}: installing {}", src.name(), offer.bundle.display());
-                        let result = agent.install(&offer.bundle, now(), &mut |_| {});
+                        let result = Agent::open(cfg.clone())
+                            .and_then(|mut agent| agent.install(&offer.bundle, now(), &mut |_| {}));
                         // A refusal that may pass later (busy, a reboot pending) keeps the offer.
                         let transient = matches!(
                             &result,
