@@ -105,66 +105,11 @@ fn check_boots_a_verified_slot(dev: &Path, run: u64) -> String {
 
 #[test]
 fn power_cuts_during_install_and_commit_never_brick() {
-    let work = tempfile::tempdir().unwrap();
-    let p = |n: &str| work.path().join(n);
-    ok(&["key", "generate", "--out", &s(&p("k"))]);
-    let k = s(&p("k.pem"));
-    let repo = s(&p("repo"));
-    ok(&[
-        "repo",
-        "init",
-        "--repo",
-        &repo,
-        "--root-key",
-        &k,
-        "--targets-key",
-        &k,
-        "--snapshot-key",
-        &k,
-        "--timestamp-key",
-        &k,
-        "--key",
-        &k,
-    ]);
     let image: Vec<u8> = (0..(4u32 << 20))
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    fs::write(p("rootfs.img"), &image).unwrap();
-    ok(&[
-        "repo",
-        "add-target",
-        "--repo",
-        &repo,
-        &s(&p("rootfs.img")),
-        "--name",
-        "rootfs.img",
-        "--release-version",
-        "1.0.0",
-        "--device-type",
-        "tern-sim",
-        "--installer",
-        "raw",
-        "--slot-class",
-        "rootfs",
-        "--compression",
-        "zstd",
-        "--key",
-        &k,
-    ]);
-    ok(&["repo", "refresh", "--repo", &repo, "--key", &k]);
-    let bundle = s(&p("r.tern"));
-    ok(&[
-        "bundle",
-        "create",
-        "--repo",
-        &repo,
-        "--target",
-        "rootfs.img",
-        "--out",
-        &bundle,
-    ]);
-    let root = format!("{repo}/metadata/1.root.json");
-
+    let (work, bundle, root) = release(&image, true);
+    let p = |n: &str| work.path().join(n);
     let new_device = |n: u64| -> PathBuf {
         let d = p(&format!("dev-{n}"));
         ok(&[
@@ -209,25 +154,7 @@ fn power_cuts_during_install_and_commit_never_brick() {
         ok(&["sim", "reboot", "--config", &cfg]);
         check_boots_a_verified_slot(&dev, run);
         // Run the agent again until the update settles.
-        let mut outcome = String::new();
-        for _ in 0..6 {
-            let st: Value =
-                serde_json::from_str(&ok(&["agent", "status", "--config", &cfg, "--output", "json"])).unwrap();
-            match st["state"]["state"].as_str().unwrap() {
-                "committed" | "rolled-back" => {
-                    outcome = st["state"]["state"].as_str().unwrap().to_owned();
-                    break;
-                }
-                "pending-reboot" | "trial" => {
-                    ok(&["sim", "reboot", "--config", &cfg]);
-                }
-                _ => {
-                    ok(&["install", &bundle, "--config", &cfg]);
-                }
-            }
-            check_boots_a_verified_slot(&dev, run);
-        }
-        assert!(!outcome.is_empty(), "run {run}: the update did not settle");
+        let outcome = settle(&dev, &cfg, &bundle, run);
         let phase = if during_install { "install" } else { "commit" };
         let key = format!(
             "{phase}/{}/{outcome}",
@@ -252,49 +179,29 @@ fn power_cuts_during_install_and_commit_never_brick() {
     );
 }
 
-/// Prepare a repository with one release bundle; returns (workdir, bundle, root).
-fn release() -> (tempfile::TempDir, String, String) {
+/// A repository with one release of `image` (raw rootfs 1.0.0); returns (workdir, bundle, root).
+fn release(image: &[u8], zstd: bool) -> (tempfile::TempDir, String, String) {
     let work = tempfile::tempdir().unwrap();
     let p = |n: &str| s(&work.path().join(n));
     ok(&["key", "generate", "--out", &p("k")]);
     let k = p("k.pem");
     let repo = p("repo");
+    #[rustfmt::skip]
     ok(&[
-        "repo",
-        "init",
-        "--repo",
-        &repo,
-        "--root-key",
-        &k,
-        "--targets-key",
-        &k,
-        "--snapshot-key",
-        &k,
-        "--timestamp-key",
-        &k,
-        "--key",
-        &k,
+        "repo", "init", "--repo", &repo, "--root-key", &k, "--targets-key", &k, "--snapshot-key", &k,
+        "--timestamp-key", &k, "--key", &k,
     ]);
-    fs::write(p("rootfs.img"), vec![0x5au8; 1 << 20]).unwrap();
-    ok(&[
-        "repo",
-        "add-target",
-        "--repo",
-        &repo,
-        &p("rootfs.img"),
-        "--name",
-        "rootfs.img",
-        "--release-version",
-        "1.0.0",
-        "--device-type",
-        "tern-sim",
-        "--installer",
-        "raw",
-        "--slot-class",
-        "rootfs",
-        "--key",
-        &k,
-    ]);
+    let img = p("rootfs.img");
+    fs::write(&img, image).unwrap();
+    #[rustfmt::skip]
+    let mut add = vec![
+        "repo", "add-target", "--repo", &repo, &img, "--name", "rootfs.img", "--release-version", "1.0.0",
+        "--device-type", "tern-sim", "--installer", "raw", "--slot-class", "rootfs", "--key", &k,
+    ];
+    if zstd {
+        add.extend(["--compression", "zstd"]);
+    }
+    ok(&add);
     ok(&["repo", "refresh", "--repo", &repo, "--key", &k]);
     ok(&[
         "bundle",
@@ -311,6 +218,24 @@ fn release() -> (tempfile::TempDir, String, String) {
     (work, bundle, root)
 }
 
+/// Run the agent (install, reboot) until the update settles; the final state.
+fn settle(dev: &Path, cfg: &str, bundle: &str, run: u64) -> String {
+    for _ in 0..6 {
+        let st: Value = serde_json::from_str(&ok(&["agent", "status", "--config", cfg, "--output", "json"])).unwrap();
+        match st["state"]["state"].as_str().unwrap() {
+            done @ ("committed" | "rolled-back") => return done.to_owned(),
+            "pending-reboot" | "trial" => {
+                ok(&["sim", "reboot", "--config", cfg]);
+            }
+            _ => {
+                ok(&["install", bundle, "--config", cfg]);
+            }
+        }
+        check_boots_a_verified_slot(dev, run);
+    }
+    panic!("run {run}: the update did not settle");
+}
+
 /// Run `args` with the agent set to abort after its `n`th persistent write; true if it did.
 fn crash_at(args: &[&str], n: usize) -> bool {
     let status = tern()
@@ -325,7 +250,7 @@ fn crash_at(args: &[&str], n: usize) -> bool {
 
 #[test]
 fn a_crash_after_every_persistent_write_never_bricks() {
-    let (work, bundle, root) = release();
+    let (work, bundle, root) = release(&vec![0x5au8; 1 << 20], false);
     let mut crashes = 0;
     for phase in ["install", "agent-run-then-reboot", "boot-step"] {
         for n in 1..=12 {
@@ -355,25 +280,7 @@ fn a_crash_after_every_persistent_write_never_bricks() {
             }
             ok(&["sim", "reboot", "--config", &cfg]);
             check_boots_a_verified_slot(&dev, n as u64);
-            let mut settled = false;
-            for _ in 0..6 {
-                let st: Value =
-                    serde_json::from_str(&ok(&["agent", "status", "--config", &cfg, "--output", "json"])).unwrap();
-                match st["state"]["state"].as_str().unwrap() {
-                    "committed" | "rolled-back" => {
-                        settled = true;
-                        break;
-                    }
-                    "pending-reboot" | "trial" => {
-                        ok(&["sim", "reboot", "--config", &cfg]);
-                    }
-                    _ => {
-                        ok(&["install", &bundle, "--config", &cfg]);
-                    }
-                }
-                check_boots_a_verified_slot(&dev, n as u64);
-            }
-            assert!(settled, "{phase} crash point {n}: the update did not settle");
+            settle(&dev, &cfg, &bundle, n as u64);
         }
     }
     eprintln!("crash points: {crashes} crashes landed");
