@@ -9,6 +9,7 @@
 //! offline_install = "allow"           # "allow", "require-freshness" or "refuse"
 //! rollback_floor = "enforce"          # the only policy: releases below the floor are refused
 //! inbox = "inbox"                     # optional: bundles dropped here are installed by `agent run`
+//! install_roots = ["/opt/apps"]       # where file and archive payloads may go (default: nowhere)
 //!
 //! [bootloader]
 //! backend = "sim"                     # "sim", "uboot", "grub" or "custom"
@@ -188,6 +189,11 @@ pub struct AgentConfig {
     pub rollback_floor: RollbackFloor,
     /// A directory `agent run` installs bundles from.
     pub inbox: Option<PathBuf>,
+    /// Directories file and archive payloads may be installed under (none: such payloads
+    /// are refused), so that a signed payload cannot replace the agent's own configuration,
+    /// state or trust anchor.
+    #[serde(default)]
+    pub install_roots: Vec<PathBuf>,
     /// The bootloader.
     pub bootloader: BootloaderConfig,
     /// The slots.
@@ -297,6 +303,9 @@ impl AgentConfig {
         resolve(&mut cfg.state_dir);
         if let Some(i) = cfg.inbox.as_mut() {
             resolve(i);
+        }
+        for r in &mut cfg.install_roots {
+            resolve(r);
         }
         for s in &mut cfg.slots {
             resolve(&mut s.device);

@@ -24,6 +24,18 @@ use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
 
+/// Kill a child spawned with `process_group(0)` together with everything it started, and reap
+/// it. Without `unsafe` there is no killpg here; kill(1) does it.
+pub(crate) fn kill_group(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Run `path` as hook `hook` with `env`; `Ok(())` when it exits 0 in time.
 ///
 /// The hook runs in its own process group; on timeout the whole group is killed, so a
@@ -45,7 +57,6 @@ pub fn run(hook: &'static str, path: &Path, env: &[(&str, String)], timeout: Dur
         .process_group(0)
         .spawn()
         .map_err(|e| fail(format!("cannot start: {e}")))?;
-    let pgid = child.id();
     let mut stderr = child.stderr.take();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -58,16 +69,6 @@ pub fn run(hook: &'static str, path: &Path, env: &[(&str, String)], timeout: Dur
             let _ = tx.send(buf);
         }
     });
-    let kill_group = |child: &mut std::process::Child| {
-        // Without `unsafe` there is no killpg here; kill(1) does it.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pgid}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = child.kill();
-        let _ = child.wait();
-    };
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {

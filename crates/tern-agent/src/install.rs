@@ -423,6 +423,14 @@ impl Agent {
         if !dest.is_absolute() || dest.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
             return Err(unsupported("install_path must be an absolute path without `..`"));
         }
+        let inside = |root: &PathBuf| dest.starts_with(root) && dest != *root;
+        if !self.cfg.install_roots.iter().any(inside) {
+            return Err(unsupported(&format!(
+                "install_path {} is not under any of this device's install_roots {:?}",
+                dest.display(),
+                self.cfg.install_roots
+            )));
+        }
         // The rollback floor of files and archives: never below what is installed there.
         let version = semver::Version::parse(&m.version).map_err(|e| unsupported(&format!("version: {e}")))?;
         for installed in self

@@ -443,7 +443,6 @@ fn file_and_archive_payloads_are_installed_in_place_after_verification() {
     let rel = Releases::new();
     let dev = Device::new(&rel.root());
     let apps = dev.path("apps");
-    fs::create_dir_all(&apps).unwrap();
     // A single file and a tar archive of an application directory.
     fs::write(rel.p("motd"), b"welcome to tern\n").unwrap();
     let src = rel.dir.path().join("app-src");
@@ -527,6 +526,46 @@ fn file_and_archive_payloads_are_installed_in_place_after_verification() {
     assert_eq!(st["state"]["state"], "idle");
     assert_eq!(st["apps"].as_array().unwrap().len(), 2);
     assert_eq!(st["primary"], "A", "no slot was touched");
+
+    // A file payload aimed outside install_roots (here: the agent's own configuration).
+    fs::write(rel.p("evil.toml"), b"x").unwrap();
+    let cfg_path = dev.config();
+    ok(&[
+        "repo",
+        "add-target",
+        "--repo",
+        &repo,
+        &rel.p("evil.toml"),
+        "--name",
+        "etc/agent.toml",
+        "--release-version",
+        "2.0.0",
+        "--device-type",
+        "tern-sim",
+        "--installer",
+        "file",
+        "--install-path",
+        &cfg_path,
+        "--key",
+        &k,
+    ]);
+    ok(&["repo", "refresh", "--repo", &repo, "--key", &k]);
+    ok(&[
+        "bundle",
+        "create",
+        "--repo",
+        &repo,
+        "--target",
+        "etc/agent.toml",
+        "--out",
+        &rel.p("evil.tern"),
+    ]);
+    let before = fs::read(&cfg_path).unwrap();
+    fails(
+        &["install", &rel.p("evil.tern"), "--config", &cfg_path],
+        "is not under any of this device's install_roots",
+    );
+    assert_eq!(fs::read(&cfg_path).unwrap(), before);
 }
 
 #[test]

@@ -24,6 +24,7 @@
 //!   module in a plain file).
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -95,6 +96,7 @@ impl CustomBootloader {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .spawn()
             .map_err(|e| fail(format!("cannot run {}: {e}", self.command.display())))?;
         let stdout = capture(child.stdout.take(), MAX_STDOUT);
@@ -105,16 +107,14 @@ impl CustomBootloader {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) if Instant::now() >= deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    crate::hooks::kill_group(&mut child);
                     // The reader threads are left behind: a background process the command
                     // started may hold the pipes open, and they end when it does.
                     return Err(fail(format!("{what} killed after {:?}", self.timeout)));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
                 Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    crate::hooks::kill_group(&mut child);
                     return Err(fail(format!("{what}: {e}")));
                 }
             }

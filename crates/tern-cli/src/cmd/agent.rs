@@ -134,6 +134,7 @@ boot_attempts = 3
 offline_install = "{policy}"
 rollback_floor = "enforce"
 inbox = "inbox"
+install_roots = ["apps"]
 
 [bootloader]
 backend = "sim"
@@ -167,6 +168,7 @@ timeout_secs = 30
     let mut boot = SimBootloader::create(state, &["A".into(), "B".into()], cfg.boot_attempts)?;
     tern_agent::bootloader::Bootloader::mark_bad(&mut boot, "B")?;
     std::fs::create_dir_all(dir.join("inbox"))?;
+    std::fs::create_dir_all(dir.join("apps"))?;
     let store = tern_agent::state::Store::open(&cfg.state_dir)?;
     let mut st = store.load()?;
     let sha = tern_core::digest::sha256_hex(&factory);
