@@ -349,6 +349,7 @@ fn a_threshold_role_is_signed_on_two_machines() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("NEEDS SIGNATURES"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tern repo sign --role targets"));
+    assert!(t.path("repo/staged/2.targets.json").exists() && !t.path("repo/metadata/2.targets.json").exists());
     let snapshots_before = fs::read_dir(t.path("repo/metadata")).unwrap().count();
     let err = fails(&[
         "repo",
@@ -418,6 +419,9 @@ fn root_rotation_needs_old_and_new_thresholds() {
     assert_eq!(w[0]["valid"], 1);
     assert_eq!(w[1]["role"], "root (previous keys)");
     assert_eq!(w[1]["valid"], 0);
+    // Staged, not published: clients never see a root they would refuse.
+    assert!(t.path("repo/staged/2.root.json").exists());
+    assert!(!t.path("repo/metadata/2.root.json").exists());
     let err = fails(&[
         "repo",
         "refresh",

@@ -176,8 +176,9 @@ impl Repository {
         let mut writes = Vec::new();
         let mut env = Envelope::new(&root)?;
         sign_with("root", &mut env, &root_auth, signers)?;
-        repo.write_role("root", &env, 1)?;
-        writes.push(write_report("root", &env, 1, &root_auth)?);
+        let report = write_report("root", &env, 1, &root_auth)?;
+        repo.write_role("root", &env, 1, report.complete())?;
+        writes.push(report);
 
         let targets = Targets {
             common: Common::new("targets", 1, repo.expires("targets", now)),
@@ -188,8 +189,9 @@ impl Repository {
         let auth = repo.top_authority(&root, "targets")?;
         let mut env = Envelope::new(&targets)?;
         sign_with("targets", &mut env, &auth, signers)?;
-        repo.write_role("targets", &env, 1)?;
-        writes.push(write_report("targets", &env, 1, &auth)?);
+        let report = write_report("targets", &env, 1, &auth)?;
+        repo.write_role("targets", &env, 1, report.complete())?;
+        writes.push(report);
 
         let can_publish = ["snapshot", "timestamp"].iter().all(|r| {
             repo.top_authority(&root, r)
@@ -215,8 +217,9 @@ impl Repository {
         targets.common.expires = self.expires(role, now).to_string();
         let mut env = Envelope::new(&targets)?;
         sign_with(role, &mut env, auth, signers)?;
-        self.write_role(role, &env, version)?;
-        write_report(role, &env, version, auth)
+        let report = write_report(role, &env, version, auth)?;
+        self.write_role(role, &env, version, report.complete())?;
+        Ok(report)
     }
 
     fn check_delegated_path(&self, role: &str, name: &TargetPath) -> Result<()> {
@@ -466,7 +469,7 @@ impl Repository {
             let root = self.root()?;
             let mut auths = vec![("root".to_owned(), self.top_authority(&root.signed, "root")?)];
             if root.version() > 1 {
-                let prev: Signed<Root> = self.parse("root", &self.role_path("root", root.version() - 1))?;
+                let prev: Signed<Root> = self.parse("root", &self.role_file("root", root.version() - 1))?;
                 auths.push(("root (previous keys)".into(), self.top_authority(&prev.signed, "root")?));
             }
             return self.sign_root(root, &auths, signers);
@@ -491,8 +494,9 @@ impl Repository {
             }
         };
         sign_with(role, &mut env, &auth, signers)?;
-        self.write_role(role, &env, version)?;
-        Ok(vec![write_report(role, &env, version, &auth)?])
+        let report = write_report(role, &env, version, &auth)?;
+        self.write_role(role, &env, version, report.complete())?;
+        Ok(vec![report])
     }
 
     /// Sign a root with every signer any of `auths` accepts, write it, report each threshold.
@@ -518,8 +522,7 @@ impl Repository {
                 authorised: auths.iter().flat_map(|(_, a)| a.keyids.clone()).collect(),
             });
         }
-        self.write_role("root", &env, version)?;
-        auths
+        let reports = auths
             .iter()
             .map(|(name, a)| {
                 Ok(RoleWrite {
@@ -529,7 +532,10 @@ impl Repository {
                     threshold: a.threshold,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        // Published only once both the previous and the new root thresholds are met.
+        self.write_role("root", &env, version, reports.iter().all(RoleWrite::complete))?;
+        Ok(reports)
     }
 
     /// Change a role's keys or threshold.
@@ -668,7 +674,7 @@ impl Repository {
                     },
                 );
             }
-            let version = self.versions("snapshot")?.last().copied().unwrap_or(0) + 1;
+            let version = self.next_version("snapshot")?;
             let snapshot = Snapshot {
                 common: Common::new("snapshot", version, self.expires("snapshot", now)),
                 meta,
@@ -676,8 +682,8 @@ impl Repository {
             };
             let mut env = Envelope::new(&snapshot)?;
             sign_with("snapshot", &mut env, &snap_auth, signers)?;
-            self.write_role("snapshot", &env, version)?;
             let report = write_report("snapshot", &env, version, &snap_auth)?;
+            self.write_role("snapshot", &env, version, report.complete())?;
             let complete = report.complete();
             writes.push(report);
             if !complete {
@@ -724,15 +730,16 @@ impl Repository {
         };
         let mut env = Envelope::new(&timestamp)?;
         sign_with("timestamp", &mut env, &ts_auth, signers)?;
-        self.write_role("timestamp", &env, version)?;
-        writes.push(write_report("timestamp", &env, version, &ts_auth)?);
+        let report = write_report("timestamp", &env, version, &ts_auth)?;
+        self.write_role("timestamp", &env, version, report.complete())?;
+        writes.push(report);
         Ok(writes)
     }
 
     fn require_complete_root(&self, root: &Signed<Root>) -> Result<()> {
         let mut checks = vec![self.top_authority(&root.signed, "root")?];
         if root.version() > 1 {
-            let prev: Signed<Root> = self.parse("root", &self.role_path("root", root.version() - 1))?;
+            let prev: Signed<Root> = self.parse("root", &self.role_file("root", root.version() - 1))?;
             checks.push(self.top_authority(&prev.signed, "root")?);
         }
         for auth in checks {

@@ -20,6 +20,7 @@
 //! metadata/N.snapshot.json
 //! metadata/timestamp.json
 //! targets/DIR/HASH.NAME     payloads under their consistent-snapshot names
+//! staged/N.ROLE.json        versions still short of their signatures (not published)
 //! ```
 
 #![forbid(unsafe_code)]

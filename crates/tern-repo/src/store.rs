@@ -74,7 +74,7 @@ pub(crate) struct Delegator {
 impl Repository {
     /// Open an existing repository.
     pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.join("metadata/1.root.json").is_file() {
+        if !dir.join("metadata/1.root.json").is_file() && !dir.join("staged/1.root.json").is_file() {
             return Err(Error::NotARepository { dir: dir.to_owned() });
         }
         Ok(Repository {
@@ -95,26 +95,54 @@ impl Repository {
         &self.config
     }
 
-    pub(crate) fn role_path(&self, role: &str, version: u64) -> PathBuf {
+    fn file_name(role: &str, version: u64) -> String {
         if role == "timestamp" {
-            self.metadata_dir().join("timestamp.json")
+            "timestamp.json".into()
         } else {
-            self.metadata_dir().join(format!("{version}.{role}.json"))
+            format!("{version}.{role}.json")
         }
     }
 
-    /// Versions of `role` present, ascending.
-    pub fn versions(&self, role: &str) -> Result<Vec<u64>> {
-        let dir = self.metadata_dir();
+    /// Where a published version of a role is (clients see it).
+    pub(crate) fn role_path(&self, role: &str, version: u64) -> PathBuf {
+        self.metadata_dir().join(Self::file_name(role, version))
+    }
+
+    /// `DIR/staged`: versions still short of their signatures, invisible to clients.
+    pub fn staged_dir(&self) -> PathBuf {
+        self.dir.join("staged")
+    }
+
+    pub(crate) fn staged_path(&self, role: &str, version: u64) -> PathBuf {
+        self.staged_dir().join(Self::file_name(role, version))
+    }
+
+    /// The file of `role` at `version`: published, else staged.
+    pub(crate) fn role_file(&self, role: &str, version: u64) -> PathBuf {
+        let published = self.role_path(role, version);
+        if published.exists() {
+            published
+        } else {
+            self.staged_path(role, version)
+        }
+    }
+
+    fn scan(dir: &Path, role: &str) -> Result<Vec<u64>> {
         let suffix = format!(".{role}.json");
         let mut out = Vec::new();
-        let entries = fs::read_dir(&dir).map_err(|source| Error::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(source) => {
+                return Err(Error::Io {
+                    path: dir.to_owned(),
+                    source,
+                })
+            }
+        };
         for e in entries {
             let e = e.map_err(|source| Error::Io {
-                path: dir.clone(),
+                path: dir.to_owned(),
                 source,
             })?;
             let name = e.file_name();
@@ -125,6 +153,18 @@ impl Repository {
         }
         out.sort_unstable();
         Ok(out)
+    }
+
+    /// Published versions of `role`, ascending.
+    pub fn versions(&self, role: &str) -> Result<Vec<u64>> {
+        Self::scan(&self.metadata_dir(), role)
+    }
+
+    /// The version after the newest one, published or staged.
+    pub(crate) fn next_version(&self, role: &str) -> Result<u64> {
+        let published = self.versions(role)?.last().copied().unwrap_or(0);
+        let staged = Self::scan(&self.staged_dir(), role)?.last().copied().unwrap_or(0);
+        Ok(published.max(staged) + 1)
     }
 
     pub(crate) fn read_bytes(&self, path: &Path) -> Result<Vec<u8>> {
@@ -142,20 +182,23 @@ impl Repository {
         })
     }
 
-    /// The newest version of `role`, or `UnknownRole`.
+    /// The newest version of `role`, staged or published, or `UnknownRole`.
     pub(crate) fn latest<T: RoleType>(&self, role: &str) -> Result<Signed<T>> {
         if role == "timestamp" {
-            let path = self.role_path(role, 0);
-            if !path.exists() {
-                return Err(Error::UnknownRole { role: role.into() });
+            for path in [self.staged_path(role, 0), self.role_path(role, 0)] {
+                if path.exists() {
+                    return self.parse(role, &path);
+                }
             }
-            return self.parse(role, &path);
+            return Err(Error::UnknownRole { role: role.into() });
         }
-        let v = *self
-            .versions(role)?
-            .last()
-            .ok_or_else(|| Error::UnknownRole { role: role.into() })?;
-        self.parse(role, &self.role_path(role, v))
+        let published = self.versions(role)?.last().copied();
+        let staged = Self::scan(&self.staged_dir(), role)?.last().copied();
+        match (published, staged) {
+            (_, Some(s)) if Some(s) > published => self.parse(role, &self.staged_path(role, s)),
+            (Some(p), _) => self.parse(role, &self.role_path(role, p)),
+            _ => Err(Error::UnknownRole { role: role.into() }),
+        }
     }
 
     /// The newest root.
@@ -171,14 +214,29 @@ impl Repository {
             .collect()
     }
 
-    /// Write a role file (atomically); the root's newest version is copied to `root.json`.
-    pub(crate) fn write_role(&self, role: &str, env: &Envelope, version: u64) -> Result<()> {
+    /// Write a role version atomically: published when `complete` (it meets its thresholds;
+    /// the root's newest is also copied to `root.json`), else staged, where clients never see
+    /// it, until `tern repo sign` completes it.
+    pub(crate) fn write_role(&self, role: &str, env: &Envelope, version: u64, complete: bool) -> Result<()> {
         let bytes = env.to_bytes();
+        if !complete {
+            let dir = self.staged_dir();
+            fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir, source })?;
+            tern_fs::atomic_write(&self.staged_path(role, version), &bytes, 0o644)?;
+            return Ok(());
+        }
         tern_fs::atomic_write(&self.role_path(role, version), &bytes, 0o644)?;
         if role == "root" {
             tern_fs::atomic_write(&self.metadata_dir().join("root.json"), &bytes, 0o644)?;
         }
-        Ok(())
+        match fs::remove_file(self.staged_path(role, version)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Io {
+                path: self.staged_path(role, version),
+                source,
+            }),
+        }
     }
 
     /// Expiry for a role written now.
