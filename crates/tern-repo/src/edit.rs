@@ -222,21 +222,42 @@ impl Repository {
         Ok(report)
     }
 
+    /// Refuse to list `name` in `role` unless a client's search (§5.6.7: pre-order,
+    /// terminating roles, path patterns) reaches `role` for it before any other role that
+    /// already lists it: otherwise clients would never see, or never trust, the new target.
     fn check_delegated_path(&self, role: &str, name: &TargetPath) -> Result<()> {
-        if role == "targets" {
-            return Ok(());
+        let path = name.as_str();
+        let mut stack = vec!["targets".to_owned()];
+        let mut visited = std::collections::BTreeSet::new();
+        while let Some(current) = stack.pop() {
+            if current == role {
+                return Ok(());
+            }
+            if !visited.insert(current.clone()) || visited.len() > tern_core::trust::MAX_DELEGATIONS {
+                continue;
+            }
+            let t = self.latest::<Targets>(&current)?.signed;
+            if t.targets.contains_key(path) {
+                // An earlier role lists it: the search would stop there.
+                break;
+            }
+            let Some(d) = &t.delegations else { continue };
+            let mut children = Vec::new();
+            for c in d.roles_for_target(path) {
+                let terminating = c.terminating;
+                children.push(c.name);
+                if terminating {
+                    stack.clear();
+                    break;
+                }
+            }
+            children.reverse();
+            stack.extend(children);
         }
-        let delegator = self.delegator_of(role)?;
-        let d = delegator.signed.signed.delegations.as_ref();
-        let trusted = d.is_some_and(|d| d.roles_for_target(name.as_str()).iter().any(|c| c.name == role));
-        if trusted {
-            Ok(())
-        } else {
-            Err(Error::NotDelegated {
-                role: role.into(),
-                target: name.to_string(),
-            })
-        }
+        Err(Error::NotDelegated {
+            role: role.into(),
+            target: name.to_string(),
+        })
     }
 
     /// Publish a file as a target of `role`, with its hashes and custom data.

@@ -117,8 +117,8 @@ pub enum Error {
         /// The role.
         role: String,
     },
-    /// The role is not trusted for that target path.
-    #[error("role `{role}` is not delegated the path `{target}`")]
+    /// Clients' search would not reach the role for that target path.
+    #[error("role `{role}` is not delegated the path `{target}` (or an earlier or terminating role takes it)")]
     NotDelegated {
         /// The role.
         role: String,

@@ -64,9 +64,14 @@ fn a_terminating_role_with_a_double_star_pattern_cannot_be_bypassed() {
         hashes: vec![HashAlgorithm::Sha256],
         compression: Compression::None,
     };
-    // The editor checks only role-b's own delegation (a known gap, noted in ARCHITECTURE.md);
-    // the verifier is what must refuse the target.
-    repo.add_target(&add, &signers, now()).unwrap();
+    // The editor runs the clients' search: role-a, terminating, takes firmware-* first, so
+    // role-b would never be trusted for it, and the target is refused.
+    let err = repo.add_target(&add, &signers, now()).unwrap_err();
+    assert!(
+        matches!(&err, Error::NotDelegated { role, .. } if role == "role-b"),
+        "{err:?}"
+    );
+    // And nothing a client could reach lists it.
     repo.refresh(&signers, now(), false).unwrap();
     let err = repo.release_contents(&[name], true, now()).unwrap_err();
     assert!(
