@@ -104,6 +104,9 @@ pub(crate) fn download(up: &Updater<'_>, info: &TargetInfo, target_dir: &Path, b
         // server, which would answer a range at the end with 416.
         match hasher.finish() {
             Ok(()) => {
+                // The bytes may never have reached the disk before the cut: make them durable
+                // before the name says the download is complete.
+                File::open(&partial).and_then(|f| f.sync_all()).map_err(io(&partial))?;
                 fs::rename(&partial, &dest).map_err(io(&dest))?;
                 tern_fs::sync_dir(target_dir)?;
                 return Ok(dest);
