@@ -32,9 +32,13 @@
 //! reboot = "/sbin/reboot"             # run after an install that needs a reboot
 //! timeout_secs = 60
 //!
-//! [server]                            # optional, for `agent run` (the protocol arrives with the server)
+//! [server]                            # optional: `agent run` checks in with an update server
 //! url = "https://updates.example.com"
-//! poll_interval_secs = 300
+//! device_id = "sim-0001"              # this device's id in the server's registry
+//! director_root = "director-root.json" # the director's root, provisioned like trusted_root
+//! device_key = "state/device.pem"     # default: STATE_DIR/device.pem (made by `tern device enroll`)
+//! tags = ["lab"]                      # sent at enrollment
+//! poll_interval_secs = 300            # until the server says otherwise
 //! ```
 //!
 //! Unknown keys are errors (a typo must not silently fall back to a default); every error
@@ -152,15 +156,31 @@ pub struct HooksConfig {
     pub timeout_secs: u64,
 }
 
-/// The update server (used by `agent run` once the server protocol exists).
+/// The update server `agent run` checks in with.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Its base URL.
     pub url: String,
-    /// Seconds between polls.
+    /// Seconds between polls, until the server answers with its own interval.
     #[serde(default = "default_poll")]
     pub poll_interval_secs: u64,
+    /// This device's id in the registry.
+    pub device_id: String,
+    /// The director's root metadata, provisioned with the device.
+    pub director_root: PathBuf,
+    /// The device's private key (default `STATE_DIR/device.pem`).
+    pub device_key: Option<PathBuf>,
+    /// Tags sent at enrollment.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+impl ServerConfig {
+    /// The device key file in effect.
+    pub fn device_key_path(&self, state_dir: &Path) -> PathBuf {
+        self.device_key.clone().unwrap_or_else(|| state_dir.join("device.pem"))
+    }
 }
 
 fn default_poll() -> u64 {
@@ -309,6 +329,12 @@ impl AgentConfig {
         }
         for s in &mut cfg.slots {
             resolve(&mut s.device);
+        }
+        if let Some(server) = cfg.server.as_mut() {
+            resolve(&mut server.director_root);
+            if let Some(k) = server.device_key.as_mut() {
+                resolve(k);
+            }
         }
         match &mut cfg.bootloader {
             BootloaderConfig::Sim { state } => resolve(state),

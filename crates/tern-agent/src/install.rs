@@ -219,6 +219,16 @@ impl Agent {
         })
     }
 
+    /// Record an error that happened outside an install (a refused order) as the last error.
+    pub fn note_error(&mut self, kind: &str, message: &str, now: DateTime) {
+        self.state.last_error = Some(ErrorRecord {
+            kind: kind.to_owned(),
+            message: message.to_owned(),
+            at: now_unix(now),
+        });
+        let _ = self.save();
+    }
+
     fn record_error(&mut self, e: &Error, now: DateTime) {
         self.state.last_error = Some(ErrorRecord {
             kind: e.kind().to_owned(),
@@ -248,6 +258,63 @@ impl Agent {
                 reason: "this device's configuration refuses local bundles (offline_install = \"refuse\")".into(),
             });
         }
+        let freshness = match (origin, self.cfg.offline_install) {
+            (Origin::Network, _) | (_, OfflineInstall::RequireFreshness) => Freshness::Required,
+            _ => Freshness::IfPresent,
+        };
+        let root = self.trust_anchor()?;
+        let file = std::fs::File::open(bundle).map_err(Error::io(bundle))?;
+        let reader = std::io::BufReader::with_capacity(CHUNK, file);
+        self.install_payloads(&bundle.display().to_string(), root, now, progress, move |root, sink| {
+            tern_bundle::read_bundle(reader, root, now, freshness, sink)
+                .map(drop)
+                .map_err(Error::Bundle)
+        })
+    }
+
+    /// Steps 1 and 3–12 for payloads whose metadata a TUF client already verified and
+    /// whose files it downloaded and checked (the server path): each file is streamed into
+    /// the install as a bundle's payload would be, and the root the client ended with
+    /// becomes the trust anchor.
+    pub fn install_downloaded(
+        &mut self,
+        payloads: &[(tern_bundle::VerifiedPayload, PathBuf)],
+        now: DateTime,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<InstallReport> {
+        let root = match payloads.first() {
+            Some((p, _)) => p.root.as_ref().clone(),
+            None => self.trust_anchor()?,
+        };
+        let label = payloads
+            .iter()
+            .map(|(p, _)| p.target.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.install_payloads(&label, root, now, progress, |_, sink| {
+            for (payload, path) in payloads {
+                let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
+                sink(payload, &mut file).map_err(|reason| Error::Unsupported {
+                    target: payload.target.clone(),
+                    reason,
+                })?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The install proper: `drive` verifies and hands every payload to the sink.
+    fn install_payloads(
+        &mut self,
+        label: &str,
+        root: Vec<u8>,
+        now: DateTime,
+        progress: &mut dyn FnMut(u64),
+        drive: impl FnOnce(
+            &[u8],
+            &mut dyn FnMut(&tern_bundle::VerifiedPayload, &mut dyn Read) -> std::result::Result<(), String>,
+        ) -> Result<()>,
+    ) -> Result<InstallReport> {
         if !self.state.phase.accepts_install() {
             return Err(Error::State {
                 path: self.store.path(),
@@ -257,14 +324,7 @@ impl Agent {
                 ),
             });
         }
-        let freshness = match (origin, self.cfg.offline_install) {
-            (Origin::Network, _) | (_, OfflineInstall::RequireFreshness) => Freshness::Required,
-            _ => Freshness::IfPresent,
-        };
-        let root = self.trust_anchor()?;
         let booted = self.boot.booted()?;
-        let file = std::fs::File::open(bundle).map_err(Error::io(bundle))?;
-        let reader = std::io::BufReader::with_capacity(CHUNK, file);
 
         // The sink runs once per payload, after its metadata verified (step 2).
         let mut chosen: Option<(Release, SlotConfig, u64, String)> = None;
@@ -296,18 +356,18 @@ impl Agent {
                     msg
                 })
             };
-        let verified = tern_bundle::read_bundle(reader, &root, now, freshness, &mut sink);
+        let verified = drive(&root, &mut sink);
         // 8: only now are the payloads' lengths and hashes known to match.
-        let report = match (verified, failure) {
+        match (verified, failure) {
             (_, Some(e)) => {
                 discard(staged);
                 return Err(self.fail_install(e, now));
             }
             (Err(e), None) => {
                 discard(staged);
-                return Err(self.fail_install(Error::Bundle(e), now));
+                return Err(self.fail_install(e, now));
             }
-            (Ok(report), None) => report,
+            (Ok(()), None) => {}
         };
         // Files and archives go in place now that everything verified.
         let mut applied = Vec::new();
@@ -319,7 +379,7 @@ impl Agent {
         let Some((release, slot, written, image_sha256)) = chosen else {
             if applied.is_empty() {
                 return Err(Error::Unsupported {
-                    target: bundle.display().to_string(),
+                    target: label.to_owned(),
                     reason: "the bundle has no payload for this device".into(),
                 });
             }
@@ -371,7 +431,6 @@ impl Agent {
             self.state.phase = Phase::Verified(verified_state);
             return Err(self.fail_install(e, now));
         }
-        drop(report);
         // 12.
         self.hook("reboot", self.cfg.hooks.reboot.clone().as_ref(), &env)?;
         Ok(InstallReport {

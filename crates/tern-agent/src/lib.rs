@@ -7,8 +7,10 @@
 //! and persists its state atomically after every transition so that a power cut at any
 //! instant leaves a device that boots a verified slot.
 //!
-//! What it does not do: fetch from a server (the protocol arrives with the server; the seam is
-//! [`source::UpdateSource`]) or verify metadata itself (tern-bundle and tern-core do).
+//! It talks to the update server ([`remote`]): signed check-ins, director orders checked
+//! against the director root and the repository, downloads through the TUF client.
+//!
+//! What it does not do: verify metadata itself (tern-bundle, tern-client and tern-core do).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -17,6 +19,7 @@ pub mod bootloader;
 pub mod config;
 pub mod hooks;
 pub mod install;
+pub mod remote;
 pub mod source;
 pub mod state;
 
@@ -140,6 +143,20 @@ pub enum Error {
     /// Local file handling failed.
     #[error(transparent)]
     Fs(#[from] tern_fs::Error),
+    /// The update server could not be reached or refused the request.
+    #[error("server {url}: {reason}")]
+    Server {
+        /// What was asked.
+        url: String,
+        /// What happened (the server's own error message when it gave one).
+        reason: String,
+    },
+    /// The director's order was refused.
+    #[error(transparent)]
+    Order(#[from] tern_core::director::OrderRefusal),
+    /// The TUF client refused the repository or a download.
+    #[error(transparent)]
+    Client(#[from] tern_client::Error),
 }
 
 impl Error {
@@ -162,6 +179,9 @@ impl Error {
             Error::TrustedRoot { .. } => "TrustedRoot",
             Error::Busy { .. } => "Busy",
             Error::Fs(_) => "Fs",
+            Error::Server { .. } => "Server",
+            Error::Order(r) => r.kind(),
+            Error::Client(_) => "Client",
         }
     }
 

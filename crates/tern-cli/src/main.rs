@@ -46,6 +46,15 @@ enum Command {
     /// The device agent.
     #[command(subcommand)]
     Agent(cmd::agent::AgentCommand),
+    /// The update server.
+    #[command(subcommand)]
+    Server(cmd::server::Command),
+    /// Releases on the server.
+    #[command(subcommand)]
+    Release(cmd::server::ReleaseCommand),
+    /// Deployments on the server.
+    #[command(subcommand)]
+    Deployment(cmd::server::DeploymentCommand),
     /// Run the end-to-end demonstration on embedded defaults.
     Demo(cmd::demo::Args),
     /// Measure Tern's throughput against the machine's reference tools.
@@ -61,6 +70,14 @@ fn main() -> ExitCode {
         Command::Bundle(c) => cmd::bundle::run(c),
         Command::Tuf(a) => cmd::tuf::run(a),
         Command::Device(cmd::agent::DeviceCommand::Simulate(a)) => cmd::agent::simulate(a),
+        Command::Device(cmd::agent::DeviceCommand::Enroll(a)) => cmd::agent::enroll(a),
+        Command::Device(cmd::agent::DeviceCommand::List(a)) => cmd::server::device_list(a),
+        Command::Device(cmd::agent::DeviceCommand::Approve(a)) => cmd::server::device_action("approve", a),
+        Command::Device(cmd::agent::DeviceCommand::Reject(a)) => cmd::server::device_action("reject", a),
+        Command::Device(cmd::agent::DeviceCommand::Decommission(a)) => cmd::server::device_action("decommission", a),
+        Command::Server(c) => cmd::server::run(c),
+        Command::Release(c) => cmd::server::release(c),
+        Command::Deployment(c) => cmd::server::deployment(c),
         Command::Sim(cmd::agent::SimCommand::Reboot(a)) => cmd::agent::reboot(a),
         Command::Install(a) => cmd::agent::install_cmd(a),
         Command::Agent(c) => cmd::agent::agent(c),

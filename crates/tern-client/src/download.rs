@@ -72,7 +72,13 @@ fn matches(path: &Path, info: &TargetInfo) -> Result<bool> {
     Ok(h.finish().is_ok())
 }
 
-pub(crate) fn download(up: &Updater<'_>, info: &TargetInfo, target_dir: &Path, base: &str) -> Result<PathBuf> {
+pub(crate) fn download(
+    up: &Updater<'_>,
+    info: &TargetInfo,
+    target_dir: &Path,
+    base: &str,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PathBuf> {
     let dest = target_dir.join(encode(info.path.as_str()));
     // Already here and intact: nothing to fetch.
     if matches(&dest, info)? {
@@ -179,6 +185,7 @@ pub(crate) fn download(up: &Updater<'_>, info: &TargetInfo, target_dir: &Path, b
         out.write_all(&buf[..n]).map_err(io(&partial))?;
         hasher.update(&buf[..n]);
         have += n as u64;
+        progress(have, length);
     }
     out.flush().map_err(io(&partial))?;
     let file = out.into_inner().map_err(|e| io(&partial)(e.into_error()))?;

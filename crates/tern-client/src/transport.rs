@@ -123,6 +123,44 @@ impl HttpTransport {
     }
 }
 
+impl HttpTransport {
+    /// POST `body` as JSON and read at most `limit` bytes of the answer, all under one
+    /// deadline. Returns the status code and the body (the caller decides what a non-2xx
+    /// status means: the server's error body names the refusal).
+    pub fn post_json(&self, url: &str, body: Vec<u8>, limit: u64) -> Result<(u16, Vec<u8>), TransportError> {
+        let req = self
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let deadline = self.connect_timeout + self.stall_timeout;
+        self.runtime
+            .block_on(async {
+                tokio::time::timeout(deadline, async {
+                    let mut resp = req.send().await?;
+                    let status = resp.status().as_u16();
+                    let mut out = Vec::new();
+                    while let Some(chunk) = resp.chunk().await? {
+                        out.extend_from_slice(&chunk);
+                        if out.len() as u64 > limit {
+                            return Ok(Err(TransportError::TooLarge {
+                                url: url.to_owned(),
+                                limit,
+                            }));
+                        }
+                    }
+                    Ok::<_, reqwest::Error>(Ok((status, out)))
+                })
+                .await
+            })
+            .map_err(|_| TransportError::SlowRetrieval {
+                url: url.to_owned(),
+                min_bytes_per_sec: self.min_bytes_per_sec,
+            })?
+            .map_err(|e| TransportError::failed(url, error_chain(&e)))?
+    }
+}
+
 impl Transport for HttpTransport {
     fn fetch(&self, url: &str, offset: u64) -> Result<Fetched, TransportError> {
         let mut req = self.client.get(url);

@@ -293,7 +293,18 @@ impl<'t> Updater<'t> {
 
     /// §5.7: download a target into `target_dir` (see [`crate::download`]).
     pub fn download_target(&self, info: &TargetInfo, target_dir: &Path, target_base: &str) -> Result<PathBuf> {
-        crate::download::download(self, info, target_dir, &with_slash(target_base))
+        crate::download::download(self, info, target_dir, &with_slash(target_base), &mut |_, _| {})
+    }
+
+    /// As [`Updater::download_target`], calling `progress(bytes_done, length)` as it goes.
+    pub fn download_target_progress(
+        &self,
+        info: &TargetInfo,
+        target_dir: &Path,
+        target_base: &str,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<PathBuf> {
+        crate::download::download(self, info, target_dir, &with_slash(target_base), progress)
     }
 
     /// The file `info` is (or will be) downloaded to: the percent-encoded target path.

@@ -152,6 +152,11 @@ impl MultiHasher {
     }
 }
 
+/// Constant-time equality of two byte strings (their lengths are not secret).
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
+}
+
 /// Check `data` against a length (when given) and hashes.
 pub fn check(what: &str, data: &[u8], length: Option<u64>, hashes: Option<&BTreeMap<String, String>>) -> Result<()> {
     if let Some(expected) = length {

@@ -17,6 +17,7 @@
 pub mod cjson;
 pub mod delegation;
 pub mod digest;
+pub mod director;
 pub mod error;
 pub mod keys;
 pub mod manifest;

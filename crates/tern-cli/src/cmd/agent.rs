@@ -24,6 +24,27 @@ pub enum DeviceCommand {
     /// Create a ready simulated device: file-backed A/B slots, a simulated bootloader, its
     /// configuration at DIR/agent.toml and a state directory.
     Simulate(SimulateArgs),
+    /// On the device: make its key pair (if none) and enroll with the server using a fleet
+    /// enrollment token; an operator then approves it.
+    Enroll(EnrollArgs),
+    /// The server's device registry.
+    List(crate::cmd::server::DeviceListArgs),
+    /// Approve a pending device (admin).
+    Approve(crate::cmd::server::DeviceIdArgs),
+    /// Reject a pending device (admin).
+    Reject(crate::cmd::server::DeviceIdArgs),
+    /// Decommission a device: it gets no more orders (admin).
+    Decommission(crate::cmd::server::DeviceIdArgs),
+}
+
+/// `tern device enroll`.
+#[derive(Debug, clap::Args)]
+pub struct EnrollArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// The fleet enrollment token (`tern server token create --role enrollment`).
+    #[arg(long, env = "TERN_ENROLLMENT_TOKEN", hide_env_values = true)]
+    pub token: String,
 }
 
 /// `tern device simulate`.
@@ -47,6 +68,21 @@ pub struct SimulateArgs {
     /// Local media policy written to the configuration.
     #[arg(long, default_value = "allow")]
     pub offline_install: String,
+    /// The update server's URL (writes a [server] section).
+    #[arg(long, requires_all = ["device_id", "director_root"])]
+    pub server: Option<String>,
+    /// The device's id in the server's registry.
+    #[arg(long)]
+    pub device_id: Option<String>,
+    /// The director root to provision (copied to DIR/director-root.json).
+    #[arg(long)]
+    pub director_root: Option<PathBuf>,
+    /// Tags sent at enrollment.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Seconds between check-ins until the server says otherwise.
+    #[arg(long, default_value_t = 300)]
+    pub poll_interval_secs: u64,
 }
 
 /// `tern sim`.
@@ -124,6 +160,20 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         }
         None => "trusted_root = \"root.json\"   # provision the repository's root here".to_owned(),
     };
+    let server_section = match (&a.server, &a.device_id, &a.director_root) {
+        (Some(url), Some(id), Some(dr)) => {
+            std::fs::copy(dr, dir.join("director-root.json"))
+                .with_context(|| format!("director root {}", dr.display()))?;
+            format!(
+                "\n[server]\nurl = {}\ndevice_id = {}\ndirector_root = \"director-root.json\"\ntags = {}\npoll_interval_secs = {}\n",
+                toml_str(url),
+                toml_str(id),
+                serde_json::to_string(&a.tags)?,
+                a.poll_interval_secs
+            )
+        }
+        _ => String::new(),
+    };
     let config = format!(
         r#"# A simulated Tern device, made by `tern device simulate`.
 device_type = "{dt}"
@@ -154,7 +204,7 @@ bootname = "B"
 
 [hooks]
 timeout_secs = 30
-"#,
+{server_section}"#,
         dt = a.device_type,
         hw = a.hardware,
         policy = a.offline_install
@@ -180,6 +230,29 @@ timeout_secs = 30
         cfg_path.display()
     );
     Ok(())
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    // JSON string escaping is valid TOML basic-string escaping for these characters.
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+/// `tern device enroll`.
+pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
+    let cfg = load(&a.common.config)?;
+    let v = tern_agent::remote::enroll(&cfg, &a.token)?;
+    match a.common.output {
+        Format::Json => json(&v),
+        Format::Text => {
+            println!(
+                "device {} enrolled: {}",
+                v["id"].as_str().unwrap_or("?"),
+                v["status"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+    }
 }
 
 /// `tern sim reboot`.
@@ -337,10 +410,27 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
             if let Some(dir) = inbox {
                 sources.push(Box::new(InboxSource::new(&dir)));
             }
-            if cfg.server.is_some() {
-                eprintln!("note: the server protocol arrives with the update server; polling local sources only");
-            }
+            let mut remote = match &cfg.server {
+                Some(_) => Some(tern_agent::remote::Remote::new(cfg.clone())?),
+                None => None,
+            };
+            let mut interval = interval;
             loop {
+                if let Some(r) = remote.as_mut() {
+                    match r.poll_once() {
+                        Ok(outcome) => {
+                            if let tern_agent::remote::PollOutcome::Idle { poll_interval_secs } = &outcome {
+                                interval = std::time::Duration::from_secs((*poll_interval_secs).max(1));
+                            }
+                            match a.common.output {
+                                Format::Json => println!("{}", serde_json::to_string(&outcome)?),
+                                Format::Text => eprintln!("server: {}", serde_json::to_string(&outcome)?),
+                            }
+                        }
+                        Err(e) if a.once => return Err(e.into()),
+                        Err(e) => eprintln!("server: {e}"),
+                    }
+                }
                 for src in &mut sources {
                     if let Some(offer) = src.poll()? {
                         eprintln!("{}: installing {}", src.name(), offer.bundle.display());

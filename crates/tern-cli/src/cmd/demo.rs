@@ -185,6 +185,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         hardware: "rev-a".into(),
         slot_mib: 64,
         offline_install: "allow".into(),
+        server: None,
+        device_id: None,
+        director_root: None,
+        tags: Vec::new(),
+        poll_interval_secs: 300,
     })?;
     // The integrator's health check: release 1.1.0 is made to fail it.
     let hook = device.join("health-check");

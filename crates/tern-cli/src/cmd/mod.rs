@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod demo;
 pub mod key;
 pub mod repo;
+pub mod server;
 pub mod tuf;
 
 use std::path::PathBuf;

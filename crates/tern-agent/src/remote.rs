@@ -1,0 +1,512 @@
+//! The update server, from the device's side (DESIGN §3).
+//!
+//! One poll ([`Remote::poll_once`]):
+//!
+//! 1. Sign a check-in with the device key: a fresh nonce, the time, the slots, the agent's
+//!    state, and the stage of the deployment in hand (derived from the persisted install
+//!    state, so a report is repeated until a check-in carrying it is acknowledged).
+//! 2. If the answer carries an order, verify it against the director root: the director's
+//!    online key, this device's id, this check-in's nonce, not expired. A refused order is
+//!    remembered and reported at the next check-in; nothing else happens.
+//! 3. Refresh the release repository with the TUF client (from the device's trust anchor)
+//!    and compare each ordered target's length and hashes with the repository's signed
+//!    ones: a director that disagrees with the release engineer's signatures is refused.
+//! 4. Download (resuming a partial file after a dropped connection or a reboot), reporting
+//!    progress, then install into the inactive slot (`Agent::install_downloaded`), and
+//!    report again. The reboot and commit follow the usual boot-time step.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tern_core::director::{self, CheckIn, DeploymentReport, Order, OrderRefusal, Progress, SlotReport, Stage};
+use tern_core::{DateTime, Root, Signed, SigningKey};
+
+use crate::config::{AgentConfig, ServerConfig};
+use crate::install::{self, Agent};
+use crate::state::Phase;
+use crate::{Error, Result};
+
+/// Largest answer to a check-in the agent reads.
+const MAX_RESPONSE_BYTES: u64 = 256 * 1024;
+/// Seconds between progress reports while downloading.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// The deployment in hand, persisted in `STATE_DIR/remote.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Current {
+    /// The deployment.
+    pub id: String,
+    /// The release.
+    pub release: String,
+    /// The target.
+    pub target: String,
+    /// Where it stands.
+    pub stage: Stage,
+    /// Why it failed or rolled back.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// What `remote.json` holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteState {
+    /// The deployment in hand or last finished.
+    pub deployment: Option<Current>,
+    /// The last refused order's reason, until a check-in reported it.
+    pub refused_order: Option<String>,
+}
+
+/// What one poll did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "outcome")]
+pub enum PollOutcome {
+    /// Nothing to do.
+    Idle {
+        /// Seconds until the next poll.
+        poll_interval_secs: u64,
+    },
+    /// An order was refused.
+    Refused {
+        /// The refusal's kind.
+        kind: String,
+        /// Why.
+        reason: String,
+    },
+    /// The ordered release was installed.
+    Installed {
+        /// The deployment.
+        deployment: String,
+        /// Whether the device must reboot into it.
+        reboot_needed: bool,
+    },
+    /// The ordered release could not be installed.
+    Failed {
+        /// The deployment.
+        deployment: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The answer to a check-in.
+#[derive(Debug, Deserialize)]
+struct CheckinResponse {
+    poll_interval_secs: u64,
+    #[serde(default)]
+    order: Option<serde_json::Value>,
+}
+
+/// The device's connection to its server.
+pub struct Remote {
+    cfg: AgentConfig,
+    server: ServerConfig,
+    http: tern_client::HttpTransport,
+    key: SigningKey,
+    director: Signed<Root>,
+    state_path: PathBuf,
+}
+
+fn server_err(url: &str, reason: impl ToString) -> Error {
+    Error::Server {
+        url: url.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn random_nonce() -> String {
+    use aws_lc_rs::rand::SecureRandom;
+    let mut buf = [0u8; 16];
+    let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The server's error message from an error body, else the raw text.
+fn server_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned())
+}
+
+fn server_config(cfg: &AgentConfig) -> Result<ServerConfig> {
+    cfg.server.clone().ok_or_else(|| Error::Config {
+        path: cfg.state_dir.clone(),
+        reason: "no [server] section: this device has no update server".into(),
+    })
+}
+
+/// Enroll with the server using a fleet enrollment token; makes the device key if there is
+/// none. Returns the registry's answer (the device's status: pending until approved).
+pub fn enroll(cfg: &AgentConfig, token: &str) -> Result<serde_json::Value> {
+    let server = server_config(cfg)?;
+    let key_path = server.device_key_path(&cfg.state_dir);
+    if !key_path.exists() {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(Error::io(&cfg.state_dir))?;
+        let files = tern_fs::KeyFiles {
+            private: key_path.clone(),
+            public: key_path.with_extension("pub.json"),
+        };
+        tern_fs::generate_key_files(tern_core::KeyAlgorithm::Ed25519, &files)?;
+    }
+    let key = tern_fs::load_signing_key(&key_path)?;
+    let http = tern_client::HttpTransport::new(&tern_client::Limits::default())?;
+    let url = format!("{}/api/v1/devices/enroll", server.url.trim_end_matches('/'));
+    let body = serde_json::json!({
+        "device_id": server.device_id,
+        "public_key": key.public().to_value(),
+        "device_type": cfg.device_type,
+        "hardware": cfg.hardware_revision,
+        "tags": server.tags,
+        "enrollment_token": token,
+    });
+    let (status, resp) = http
+        .post_json(&url, body.to_string().into_bytes(), MAX_RESPONSE_BYTES)
+        .map_err(|e| server_err(&url, e))?;
+    if !(200..300).contains(&status) {
+        return Err(server_err(&url, format!("HTTP {status}: {}", server_message(&resp))));
+    }
+    serde_json::from_slice(&resp).map_err(|e| server_err(&url, format!("answer: {e}")))
+}
+
+impl From<tern_client::TransportError> for Error {
+    fn from(e: tern_client::TransportError) -> Self {
+        Error::Server {
+            url: String::new(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl Remote {
+    /// Load the device key and the director root.
+    pub fn new(cfg: AgentConfig) -> Result<Self> {
+        let server = server_config(&cfg)?;
+        let key_path = server.device_key_path(&cfg.state_dir);
+        let key = tern_fs::load_signing_key(&key_path)?;
+        let root_bytes = std::fs::read(&server.director_root).map_err(|e| Error::TrustedRoot {
+            path: server.director_root.clone(),
+            reason: e.to_string(),
+        })?;
+        let director = tern_core::trust::load_trusted_root(&root_bytes).map_err(|e| Error::TrustedRoot {
+            path: server.director_root.clone(),
+            reason: e.to_string(),
+        })?;
+        let http = tern_client::HttpTransport::new(&tern_client::Limits::default())?;
+        let state_path = cfg.state_dir.join("remote.json");
+        Ok(Remote {
+            cfg,
+            server,
+            http,
+            key,
+            director,
+            state_path,
+        })
+    }
+
+    fn base(&self) -> &str {
+        self.server.url.trim_end_matches('/')
+    }
+
+    fn load_state(&self) -> Result<RemoteState> {
+        match std::fs::read(&self.state_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::State {
+                path: self.state_path.clone(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RemoteState::default()),
+            Err(e) => Err(Error::io(&self.state_path)(e)),
+        }
+    }
+
+    fn save_state(&self, st: &RemoteState) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(st).unwrap_or_default();
+        Ok(tern_fs::atomic_write(&self.state_path, &bytes, 0o644)?)
+    }
+
+    /// The deployment's stage now, from the persisted install state: installs and boots
+    /// move it on even when no check-in happened in between (a power cut, a reboot).
+    fn settle(&self, current: &mut Current, status: &install::Status) {
+        if matches!(current.stage, Stage::Committed | Stage::RolledBack | Stage::Failed) {
+            return;
+        }
+        let booted = status
+            .slots
+            .iter()
+            .find(|s| Some(&s.bootname) == status.booted.as_ref())
+            .and_then(|s| s.record.as_ref());
+        let holds_target = booted.is_some_and(|r| r.target.as_deref() == Some(current.target.as_str()));
+        let after_install = matches!(current.stage, Stage::Installing | Stage::Rebooting | Stage::Trial);
+        match &status.state {
+            Phase::Transferring(_) | Phase::Verified(_) if current.stage == Stage::Installing => {}
+            Phase::PendingReboot(_) if after_install => current.stage = Stage::Rebooting,
+            Phase::Trial(_) if after_install => current.stage = Stage::Trial,
+            Phase::RolledBack(r) if after_install => {
+                current.stage = Stage::RolledBack;
+                current.reason = Some(r.reason.clone());
+            }
+            Phase::Committed(_) | Phase::Idle if after_install && holds_target => current.stage = Stage::Committed,
+            Phase::Failed(f) if current.stage == Stage::Installing => {
+                current.stage = Stage::Failed;
+                current.reason = Some(format!("{f:?}"));
+            }
+            _ => {}
+        }
+    }
+
+    /// Sign and send one check-in; returns its nonce and the server's answer.
+    fn checkin(&self, st: &RemoteState, progress: Option<Progress>) -> Result<(String, CheckinResponse)> {
+        let status = install::status(&self.cfg)?;
+        let slots = status
+            .slots
+            .iter()
+            .map(|s| SlotReport {
+                name: s.name.clone(),
+                booted: Some(&s.bootname) == status.booted.as_ref(),
+                status: s.record.as_ref().map_or("empty".into(), |r| r.status.clone()),
+                version: s.record.as_ref().and_then(|r| r.version.clone()),
+                target: s.record.as_ref().and_then(|r| r.target.clone()),
+                sha256: s.record.as_ref().and_then(|r| r.sha256.clone()),
+            })
+            .collect();
+        let nonce = random_nonce();
+        let doc = CheckIn {
+            kind: director::CHECKIN_TYPE.into(),
+            device_id: self.server.device_id.clone(),
+            nonce: nonce.clone(),
+            time: now().to_string(),
+            phase: status.state.name().into(),
+            slots,
+            deployment: st.deployment.as_ref().map(|d| DeploymentReport {
+                deployment: d.id.clone(),
+                stage: d.stage,
+                progress,
+                reason: d.reason.clone(),
+            }),
+            refused_order: st.refused_order.clone(),
+        };
+        let body = director::sign_document("check-in", &doc, &self.key).map_err(|e| Error::State {
+            path: self.state_path.clone(),
+            reason: format!("signing the check-in: {e}"),
+        })?;
+        let url = format!("{}/api/v1/devices/{}/checkin", self.base(), self.server.device_id);
+        let (code, resp) = self
+            .http
+            .post_json(&url, body, MAX_RESPONSE_BYTES)
+            .map_err(|e| server_err(&url, e))?;
+        if !(200..300).contains(&code) {
+            return Err(server_err(&url, format!("HTTP {code}: {}", server_message(&resp))));
+        }
+        let answer: CheckinResponse =
+            serde_json::from_slice(&resp).map_err(|e| server_err(&url, format!("answer: {e}")))?;
+        Ok((nonce, answer))
+    }
+
+    /// One poll: check in, and follow an order if one comes.
+    pub fn poll_once(&mut self) -> Result<PollOutcome> {
+        let mut st = self.load_state()?;
+        if let Some(d) = st.deployment.as_mut() {
+            let status = install::status(&self.cfg)?;
+            self.settle(d, &status);
+        }
+        self.save_state(&st)?;
+        let (nonce, answer) = self.checkin(&st, None)?;
+        // The server has the refusal now.
+        if st.refused_order.take().is_some() {
+            self.save_state(&st)?;
+        }
+        let Some(order_value) = answer.order else {
+            return Ok(PollOutcome::Idle {
+                poll_interval_secs: answer.poll_interval_secs,
+            });
+        };
+        let order_bytes = serde_json::to_vec(&order_value).unwrap_or_default();
+        let order = match director::verify_order(&order_bytes, &self.director, &self.server.device_id, &nonce, now()) {
+            Ok(o) => o,
+            Err(refusal) => return self.refuse(&mut st, refusal),
+        };
+        if let Some(d) = &st.deployment {
+            if d.id == order.deployment && matches!(d.stage, Stage::Committed | Stage::RolledBack | Stage::Failed) {
+                // Already finished here; the report above tells the server.
+                return Ok(PollOutcome::Idle {
+                    poll_interval_secs: answer.poll_interval_secs,
+                });
+            }
+        }
+        st.deployment = Some(Current {
+            id: order.deployment.clone(),
+            release: order.release.clone(),
+            target: order.targets[0].name.clone(),
+            stage: Stage::Downloading,
+            reason: None,
+        });
+        self.save_state(&st)?;
+        match self.follow(&order, &mut st) {
+            Ok(reboot_needed) => Ok(PollOutcome::Installed {
+                deployment: order.deployment,
+                reboot_needed,
+            }),
+            Err(Error::Order(refusal)) => {
+                // Signed by the director but not what the repository says: the director
+                // key may be compromised. The deployment fails, loudly.
+                if let Some(d) = st.deployment.as_mut() {
+                    d.stage = Stage::Failed;
+                    d.reason = Some(refusal.to_string());
+                }
+                self.refuse(&mut st, refusal)
+            }
+            Err(e @ (Error::Server { .. } | Error::Busy { .. })) => Err(e),
+            Err(Error::Client(c)) if is_transient(&c) => Err(Error::Client(c)),
+            Err(e) => {
+                let reason = error_chain(&e);
+                if let Some(d) = st.deployment.as_mut() {
+                    d.stage = Stage::Failed;
+                    d.reason = Some(reason.clone());
+                }
+                self.save_state(&st)?;
+                let _ = self.checkin(&st, None);
+                Ok(PollOutcome::Failed {
+                    deployment: order.deployment,
+                    reason,
+                })
+            }
+        }
+    }
+
+    fn refuse(&self, st: &mut RemoteState, refusal: OrderRefusal) -> Result<PollOutcome> {
+        st.refused_order = Some(format!("{}: {refusal}", refusal.kind()));
+        self.save_state(st)?;
+        // Tell the server now; if that fails the next check-in carries it.
+        if self.checkin(st, None).is_ok() {
+            st.refused_order = None;
+            self.save_state(st)?;
+        }
+        if let Ok(mut agent) = Agent::open(self.cfg.clone()) {
+            agent.note_error(refusal.kind(), &refusal.to_string(), now());
+        }
+        Ok(PollOutcome::Refused {
+            kind: refusal.kind().into(),
+            reason: refusal.to_string(),
+        })
+    }
+
+    /// Steps 3 and 4 for a verified order; true when a reboot is needed.
+    fn follow(&self, order: &Order, st: &mut RemoteState) -> Result<bool> {
+        let tuf_dir = self.cfg.state_dir.join("tuf");
+        let anchor = {
+            let newest = self.cfg.state_dir.join("root.json");
+            let path = if newest.exists() {
+                newest
+            } else {
+                self.cfg.trusted_root.clone()
+            };
+            std::fs::read(&path).map_err(|e| Error::TrustedRoot {
+                path,
+                reason: e.to_string(),
+            })?
+        };
+        if tern_client::MetadataDir::new(&tuf_dir)
+            .read("root", tern_core::metadata::limits::ROOT)?
+            .is_none()
+        {
+            std::fs::create_dir_all(&tuf_dir).map_err(Error::io(&tuf_dir))?;
+            tern_client::Updater::init(&tuf_dir, &anchor)?;
+        }
+        let metadata_base = format!("{}/repo/metadata/", self.base());
+        let targets_base = format!("{}/repo/targets/", self.base());
+        let mut updater = tern_client::Updater::new(
+            &tuf_dir,
+            &metadata_base,
+            &self.http,
+            tern_client::Limits::default(),
+            now(),
+        )?;
+        updater.refresh()?;
+        let mut infos = Vec::new();
+        for t in &order.targets {
+            let info = updater.get_target(&t.name)?;
+            director::match_repository(t, info.file.length, &info.file.hashes)?;
+            infos.push(info);
+        }
+        let root = Arc::new(updater.trusted().root().envelope.to_bytes());
+        let downloads = self.cfg.state_dir.join("downloads");
+        let mut payloads = Vec::new();
+        let mut last = Instant::now();
+        for info in &infos {
+            let mut progress = |done: u64, total: u64| {
+                if last.elapsed() >= PROGRESS_EVERY {
+                    last = Instant::now();
+                    let _ = self.checkin(st, Some(Progress { done, total }));
+                }
+            };
+            let path = updater.download_target_progress(info, &downloads, &targets_base, &mut progress)?;
+            let manifest = tern_core::manifest::Manifest::from_custom(info.path.as_str(), info.file.custom.as_ref())
+                .map_err(|e| Error::Unsupported {
+                    target: info.path.to_string(),
+                    reason: e.to_string(),
+                })?;
+            payloads.push((
+                tern_bundle::VerifiedPayload {
+                    target: info.path.to_string(),
+                    length: info.file.length,
+                    hashes: info.file.hashes.clone(),
+                    role: info.role.clone(),
+                    manifest,
+                    root: root.clone(),
+                },
+                path,
+            ));
+        }
+        if let Some(d) = st.deployment.as_mut() {
+            d.stage = Stage::Installing;
+        }
+        self.save_state(st)?;
+        let _ = self.checkin(st, None);
+        let mut agent = Agent::open(self.cfg.clone())?;
+        let report = agent.install_downloaded(&payloads, now(), &mut |_| {})?;
+        drop(agent);
+        for (_, path) in &payloads {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some(d) = st.deployment.as_mut() {
+            d.stage = if report.reboot_needed {
+                Stage::Rebooting
+            } else {
+                Stage::Committed
+            };
+        }
+        self.save_state(st)?;
+        let _ = self.checkin(st, None);
+        Ok(report.reboot_needed)
+    }
+}
+
+/// A dropped connection or a short download: the next poll resumes from the partial file.
+fn is_transient(e: &tern_client::Error) -> bool {
+    match e {
+        tern_client::Error::Transport(_) => true,
+        tern_client::Error::Target { source, .. } => matches!(**source, tern_core::Error::LengthMismatch { .. }),
+        _ => false,
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// The device clock.
+pub fn now() -> DateTime {
+    DateTime::from_unix(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    )
+}

@@ -1,0 +1,559 @@
+//! HTTP: the management API (`/api/v1`, bearer tokens with roles), the device endpoints
+//! (enrollment, signed check-ins), the published repository (`/repo`) and the director root.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use crate::fleet::{self, Refusal};
+use crate::{random_hex, repo, AppState};
+
+type St = State<Arc<AppState>>;
+
+/// The error body every refusal carries.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// See [`ErrorBody`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// BadRequest, Unauthorized, Forbidden, NotFound, Conflict or Internal.
+    pub kind: String,
+    /// The reason, naming what was wrong.
+    pub message: String,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self {
+            Refusal::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            Refusal::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
+            Refusal::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
+            Refusal::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
+            Refusal::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+            Refusal::Internal(e) => {
+                eprintln!("tern server: internal error: {e}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "Internal")
+            }
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                kind: kind.into(),
+                message: self.to_string(),
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+type R<T> = std::result::Result<T, Refusal>;
+
+/// Management roles, weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Reads everything but the audit log.
+    Viewer,
+    /// Also uploads releases and manages deployments.
+    Releaser,
+    /// Everything: devices, tokens, the audit log.
+    Admin,
+}
+
+impl Role {
+    /// Parse a role name.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "releaser" => Some(Role::Releaser),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Check the bearer token for at least `need`; refusals are audited.
+async fn authorize(state: &AppState, headers: &HeaderMap, need: Role, action: &str) -> R<String> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let refuse = |r: Refusal, actor: String| async move {
+        let _ = state.db.audit(&actor, action, "api", "refused", &r.to_string()).await;
+        Err(r)
+    };
+    let Some(token) = presented else {
+        return refuse(
+            Refusal::Unauthorized("no API token (send `Authorization: Bearer TOKEN`)".into()),
+            "anonymous".into(),
+        )
+        .await;
+    };
+    let Some((id, role_name)) = state.db.check_token("api", token).await.map_err(Refusal::Internal)? else {
+        return refuse(
+            Refusal::Unauthorized("the API token is not valid".into()),
+            "anonymous".into(),
+        )
+        .await;
+    };
+    let actor = format!("token:{id} ({role_name})");
+    let role = Role::parse(&role_name).unwrap_or(Role::Viewer);
+    if role < need {
+        return refuse(
+            Refusal::Forbidden(format!("{action} needs the {need:?} role; this token is {role_name}").to_lowercase()),
+            actor,
+        )
+        .await;
+    }
+    Ok(actor)
+}
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/openapi.json", get(openapi))
+        .route("/director/root.json", get(director_root))
+        .route("/repo/metadata/{file}", get(repo_metadata))
+        .route("/repo/targets/{*path}", get(repo_target))
+        .route("/api/v1/devices/enroll", post(enroll))
+        .route(
+            "/api/v1/devices/{id}/checkin",
+            post(checkin).layer(DefaultBodyLimit::max(tern_core::director::MAX_CHECKIN_BYTES)),
+        )
+        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices/{id}", get(get_device))
+        .route("/api/v1/devices/{id}/{action}", post(device_action))
+        .route(
+            "/api/v1/releases",
+            get(list_releases)
+                .post(upload_release)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/v1/releases/{name}", get(get_release))
+        .route("/api/v1/repository/root", post(set_root))
+        .route("/api/v1/deployments", get(list_deployments).post(create_deployment))
+        .route("/api/v1/deployments/{id}", get(get_deployment))
+        .route("/api/v1/deployments/{id}/cancel", post(cancel_deployment))
+        .route("/api/v1/enrollment-tokens", post(create_enrollment_token))
+        .route("/api/v1/audit", get(audit_log))
+        .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    Json(openapi_document())
+}
+
+async fn director_root(State(state): St) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.keys.director_root.clone(),
+    )
+}
+
+fn etag_of(hash: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{hash}\"")).unwrap_or(HeaderValue::from_static("\"\""))
+}
+
+fn not_modified(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+    headers.get(header::IF_NONE_MATCH).is_some_and(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii() == etag.as_bytes())
+    })
+}
+
+/// `/repo/metadata/N.ROLE.json` or `/repo/metadata/timestamp.json` (and `ROLE.json`: current).
+#[utoipa::path(get, path = "/repo/metadata/{file}", params(("file" = String, Path)), responses((status = 200), (status = 404)))]
+async fn repo_metadata(State(state): St, Path(file): Path<String>, headers: HeaderMap) -> R<Response> {
+    let decoded = percent_encoding::percent_decode_str(&file)
+        .decode_utf8_lossy()
+        .into_owned();
+    let stem = decoded
+        .strip_suffix(".json")
+        .ok_or_else(|| Refusal::NotFound(format!("no metadata `{file}`")))?;
+    let (role, version) = match stem.split_once('.') {
+        Some((v, role)) if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() => (
+            role.to_owned(),
+            Some(
+                v.parse::<i64>()
+                    .map_err(|_| Refusal::NotFound(format!("no metadata `{file}`")))?,
+            ),
+        ),
+        _ => (stem.to_owned(), None),
+    };
+    let body = repo::metadata(&state, &role, version)
+        .await
+        .map_err(Refusal::Internal)?
+        .ok_or_else(|| Refusal::NotFound(format!("no metadata `{decoded}`")))?;
+    let etag = etag_of(&tern_core::digest::sha256_hex(&body));
+    if not_modified(&headers, &etag) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let cache = if version.is_some() {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::ETAG, etag),
+            (header::CACHE_CONTROL, HeaderValue::from_static(cache)),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// Parse `bytes=START-[END]` (one range).
+fn parse_range(v: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = v.strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    if a.is_empty() {
+        let suffix: u64 = b.parse().ok()?;
+        return Some((len.saturating_sub(suffix), len.checked_sub(1)?));
+    }
+    let start: u64 = a.parse().ok()?;
+    let end = if b.is_empty() {
+        len.checked_sub(1)?
+    } else {
+        b.parse::<u64>().ok()?.min(len.checked_sub(1)?)
+    };
+    (start <= end && start < len).then_some((start, end))
+}
+
+/// A target by its consistent-snapshot name, with Range and ETag.
+#[utoipa::path(get, path = "/repo/targets/{path}", params(("path" = String, Path)), responses((status = 200), (status = 206), (status = 404), (status = 416)))]
+async fn repo_target(State(state): St, Path(path): Path<String>, headers: HeaderMap) -> R<Response> {
+    let not_found = || Refusal::NotFound(format!("no target `{path}`"));
+    let (file, hash) = repo::target_blob(&state.cfg.artifact_dir(), &path).ok_or_else(not_found)?;
+    let mut f = tokio::fs::File::open(&file).await.map_err(|_| not_found())?;
+    let len = f.metadata().await.map_err(|_| not_found())?.len();
+    let etag = etag_of(&hash.to_ascii_lowercase());
+    if not_modified(&headers, &etag) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, len.saturating_sub(1)),
+        Some(r) => match parse_range(r, len) {
+            Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
+            None => {
+                return Ok((
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+                )
+                    .into_response())
+            }
+        },
+    };
+    let count = if len == 0 { 0 } else { end - start + 1 };
+    f.seek(std::io::SeekFrom::Start(start)).await.map_err(|_| not_found())?;
+    let stream = tokio_util::io::ReaderStream::with_capacity(f.take(count), 256 * 1024);
+    let mut resp = Response::new(Body::from_stream(stream));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, etag);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// Enroll a device with a fleet enrollment token; it then waits for approval.
+#[utoipa::path(post, path = "/api/v1/devices/enroll", request_body = fleet::EnrollRequest,
+    responses((status = 200, body = fleet::Device), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn enroll(State(state): St, body: axum::body::Bytes) -> R<Json<fleet::Device>> {
+    let req: fleet::EnrollRequest =
+        serde_json::from_slice(&body).map_err(|e| Refusal::BadRequest(format!("enrollment request: {e}")))?;
+    Ok(Json(fleet::enroll(&state, req).await?))
+}
+
+/// A signed check-in (`tern_core::director::CheckIn` in a TUF envelope).
+#[utoipa::path(post, path = "/api/v1/devices/{id}/checkin", params(("id" = String, Path)),
+    responses((status = 200, body = fleet::CheckinResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn checkin(State(state): St, Path(id): Path<String>, body: axum::body::Bytes) -> R<Json<fleet::CheckinResponse>> {
+    Ok(Json(fleet::checkin(&state, &id, &body).await?))
+}
+
+/// Device filter.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct DeviceQuery {
+    /// Only devices of this status.
+    status: Option<String>,
+}
+
+/// The device registry.
+#[utoipa::path(get, path = "/api/v1/devices", params(DeviceQuery), security(("token" = [])),
+    responses((status = 200, body = Vec<fleet::Device>), (status = 401, body = ErrorBody)))]
+async fn list_devices(
+    State(state): St,
+    headers: HeaderMap,
+    Query(q): Query<DeviceQuery>,
+) -> R<Json<Vec<fleet::Device>>> {
+    authorize(&state, &headers, Role::Viewer, "device.list").await?;
+    Ok(Json(fleet::devices(&state, q.status.as_deref()).await?))
+}
+
+/// One device.
+#[utoipa::path(get, path = "/api/v1/devices/{id}", params(("id" = String, Path)), security(("token" = [])),
+    responses((status = 200, body = fleet::Device), (status = 404, body = ErrorBody)))]
+async fn get_device(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> R<Json<fleet::Device>> {
+    authorize(&state, &headers, Role::Viewer, "device.get").await?;
+    fleet::device(&state, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Refusal::NotFound(format!("no device `{id}`")))
+}
+
+/// `approve`, `reject` or `decommission` a device (admin).
+#[utoipa::path(post, path = "/api/v1/devices/{id}/{action}", params(("id" = String, Path), ("action" = String, Path)),
+    security(("token" = [])), responses((status = 200, body = fleet::Device), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn device_action(
+    State(state): St,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> R<Json<fleet::Device>> {
+    let to = match action.as_str() {
+        "approve" => "approved",
+        "reject" => "rejected",
+        "decommission" => "decommissioned",
+        _ => return Err(Refusal::NotFound(format!("no device action `{action}`"))),
+    };
+    let actor = authorize(&state, &headers, Role::Admin, &format!("device.{action}")).await?;
+    Ok(Json(fleet::set_device_status(&state, &id, to, &actor).await?))
+}
+
+/// Releases.
+#[utoipa::path(get, path = "/api/v1/releases", security(("token" = [])), responses((status = 200, body = Vec<repo::Release>)))]
+async fn list_releases(State(state): St, headers: HeaderMap) -> R<Json<Vec<repo::Release>>> {
+    authorize(&state, &headers, Role::Viewer, "release.list").await?;
+    Ok(Json(repo::releases(&state).await.map_err(Refusal::Internal)?))
+}
+
+/// One release.
+#[utoipa::path(get, path = "/api/v1/releases/{name}", params(("name" = String, Path)), security(("token" = [])),
+    responses((status = 200, body = repo::Release), (status = 404, body = ErrorBody)))]
+async fn get_release(State(state): St, headers: HeaderMap, Path(name): Path<String>) -> R<Json<repo::Release>> {
+    authorize(&state, &headers, Role::Viewer, "release.get").await?;
+    repo::release(&state, &name)
+        .await
+        .map_err(Refusal::Internal)?
+        .map(Json)
+        .ok_or_else(|| Refusal::NotFound(format!("no release `{name}`")))
+}
+
+/// Upload options.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct UploadQuery {
+    /// The release's name (default: the payloads' manifest version).
+    name: Option<String>,
+}
+
+/// Upload a release bundle (the request body, `application/octet-stream`). It is verified
+/// against the repository's root and delegations, its payloads stored, its metadata
+/// published with a new snapshot and timestamp.
+#[utoipa::path(post, path = "/api/v1/releases", params(UploadQuery), security(("token" = [])),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = repo::Release), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn upload_release(
+    State(state): St,
+    headers: HeaderMap,
+    Query(q): Query<UploadQuery>,
+    body: Body,
+) -> R<Json<repo::Release>> {
+    let actor = authorize(&state, &headers, Role::Releaser, "release.upload").await?;
+    let dir = state.cfg.artifact_dir().join("uploads");
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| Refusal::Internal(crate::Error::Io(dir.display().to_string(), e)))?;
+    let path = dir.join(format!("{}.tern", random_hex(12)));
+    let result = async {
+        let mut out = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| Refusal::Internal(crate::Error::Io(path.display().to_string(), e)))?;
+        let mut stream = body.into_data_stream();
+        let mut total = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Refusal::BadRequest(format!("upload interrupted: {e}")))?;
+            total += chunk.len() as u64;
+            if total > state.cfg.max_upload_bytes {
+                return Err(Refusal::BadRequest(format!(
+                    "the bundle exceeds the {}-byte upload limit",
+                    state.cfg.max_upload_bytes
+                )));
+            }
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| Refusal::Internal(crate::Error::Io(path.display().to_string(), e)))?;
+        }
+        out.flush()
+            .await
+            .map_err(|e| Refusal::Internal(crate::Error::Io(path.display().to_string(), e)))?;
+        drop(out);
+        repo::upload(&state, &path, q.name.as_deref(), &actor)
+            .await
+            .map_err(Refusal::from)
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&path).await;
+    if let Err(Refusal::BadRequest(m)) = &result {
+        let _ = state
+            .db
+            .audit(&actor, "release.upload", "release:?", "refused", m)
+            .await;
+    }
+    Ok(Json(result?))
+}
+
+/// Install the repository's first root (admin). Newer roots arrive in bundles.
+#[utoipa::path(post, path = "/api/v1/repository/root", security(("token" = [])),
+    request_body(content = Object, content_type = "application/json"),
+    responses((status = 200), (status = 409, body = ErrorBody)))]
+async fn set_root(State(state): St, headers: HeaderMap, body: axum::body::Bytes) -> R<Json<serde_json::Value>> {
+    let actor = authorize(&state, &headers, Role::Admin, "repository.set-root").await?;
+    let v = repo::set_root(&state, &body, &actor).await.map_err(|e| match e {
+        crate::Error::Core(c) => Refusal::BadRequest(format!("root: {c}")),
+        other => Refusal::from(other),
+    })?;
+    Ok(Json(serde_json::json!({"root_version": v})))
+}
+
+/// Deployments, newest first.
+#[utoipa::path(get, path = "/api/v1/deployments", security(("token" = [])), responses((status = 200, body = Vec<fleet::Deployment>)))]
+async fn list_deployments(State(state): St, headers: HeaderMap) -> R<Json<Vec<fleet::Deployment>>> {
+    authorize(&state, &headers, Role::Viewer, "deployment.list").await?;
+    Ok(Json(fleet::deployments(&state).await?))
+}
+
+/// Deploy a release to one device, a tag or a device type.
+#[utoipa::path(post, path = "/api/v1/deployments", request_body = fleet::DeploymentRequest, security(("token" = [])),
+    responses((status = 200, body = fleet::Deployment), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn create_deployment(
+    State(state): St,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> R<Json<fleet::Deployment>> {
+    let actor = authorize(&state, &headers, Role::Releaser, "deployment.create").await?;
+    let req: fleet::DeploymentRequest =
+        serde_json::from_slice(&body).map_err(|e| Refusal::BadRequest(format!("deployment request: {e}")))?;
+    Ok(Json(fleet::create_deployment(&state, req, &actor).await?))
+}
+
+/// A deployment with per-device status.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", params(("id" = String, Path)), security(("token" = [])),
+    responses((status = 200, body = fleet::Deployment), (status = 404, body = ErrorBody)))]
+async fn get_deployment(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> R<Json<fleet::Deployment>> {
+    authorize(&state, &headers, Role::Viewer, "deployment.get").await?;
+    fleet::deployment(&state, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Refusal::NotFound(format!("no deployment `{id}`")))
+}
+
+/// Cancel a deployment.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", params(("id" = String, Path)), security(("token" = [])),
+    responses((status = 200, body = fleet::Deployment), (status = 409, body = ErrorBody)))]
+async fn cancel_deployment(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> R<Json<fleet::Deployment>> {
+    let actor = authorize(&state, &headers, Role::Releaser, "deployment.cancel").await?;
+    Ok(Json(fleet::cancel_deployment(&state, &id, &actor).await?))
+}
+
+/// A new fleet enrollment token.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenResponse {
+    /// The token, shown once.
+    pub token: String,
+}
+
+/// Make a fleet enrollment token (admin).
+#[utoipa::path(post, path = "/api/v1/enrollment-tokens", security(("token" = [])), responses((status = 200, body = TokenResponse)))]
+async fn create_enrollment_token(State(state): St, headers: HeaderMap) -> R<Json<TokenResponse>> {
+    let actor = authorize(&state, &headers, Role::Admin, "enrollment-token.create").await?;
+    let token = state
+        .db
+        .create_token("enrollment", "device", "fleet")
+        .await
+        .map_err(Refusal::Internal)?;
+    let _ = state
+        .db
+        .audit(&actor, "enrollment-token.create", "token", "ok", "")
+        .await;
+    Ok(Json(TokenResponse { token }))
+}
+
+/// Audit options.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct AuditQuery {
+    /// Most entries (default 500).
+    limit: Option<i64>,
+}
+
+/// The audit log, newest first (admin).
+#[utoipa::path(get, path = "/api/v1/audit", params(AuditQuery), security(("token" = [])),
+    responses((status = 200, body = Vec<crate::db::AuditEntry>)))]
+async fn audit_log(
+    State(state): St,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> R<Json<Vec<crate::db::AuditEntry>>> {
+    authorize(&state, &headers, Role::Admin, "audit.read").await?;
+    Ok(Json(
+        state
+            .db
+            .audit_log(q.limit.unwrap_or(500).clamp(1, 100_000))
+            .await
+            .map_err(Refusal::Internal)?,
+    ))
+}
+
+/// The OpenAPI document of everything above.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Tern update server", description = "Release repository, device registry, director and deployments. Management endpoints take `Authorization: Bearer TOKEN` (roles admin, releaser, viewer); devices sign their check-ins."),
+    paths(
+        repo_metadata, repo_target, enroll, checkin, list_devices, get_device, device_action, list_releases,
+        get_release, upload_release, set_root, list_deployments, create_deployment, get_deployment,
+        cancel_deployment, create_enrollment_token, audit_log
+    ),
+    components(schemas(ErrorBody, ErrorDetail, TokenResponse)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document served at `/api/openapi.json`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    <ApiDoc as utoipa::OpenApi>::openapi()
+}

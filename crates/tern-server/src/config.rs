@@ -1,0 +1,191 @@
+//! `server.toml`, environment and flags.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8443"
+//! data_dir = "/var/lib/tern-server"     # SQLite database, keys and artifacts by default
+//! # database_url = "postgres://tern@db/tern"   # instead of SQLite
+//! # artifact_dir = "/srv/tern/artifacts"       # shared by every server process
+//! # key_dir = "/etc/tern-server/keys"          # the online snapshot, timestamp and director keys
+//! poll_interval_secs = 300                # what devices are told
+//! order_ttl_secs = 3600                   # how long a director order stays valid
+//! timestamp_expiry_secs = 86400           # timestamp lifetime; re-signed at half of it
+//! snapshot_expiry_secs = 604800
+//! max_upload_bytes = 17179869184
+//! max_db_connections = 16
+//!
+//! [tls]                                   # optional: HTTPS through rustls
+//! cert = "server.crt"
+//! key = "server.key"
+//! ```
+//!
+//! Every key can also come from the environment (`TERN_SERVER_LISTEN`, `TERN_SERVER_DATA_DIR`,
+//! `TERN_SERVER_DATABASE_URL`…, upper-cased) and the main ones from flags; flags win over
+//! the environment, which wins over the file. Unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// The server's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// `sqlite://…` or `postgres://…`; default: SQLite in the data directory.
+    pub database_url: Option<String>,
+    /// Where payloads are stored; default `DATA/artifacts`.
+    pub artifact_dir: Option<PathBuf>,
+    /// Where the online keys are; default `DATA/keys`.
+    pub key_dir: Option<PathBuf>,
+    /// Seconds between device check-ins.
+    #[serde(default = "default_poll")]
+    pub poll_interval_secs: u64,
+    /// Lifetime of a director order.
+    #[serde(default = "default_order_ttl")]
+    pub order_ttl_secs: u64,
+    /// Lifetime of a timestamp.
+    #[serde(default = "default_timestamp_expiry")]
+    pub timestamp_expiry_secs: u64,
+    /// Lifetime of a snapshot.
+    #[serde(default = "default_snapshot_expiry")]
+    pub snapshot_expiry_secs: u64,
+    /// Largest accepted bundle.
+    #[serde(default = "default_max_upload")]
+    pub max_upload_bytes: u64,
+    /// Database pool size.
+    #[serde(default = "default_connections")]
+    pub max_db_connections: u32,
+    /// HTTPS.
+    pub tls: Option<TlsConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_poll() -> u64 {
+    300
+}
+fn default_order_ttl() -> u64 {
+    3600
+}
+fn default_timestamp_expiry() -> u64 {
+    86_400
+}
+fn default_snapshot_expiry() -> u64 {
+    7 * 86_400
+}
+fn default_max_upload() -> u64 {
+    16 << 30
+}
+fn default_connections() -> u32 {
+    16
+}
+
+impl ServerConfig {
+    /// Defaults for a data directory.
+    pub fn for_data_dir(data_dir: &Path) -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            data_dir: data_dir.to_owned(),
+            database_url: None,
+            artifact_dir: None,
+            key_dir: None,
+            poll_interval_secs: default_poll(),
+            order_ttl_secs: default_order_ttl(),
+            timestamp_expiry_secs: default_timestamp_expiry(),
+            snapshot_expiry_secs: default_snapshot_expiry(),
+            max_upload_bytes: default_max_upload(),
+            max_db_connections: default_connections(),
+            tls: None,
+        }
+    }
+
+    /// Read a TOML file; relative paths are relative to it.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let mut cfg: ServerConfig =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut cfg.data_dir);
+        if let Some(p) = cfg.artifact_dir.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = cfg.key_dir.as_mut() {
+            resolve(p);
+        }
+        if let Some(t) = cfg.tls.as_mut() {
+            resolve(&mut t.cert);
+            resolve(&mut t.key);
+        }
+        Ok(cfg)
+    }
+
+    /// Apply `TERN_SERVER_*` variables from `vars`.
+    pub fn apply_env(&mut self, vars: impl Iterator<Item = (String, String)>) -> Result<()> {
+        for (k, v) in vars {
+            let Some(name) = k.strip_prefix("TERN_SERVER_") else {
+                continue;
+            };
+            let num = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| Error::Config(format!("{k}: `{v}` is not a number")))
+            };
+            match name {
+                "LISTEN" => self.listen = v,
+                "DATA_DIR" => self.data_dir = v.into(),
+                "DATABASE_URL" => self.database_url = Some(v),
+                "ARTIFACT_DIR" => self.artifact_dir = Some(v.into()),
+                "KEY_DIR" => self.key_dir = Some(v.into()),
+                "POLL_INTERVAL_SECS" => self.poll_interval_secs = num(&v)?,
+                "ORDER_TTL_SECS" => self.order_ttl_secs = num(&v)?,
+                "TIMESTAMP_EXPIRY_SECS" => self.timestamp_expiry_secs = num(&v)?,
+                "SNAPSHOT_EXPIRY_SECS" => self.snapshot_expiry_secs = num(&v)?,
+                "MAX_UPLOAD_BYTES" => self.max_upload_bytes = num(&v)?,
+                "MAX_DB_CONNECTIONS" => self.max_db_connections = num(&v)? as u32,
+                _ => return Err(Error::Config(format!("{k}: unknown setting"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// The database URL in effect.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(u) => u.clone(),
+            None => format!("sqlite://{}?mode=rwc", self.data_dir.join("tern.db").display()),
+        }
+    }
+
+    /// The artifact directory in effect.
+    pub fn artifact_dir(&self) -> PathBuf {
+        self.artifact_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("artifacts"))
+    }
+
+    /// The key directory in effect.
+    pub fn key_dir(&self) -> PathBuf {
+        self.key_dir.clone().unwrap_or_else(|| self.data_dir.join("keys"))
+    }
+}

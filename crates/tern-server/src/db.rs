@@ -1,0 +1,191 @@
+//! The database: one pool (sqlx's `Any` driver), the same migrations and queries on SQLite
+//! and PostgreSQL. Queries use `$N` placeholders, which both backends accept.
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor, Row};
+use std::str::FromStr;
+
+use crate::{random_hex, unix_now, Result};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Which database is behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite (one server process).
+    Sqlite,
+    /// PostgreSQL (one or more server processes).
+    Postgres,
+}
+
+/// The pool.
+#[derive(Clone)]
+pub struct Db {
+    /// The connections.
+    pub pool: AnyPool,
+    /// The backend.
+    pub backend: Backend,
+}
+
+/// An audit entry.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct AuditEntry {
+    /// When (Unix microseconds).
+    pub at_us: i64,
+    /// Who: `token:ID (role)`, `device:ID`, `server:INSTANCE` or `local`.
+    pub actor: String,
+    /// What was attempted.
+    pub action: String,
+    /// On what.
+    pub subject: String,
+    /// `ok` or `refused`.
+    pub outcome: String,
+    /// Details or the refusal's reason.
+    pub detail: String,
+}
+
+impl Db {
+    /// Connect and run the migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        let options = AnyConnectOptions::from_str(url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite {
+                max_connections.min(8)
+            } else {
+                max_connections
+            })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers run beside the one writer; FULL syncs every
+                        // commit, so an acknowledged report survives a power cut.
+                        conn.execute("PRAGMA journal_mode=WAL").await?;
+                        conn.execute("PRAGMA synchronous=FULL").await?;
+                        conn.execute("PRAGMA busy_timeout=15000").await?;
+                        conn.execute("PRAGMA foreign_keys=ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        // Several server processes may start at once against one PostgreSQL database: sqlx
+        // takes an advisory lock around the migrations there.
+        MIGRATOR.run(&pool).await?;
+        Ok(Db { pool, backend })
+    }
+
+    /// Append to the audit log.
+    pub async fn audit(&self, actor: &str, action: &str, subject: &str, outcome: &str, detail: &str) -> Result<()> {
+        let at_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        sqlx::query(
+            "INSERT INTO audit (id, at_us, actor, action, subject, outcome, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(random_hex(12))
+        .bind(at_us)
+        .bind(actor)
+        .bind(action)
+        .bind(subject)
+        .bind(outcome)
+        .bind(detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit entries, newest first.
+    pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT at_us, actor, action, subject, outcome, detail FROM audit ORDER BY at_us DESC, id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    at_us: r.try_get(0)?,
+                    actor: r.try_get(1)?,
+                    action: r.try_get(2)?,
+                    subject: r.try_get(3)?,
+                    outcome: r.try_get(4)?,
+                    detail: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Take or renew the lease `name` for `ttl_ms`; true when `holder` has it. One statement:
+    /// the row is taken only if free, expired, or already ours, so two processes never
+    /// both hold it.
+    pub async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool> {
+        let now = crate::unix_now_ms();
+        sqlx::query("INSERT INTO leases (name, holder, until_ms) VALUES ($1, '', 0) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        let done = sqlx::query(
+            "UPDATE leases SET holder = $1, until_ms = $2 WHERE name = $3 AND (holder = $1 OR until_ms < $4)",
+        )
+        .bind(holder)
+        .bind(now + ttl_ms)
+        .bind(name)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Make a token; returns the secret string, shown once. Only a hash is stored.
+    pub async fn create_token(&self, kind: &str, role: &str, name: &str) -> Result<String> {
+        let id = random_hex(8);
+        let secret = random_hex(24);
+        sqlx::query(
+            "INSERT INTO tokens (id, kind, role, name, secret_sha256, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(kind)
+        .bind(role)
+        .bind(name)
+        .bind(tern_core::digest::sha256_hex(secret.as_bytes()))
+        .bind(unix_now())
+        .execute(&self.pool)
+        .await?;
+        let prefix = if kind == "enrollment" { "ternenroll" } else { "tern" };
+        Ok(format!("{prefix}_{id}_{secret}"))
+    }
+
+    /// The token's id and role if `presented` is a live token of `kind`.
+    pub async fn check_token(&self, kind: &str, presented: &str) -> Result<Option<(String, String)>> {
+        let mut parts = presented.splitn(3, '_');
+        let (Some(_), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
+            return Ok(None);
+        };
+        if id.len() > 64 || secret.len() > 128 {
+            return Ok(None);
+        }
+        let row =
+            sqlx::query("SELECT role, secret_sha256 FROM tokens WHERE id = $1 AND kind = $2 AND revoked_at IS NULL")
+                .bind(id)
+                .bind(kind)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(row) = row else { return Ok(None) };
+        let role: String = row.try_get(0)?;
+        let stored: String = row.try_get(1)?;
+        let presented_hash = tern_core::digest::sha256_hex(secret.as_bytes());
+        if tern_core::digest::ct_eq(stored.as_bytes(), presented_hash.as_bytes()) {
+            Ok(Some((id.to_owned(), role)))
+        } else {
+            Ok(None)
+        }
+    }
+}

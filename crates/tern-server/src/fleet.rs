@@ -1,0 +1,863 @@
+//! Devices, deployments and the check-in: the director's side of DESIGN §3.
+//!
+//! A deployment is materialised into one row per device when it is created (and for a
+//! device approved later that it selects), holding the exact target chosen for that device.
+//! Device status follows only the device's signed reports; a device counts as succeeded
+//! only when it reports Committed while booted from a slot holding the deployed target.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use tern_core::director::{self, CheckIn, Order, OrderTarget, Stage};
+use tern_core::{DateTime, PublicKey};
+
+use crate::repo::{self, ReleaseTarget};
+use crate::{random_hex, unix_now, AppState, Error};
+
+/// A refusal with an HTTP meaning.
+#[derive(Debug)]
+pub enum Refusal {
+    /// 400: the request is malformed.
+    BadRequest(String),
+    /// 401: the signature or credential is wrong.
+    Unauthorized(String),
+    /// 403: not allowed in this state.
+    Forbidden(String),
+    /// 404: no such thing.
+    NotFound(String),
+    /// 409: conflicts with what exists.
+    Conflict(String),
+    /// 500.
+    Internal(Error),
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Refused(r) => Refusal::Conflict(r),
+            other => Refusal::Internal(other),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Refusal {
+    fn from(e: sqlx::Error) -> Self {
+        Refusal::Internal(e.into())
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::BadRequest(m)
+            | Refusal::Unauthorized(m)
+            | Refusal::Forbidden(m)
+            | Refusal::NotFound(m)
+            | Refusal::Conflict(m) => f.write_str(m),
+            Refusal::Internal(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+type R<T> = std::result::Result<T, Refusal>;
+
+/// An enrollment request.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The device's chosen id (serial number, hostname).
+    pub device_id: String,
+    /// Its public key, TUF key JSON.
+    #[schema(value_type = Object)]
+    pub public_key: serde_json::Value,
+    /// Device type.
+    pub device_type: String,
+    /// Hardware revision.
+    pub hardware: String,
+    /// Tags for deployments.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The fleet enrollment token.
+    pub enrollment_token: String,
+}
+
+/// A device as the registry has it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Device {
+    /// Id.
+    pub id: String,
+    /// pending, approved, rejected or decommissioned.
+    pub status: String,
+    /// Device type.
+    pub device_type: String,
+    /// Hardware revision.
+    pub hardware: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Its key id.
+    pub keyid: String,
+    /// Last check-in (Unix seconds).
+    pub last_seen: Option<i64>,
+    /// The agent's state at the last check-in.
+    pub phase: Option<String>,
+    /// Its slots at the last check-in.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub slots: Option<serde_json::Value>,
+    /// The last order it refused, and why.
+    pub refused_order: Option<String>,
+}
+
+fn valid_id(what: &str, id: &str) -> R<()> {
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(Refusal::BadRequest(format!(
+            "{what} `{id}` must be 1 to 128 characters of letters, digits, `-_.:`"
+        )));
+    }
+    Ok(())
+}
+
+/// Enroll a device with a fleet token: it waits for an operator's approval.
+pub async fn enroll(state: &AppState, req: EnrollRequest) -> R<Device> {
+    let actor = format!("device:{}", req.device_id);
+    let outcome = enroll_inner(state, &req).await;
+    audit(
+        state,
+        &actor,
+        "device.enroll",
+        &format!("device:{}", req.device_id),
+        &outcome,
+    )
+    .await;
+    outcome
+}
+
+async fn enroll_inner(state: &AppState, req: &EnrollRequest) -> R<Device> {
+    valid_id("device id", &req.device_id)?;
+    for t in &req.tags {
+        valid_id("tag", t)?;
+    }
+    valid_id("device type", &req.device_type)?;
+    if req.hardware.len() > 128 || req.tags.len() > 64 {
+        return Err(Refusal::BadRequest("hardware or tags too long".into()));
+    }
+    if state
+        .db
+        .check_token("enrollment", &req.enrollment_token)
+        .await?
+        .is_none()
+    {
+        return Err(Refusal::Unauthorized("the enrollment token is not valid".into()));
+    }
+    let key = PublicKey::from_value("device key", &req.public_key)
+        .map_err(|e| Refusal::BadRequest(format!("public_key: {e}")))?;
+    let keyid = key.keyid();
+    if let Some(existing) = device(state, &req.device_id).await? {
+        if existing.keyid != keyid.as_str() {
+            return Err(Refusal::Conflict(format!(
+                "device `{}` is enrolled with another key",
+                req.device_id
+            )));
+        }
+        return Ok(existing);
+    }
+    let now = unix_now();
+    let mut tx = state.db.pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO devices (id, public_key, keyid, device_type, hardware, tags, status, enrolled_via, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', 'token', $7, $7)",
+    )
+    .bind(&req.device_id)
+    .bind(req.public_key.to_string())
+    .bind(keyid.as_str())
+    .bind(&req.device_type)
+    .bind(&req.hardware)
+    .bind(serde_json::to_string(&req.tags).unwrap_or_default())
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    for t in &req.tags {
+        sqlx::query("INSERT INTO device_tags (device_id, tag) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(&req.device_id)
+            .bind(t)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    device(state, &req.device_id)
+        .await?
+        .ok_or_else(|| Refusal::NotFound("device vanished".into()))
+}
+
+async fn audit<T>(state: &AppState, actor: &str, action: &str, subject: &str, outcome: &R<T>) {
+    let (o, detail) = match outcome {
+        Ok(_) => ("ok", String::new()),
+        Err(e) => ("refused", e.to_string()),
+    };
+    if let Err(e) = state.db.audit(actor, action, subject, o, &detail).await {
+        eprintln!("tern server: audit write failed: {e}");
+    }
+}
+
+fn device_from_row(r: &sqlx::any::AnyRow) -> R<Device> {
+    let tags: String = r.try_get("tags")?;
+    let slots: Option<String> = r.try_get("slots")?;
+    Ok(Device {
+        id: r.try_get("id")?,
+        status: r.try_get("status")?,
+        device_type: r.try_get("device_type")?,
+        hardware: r.try_get("hardware")?,
+        tags: serde_json::from_str(&tags).unwrap_or_default(),
+        keyid: r.try_get("keyid")?,
+        last_seen: r.try_get("last_seen")?,
+        phase: r.try_get("phase")?,
+        slots: slots.and_then(|s| serde_json::from_str(&s).ok()),
+        refused_order: r.try_get("refused_order")?,
+    })
+}
+
+const DEVICE_COLUMNS: &str = "id, status, device_type, hardware, tags, keyid, last_seen, phase, slots, refused_order";
+
+/// One device.
+pub async fn device(state: &AppState, id: &str) -> R<Option<Device>> {
+    let row = sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&state.db.pool)
+        .await?;
+    row.as_ref().map(device_from_row).transpose()
+}
+
+/// Devices, optionally of one status.
+pub async fn devices(state: &AppState, status: Option<&str>) -> R<Vec<Device>> {
+    let rows = match status {
+        Some(s) => {
+            sqlx::query(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE status = $1 ORDER BY id LIMIT 10000"
+            ))
+            .bind(s)
+            .fetch_all(&state.db.pool)
+            .await?
+        }
+        None => {
+            sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id LIMIT 10000"))
+                .fetch_all(&state.db.pool)
+                .await?
+        }
+    };
+    rows.iter().map(device_from_row).collect()
+}
+
+/// Approve, reject or decommission a device.
+pub async fn set_device_status(state: &AppState, id: &str, to: &str, actor: &str) -> R<Device> {
+    let outcome = async {
+        let d = device(state, id)
+            .await?
+            .ok_or_else(|| Refusal::NotFound(format!("no device `{id}`")))?;
+        let allowed = match (d.status.as_str(), to) {
+            ("pending", "approved" | "rejected") => true,
+            ("approved" | "pending" | "rejected", "decommissioned") => true,
+            ("rejected", "approved") => true,
+            _ => false,
+        };
+        if !allowed {
+            return Err(Refusal::Conflict(format!(
+                "device `{id}` is {}; it cannot become {to}",
+                d.status
+            )));
+        }
+        let mut tx = state.db.pool.begin().await?;
+        sqlx::query("UPDATE devices SET status = $1, updated_at = $2 WHERE id = $3")
+            .bind(to)
+            .bind(unix_now())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if to == "decommissioned" {
+            sqlx::query(
+                "UPDATE deployment_devices SET status = 'cancelled', reason = 'device decommissioned', updated_at = $1
+                 WHERE device_id = $2 AND status IN ('queued', 'downloading', 'installing')",
+            )
+            .bind(unix_now())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        if to == "approved" {
+            join_active_deployments(state, id).await?;
+        }
+        device(state, id)
+            .await?
+            .ok_or_else(|| Refusal::NotFound(format!("no device `{id}`")))
+    }
+    .await;
+    audit(state, actor, &format!("device.{to}"), &format!("device:{id}"), &outcome).await;
+    outcome
+}
+
+/// A deployment request.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentRequest {
+    /// The release.
+    pub release: String,
+    /// One device …
+    pub device: Option<String>,
+    /// … or every device with this tag …
+    pub tag: Option<String>,
+    /// … or every device of this type.
+    pub device_type: Option<String>,
+}
+
+/// One device's place in a deployment.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct DeviceDeployment {
+    /// The device.
+    pub device: String,
+    /// The target chosen for it.
+    pub target: String,
+    /// queued, downloading, installing, rebooting, trial, succeeded, failed, rolled-back, cancelled.
+    pub status: String,
+    /// Bytes downloaded.
+    pub progress_done: Option<i64>,
+    /// Bytes to download.
+    pub progress_total: Option<i64>,
+    /// Why it failed, rolled back or was cancelled.
+    pub reason: Option<String>,
+    /// Last change (Unix seconds).
+    pub updated_at: i64,
+}
+
+/// A deployment and its devices.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Deployment {
+    /// Id.
+    pub id: String,
+    /// Release.
+    pub release: String,
+    /// `device`, `tag` or `device_type`.
+    pub selector_kind: String,
+    /// The device id, tag or type.
+    pub selector: String,
+    /// active, finished or cancelled.
+    pub status: String,
+    /// Created (Unix seconds).
+    pub created_at: i64,
+    /// By whom.
+    pub created_by: String,
+    /// Devices per status.
+    pub counts: BTreeMap<String, i64>,
+    /// Every device.
+    pub devices: Vec<DeviceDeployment>,
+}
+
+const TERMINAL: [&str; 4] = ["succeeded", "failed", "rolled-back", "cancelled"];
+
+fn choose_target<'a>(targets: &'a [ReleaseTarget], device_type: &str, hardware: &str) -> Option<&'a ReleaseTarget> {
+    targets
+        .iter()
+        .find(|t| t.device_type == device_type && (t.hardware.is_empty() || t.hardware.iter().any(|h| h == hardware)))
+}
+
+/// Create a deployment.
+pub async fn create_deployment(state: &AppState, req: DeploymentRequest, actor: &str) -> R<Deployment> {
+    let outcome = create_deployment_inner(state, &req, actor).await;
+    let subject = match &outcome {
+        Ok(d) => format!("deployment:{}", d.id),
+        Err(_) => format!("release:{}", req.release),
+    };
+    audit(state, actor, "deployment.create", &subject, &outcome).await;
+    outcome
+}
+
+async fn create_deployment_inner(state: &AppState, req: &DeploymentRequest, actor: &str) -> R<Deployment> {
+    let (kind, selector) = match (&req.device, &req.tag, &req.device_type) {
+        (Some(d), None, None) => ("device", d.clone()),
+        (None, Some(t), None) => ("tag", t.clone()),
+        (None, None, Some(t)) => ("device_type", t.clone()),
+        _ => {
+            return Err(Refusal::BadRequest(
+                "name exactly one of `device`, `tag` or `device_type`".into(),
+            ))
+        }
+    };
+    let release = repo::release(state, &req.release)
+        .await?
+        .ok_or_else(|| Refusal::NotFound(format!("no release `{}`", req.release)))?;
+    let id = format!("d-{}", random_hex(6));
+    let now = unix_now();
+    sqlx::query(
+        "INSERT INTO deployments (id, release_name, selector_kind, selector, status, created_at, created_by)
+         VALUES ($1, $2, $3, $4, 'active', $5, $6)",
+    )
+    .bind(&id)
+    .bind(&release.name)
+    .bind(kind)
+    .bind(&selector)
+    .bind(now)
+    .bind(actor)
+    .execute(&state.db.pool)
+    .await?;
+    let ids: Vec<String> = match kind {
+        "device" => vec![selector.clone()],
+        "tag" => sqlx::query("SELECT t.device_id FROM device_tags t JOIN devices d ON d.id = t.device_id WHERE t.tag = $1 AND d.status = 'approved'")
+            .bind(&selector)
+            .fetch_all(&state.db.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<std::result::Result<_, _>>()?,
+        _ => sqlx::query("SELECT id FROM devices WHERE device_type = $1 AND status = 'approved'")
+            .bind(&selector)
+            .fetch_all(&state.db.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<std::result::Result<_, _>>()?,
+    };
+    if kind == "device" {
+        match device(state, &selector).await? {
+            Some(d) if d.status == "approved" => {}
+            Some(d) => return Err(Refusal::Conflict(format!("device `{selector}` is {}", d.status))),
+            None => return Err(Refusal::NotFound(format!("no device `{selector}`"))),
+        }
+    }
+    for dev in ids {
+        add_device(state, &id, &release, &dev).await?;
+    }
+    deployment(state, &id)
+        .await?
+        .ok_or_else(|| Refusal::NotFound("deployment vanished".into()))
+}
+
+/// Queue `device` in deployment `id`; a queued or downloading row of an older deployment
+/// for the same device is superseded.
+async fn add_device(state: &AppState, id: &str, release: &repo::Release, device_id: &str) -> R<()> {
+    let Some(dev) = device(state, device_id).await? else {
+        return Ok(());
+    };
+    let now = unix_now();
+    let mut tx = state.db.pool.begin().await?;
+    sqlx::query(
+        "UPDATE deployment_devices SET status = 'cancelled', reason = $1, updated_at = $2
+         WHERE device_id = $3 AND deployment_id <> $4 AND status IN ('queued', 'downloading')",
+    )
+    .bind(format!("superseded by deployment {id}"))
+    .bind(now)
+    .bind(device_id)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    let (target, length, hashes, version, status, reason) =
+        match choose_target(&release.targets, &dev.device_type, &dev.hardware) {
+            Some(t) => (
+                t.name.clone(),
+                t.length as i64,
+                serde_json::to_string(&t.hashes).unwrap_or_default(),
+                t.version.clone(),
+                "queued",
+                None,
+            ),
+            None => (
+                String::new(),
+                0,
+                "{}".into(),
+                String::new(),
+                "failed",
+                Some(format!(
+                    "release {} has no target for device type {} hardware {}",
+                    release.name, dev.device_type, dev.hardware
+                )),
+            ),
+        };
+    sqlx::query(
+        "INSERT INTO deployment_devices (deployment_id, device_id, target, target_length, target_hashes, version, status, reason, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) ON CONFLICT DO NOTHING",
+    )
+    .bind(id)
+    .bind(device_id)
+    .bind(target)
+    .bind(length)
+    .bind(hashes)
+    .bind(version)
+    .bind(status)
+    .bind(reason)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A newly approved device joins the active deployments that select it.
+async fn join_active_deployments(state: &AppState, device_id: &str) -> R<()> {
+    let rows = sqlx::query(
+        "SELECT id, release_name FROM deployments WHERE status = 'active' AND (
+            (selector_kind = 'device' AND selector = $1)
+         OR (selector_kind = 'device_type' AND selector = (SELECT device_type FROM devices WHERE id = $1))
+         OR (selector_kind = 'tag' AND selector IN (SELECT tag FROM device_tags WHERE device_id = $1)))
+         ORDER BY created_at",
+    )
+    .bind(device_id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    for r in rows {
+        let id: String = r.try_get(0)?;
+        let name: String = r.try_get(1)?;
+        if let Some(release) = repo::release(state, &name).await? {
+            add_device(state, &id, &release, device_id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A deployment with its devices.
+pub async fn deployment(state: &AppState, id: &str) -> R<Option<Deployment>> {
+    let Some(row) = sqlx::query(
+        "SELECT id, release_name, selector_kind, selector, status, created_at, created_by FROM deployments WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&state.db.pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let rows = sqlx::query(
+        "SELECT device_id, target, status, progress_done, progress_total, reason, updated_at
+         FROM deployment_devices WHERE deployment_id = $1 ORDER BY device_id",
+    )
+    .bind(id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    let mut devices = Vec::new();
+    let mut counts = BTreeMap::new();
+    for r in &rows {
+        let d = DeviceDeployment {
+            device: r.try_get(0)?,
+            target: r.try_get(1)?,
+            status: r.try_get(2)?,
+            progress_done: r.try_get(3)?,
+            progress_total: r.try_get(4)?,
+            reason: r.try_get(5)?,
+            updated_at: r.try_get(6)?,
+        };
+        *counts.entry(d.status.clone()).or_insert(0) += 1;
+        devices.push(d);
+    }
+    let mut status: String = row.try_get(4)?;
+    if status == "active" && !devices.is_empty() && devices.iter().all(|d| TERMINAL.contains(&d.status.as_str())) {
+        status = "finished".into();
+    }
+    Ok(Some(Deployment {
+        id: row.try_get(0)?,
+        release: row.try_get(1)?,
+        selector_kind: row.try_get(2)?,
+        selector: row.try_get(3)?,
+        status,
+        created_at: row.try_get(5)?,
+        created_by: row.try_get(6)?,
+        counts,
+        devices,
+    }))
+}
+
+/// All deployments, newest first.
+pub async fn deployments(state: &AppState) -> R<Vec<Deployment>> {
+    let ids = sqlx::query("SELECT id FROM deployments ORDER BY created_at DESC LIMIT 1000")
+        .fetch_all(&state.db.pool)
+        .await?;
+    let mut out = Vec::new();
+    for r in ids {
+        let id: String = r.try_get(0)?;
+        if let Some(d) = deployment(state, &id).await? {
+            out.push(d);
+        }
+    }
+    Ok(out)
+}
+
+/// Cancel a deployment: devices that have not begun installing stop; the others finish.
+pub async fn cancel_deployment(state: &AppState, id: &str, actor: &str) -> R<Deployment> {
+    let outcome = async {
+        let d = deployment(state, id)
+            .await?
+            .ok_or_else(|| Refusal::NotFound(format!("no deployment `{id}`")))?;
+        if d.status != "active" {
+            return Err(Refusal::Conflict(format!("deployment `{id}` is {}", d.status)));
+        }
+        let mut tx = state.db.pool.begin().await?;
+        sqlx::query("UPDATE deployments SET status = 'cancelled' WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE deployment_devices SET status = 'cancelled', reason = 'deployment cancelled', updated_at = $1
+             WHERE deployment_id = $2 AND status IN ('queued', 'downloading')",
+        )
+        .bind(unix_now())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        deployment(state, id)
+            .await?
+            .ok_or_else(|| Refusal::NotFound(format!("no deployment `{id}`")))
+    }
+    .await;
+    audit(state, actor, "deployment.cancel", &format!("deployment:{id}"), &outcome).await;
+    outcome
+}
+
+/// The server's answer to a check-in.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckinResponse {
+    /// Seconds until the next check-in.
+    pub poll_interval_secs: u64,
+    /// A signed director order, when a deployment is pending for this device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub order: Option<serde_json::Value>,
+}
+
+/// A device check-in: verify, record the report, answer with an order if one is pending.
+pub async fn checkin(state: &AppState, path_id: &str, body: &[u8]) -> R<CheckinResponse> {
+    let outcome = checkin_inner(state, path_id, body).await;
+    if let Err(e) = &outcome {
+        // Refusals are audited; accepted check-ins are not (they are the fleet's heartbeat;
+        // the changes they cause are).
+        let detail = e.to_string();
+        let _ = state
+            .db
+            .audit(
+                &format!("device:{path_id}"),
+                "device.checkin",
+                &format!("device:{path_id}"),
+                "refused",
+                &detail,
+            )
+            .await;
+    }
+    outcome
+}
+
+struct PendingRow {
+    deployment: String,
+    release: String,
+    target: String,
+    length: i64,
+    hashes: String,
+    version: String,
+    status: String,
+}
+
+async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<CheckinResponse> {
+    let (env, c) = director::parse_checkin(body).map_err(|e| Refusal::BadRequest(format!("check-in: {e}")))?;
+    if c.device_id != path_id {
+        return Err(Refusal::BadRequest(format!(
+            "check-in is for device `{}`, sent to `{path_id}`",
+            c.device_id
+        )));
+    }
+    let row = sqlx::query("SELECT public_key, status FROM devices WHERE id = $1")
+        .bind(path_id)
+        .fetch_optional(&state.db.pool)
+        .await?
+        .ok_or_else(|| Refusal::NotFound(format!("no device `{path_id}`")))?;
+    let key_json: String = row.try_get(0)?;
+    let status: String = row.try_get(1)?;
+    let key_value: serde_json::Value =
+        serde_json::from_str(&key_json).map_err(|e| Refusal::Internal(Error::Refused(e.to_string())))?;
+    let key = PublicKey::from_value("device key", &key_value).map_err(|e| Refusal::Internal(e.into()))?;
+    director::verify_checkin(&env, &key)
+        .map_err(|e| Refusal::Unauthorized(format!("check-in is not signed by device `{path_id}`'s key: {e}")))?;
+    if status != "approved" {
+        return Err(Refusal::Forbidden(format!("device `{path_id}` is {status}")));
+    }
+    let time = DateTime::parse(&c.time).map_err(Refusal::BadRequest)?.unix();
+    let now = unix_now();
+    let slots = serde_json::to_string(&c.slots).unwrap_or_default();
+    // The replay guard and the heartbeat in one statement: a nonce equal to the last one, or
+    // a device time before the last accepted one, changes nothing.
+    let fresh = sqlx::query(
+        "UPDATE devices SET last_seen = $1, last_time = $2, last_nonce = $3, phase = $4, slots = $5, refused_order = $6
+         WHERE id = $7 AND (last_nonce IS NULL OR last_nonce <> $3) AND (last_time IS NULL OR last_time <= $2)",
+    )
+    .bind(now)
+    .bind(time)
+    .bind(&c.nonce)
+    .bind(&c.phase)
+    .bind(&slots)
+    .bind(&c.refused_order)
+    .bind(path_id)
+    .execute(&state.db.pool)
+    .await?;
+    if fresh.rows_affected() != 1 {
+        return Err(Refusal::Unauthorized(format!(
+            "check-in from `{path_id}` replays a nonce or goes back in time"
+        )));
+    }
+    if let Some(refused) = &c.refused_order {
+        let _ = state
+            .db
+            .audit(
+                &format!("device:{path_id}"),
+                "device.refused-order",
+                &format!("device:{path_id}"),
+                "refused",
+                refused,
+            )
+            .await;
+    }
+    let pending = pending_row(state, path_id).await?;
+    if let Some(report) = &c.deployment {
+        record_report(state, path_id, &c, report).await?;
+    }
+    // Re-read after the report: it may have finished the deployment.
+    let pending = match (&c.deployment, pending) {
+        (Some(_), _) => pending_row(state, path_id).await?,
+        (None, p) => p,
+    };
+    let order = match pending {
+        Some(p) if matches!(p.status.as_str(), "queued" | "downloading" | "installing") => {
+            let hashes: BTreeMap<String, String> = serde_json::from_str(&p.hashes).unwrap_or_default();
+            let order = Order {
+                kind: director::ORDER_TYPE.into(),
+                device_id: path_id.to_owned(),
+                nonce: c.nonce.clone(),
+                deployment: p.deployment,
+                release: p.release,
+                targets: vec![OrderTarget {
+                    name: p.target,
+                    length: p.length as u64,
+                    hashes,
+                }],
+                expires: DateTime::from_unix(now + state.cfg.order_ttl_secs as i64).to_string(),
+            };
+            let _ = p.version;
+            let bytes = director::sign_document("order", &order, &state.keys.director)
+                .map_err(|e| Refusal::Internal(e.into()))?;
+            Some(serde_json::from_slice(&bytes).map_err(|e| Refusal::Internal(Error::Refused(e.to_string())))?)
+        }
+        _ => None,
+    };
+    Ok(CheckinResponse {
+        poll_interval_secs: state.cfg.poll_interval_secs,
+        order,
+    })
+}
+
+async fn pending_row(state: &AppState, device_id: &str) -> R<Option<PendingRow>> {
+    let row = sqlx::query(
+        "SELECT dd.deployment_id, d.release_name, dd.target, dd.target_length, dd.target_hashes, dd.version, dd.status
+         FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
+         WHERE dd.device_id = $1 AND dd.status IN ('queued', 'downloading', 'installing', 'rebooting', 'trial')
+         ORDER BY dd.created_at LIMIT 1",
+    )
+    .bind(device_id)
+    .fetch_optional(&state.db.pool)
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(PendingRow {
+        deployment: r.try_get(0)?,
+        release: r.try_get(1)?,
+        target: r.try_get(2)?,
+        length: r.try_get(3)?,
+        hashes: r.try_get(4)?,
+        version: r.try_get(5)?,
+        status: r.try_get(6)?,
+    }))
+}
+
+/// Apply a device's report on a deployment to its row.
+async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &director::DeploymentReport) -> R<()> {
+    let row = sqlx::query(
+        "SELECT target, version, status, progress_done, reason FROM deployment_devices WHERE deployment_id = $1 AND device_id = $2",
+    )
+    .bind(&report.deployment)
+    .bind(device_id)
+    .fetch_optional(&state.db.pool)
+    .await?;
+    let Some(row) = row else { return Ok(()) };
+    let target: String = row.try_get(0)?;
+    let version: String = row.try_get(1)?;
+    let status: String = row.try_get(2)?;
+    let old_done: Option<i64> = row.try_get(3)?;
+    if TERMINAL.contains(&status.as_str()) {
+        return Ok(());
+    }
+    let (new_status, reason) = match report.stage {
+        Stage::Downloading => ("downloading", None),
+        Stage::Installing => ("installing", None),
+        Stage::Rebooting => ("rebooting", None),
+        Stage::Trial => ("trial", None),
+        Stage::Committed => match c.booted() {
+            Some(b)
+                if b.target.as_deref() == Some(target.as_str()) && b.version.as_deref() == Some(version.as_str()) =>
+            {
+                ("succeeded", None)
+            }
+            Some(b) => (
+                "failed",
+                Some(format!(
+                    "reported committed while booted from {} holding {} {}, not {target} {version}",
+                    b.name,
+                    b.target.as_deref().unwrap_or("nothing"),
+                    b.version.as_deref().unwrap_or("")
+                )),
+            ),
+            None => ("failed", Some("reported committed but no booted slot".to_owned())),
+        },
+        Stage::RolledBack => (
+            "rolled-back",
+            Some(
+                report
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "the bootloader fell back".into()),
+            ),
+        ),
+        Stage::Failed => (
+            "failed",
+            Some(report.reason.clone().unwrap_or_else(|| "unknown".into())),
+        ),
+    };
+    let done = report.progress.map(|p| p.done as i64);
+    let total = report.progress.map(|p| p.total as i64);
+    if new_status == status && done == old_done {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE deployment_devices SET status = $1, progress_done = $2, progress_total = $3, reason = $4, updated_at = $5
+         WHERE deployment_id = $6 AND device_id = $7",
+    )
+    .bind(new_status)
+    .bind(done)
+    .bind(total)
+    .bind(&reason)
+    .bind(unix_now())
+    .bind(&report.deployment)
+    .bind(device_id)
+    .execute(&state.db.pool)
+    .await?;
+    if new_status != status {
+        state
+            .db
+            .audit(
+                &format!("device:{device_id}"),
+                "deployment.device-status",
+                &format!("deployment:{}", report.deployment),
+                "ok",
+                &format!(
+                    "{status} -> {new_status}{}",
+                    reason.map(|r| format!(": {r}")).unwrap_or_default()
+                ),
+            )
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! Tern's update server.
+//!
+//! What it does: publishes the release repository (the release engineer's offline-signed
+//! root, targets and delegations, with snapshot and timestamp signed here by online keys),
+//! keeps the device registry (enrollment by fleet token and operator approval), answers
+//! signed device check-ins with orders signed by the director's online key, tracks
+//! deployments device by device from the agents' reports, and offers a management API
+//! authenticated by role-scoped tokens, every change and refusal audited.
+//!
+//! What it does not do: hold any offline key, or trust a device's report without its
+//! signature. One database (SQLite by default, PostgreSQL for several processes) is the
+//! single source of truth; payload files are content-addressed in the artifact directory.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod fleet;
+pub mod keys;
+pub mod repo;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use config::ServerConfig;
+
+/// Why the server could not start or a local command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A local file failed.
+    #[error(transparent)]
+    Fs(#[from] tern_fs::Error),
+    /// Metadata failed.
+    #[error(transparent)]
+    Core(#[from] tern_core::Error),
+    /// An I/O error.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// Refused, with the reason.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Random hex of `bytes` bytes from the system's CSPRNG.
+pub fn random_hex(bytes: usize) -> String {
+    use aws_lc_rs::rand::SecureRandom;
+    let mut buf = vec![0u8; bytes];
+    // The system random source does not fail on Linux; if it ever did, an all-zero id
+    // would collide on the primary key and the write would fail rather than go unnoticed.
+    let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut buf);
+    hex::encode(buf)
+}
+
+/// Everything a request handler needs.
+pub struct AppState {
+    /// The configuration.
+    pub cfg: ServerConfig,
+    /// The database.
+    pub db: db::Db,
+    /// The online keys.
+    pub keys: keys::OnlineKeys,
+    /// This process's name in leases and in `created_by` columns.
+    pub instance: String,
+}
+
+/// A running server.
+pub struct Running {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Completes when the server stops.
+    pub task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Open the database (running migrations) and load the online keys.
+pub async fn open(cfg: ServerConfig) -> Result<Arc<AppState>> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::Io(cfg.data_dir.display().to_string(), e))?;
+    let db = db::Db::connect(&cfg.database_url(), cfg.max_db_connections).await?;
+    let keys = keys::OnlineKeys::load(&cfg.key_dir())?;
+    let instance = format!("{}-{}", std::process::id(), &random_hex(4));
+    Ok(Arc::new(AppState {
+        cfg,
+        db,
+        keys,
+        instance,
+    }))
+}
+
+/// Bind, then serve in the background: the timestamp re-signer runs beside the listener.
+pub async fn start(state: Arc<AppState>) -> Result<Running> {
+    let app = api::router(state.clone());
+    let addr: SocketAddr = state
+        .cfg
+        .listen
+        .parse()
+        .map_err(|e| Error::Config(format!("listen `{}`: {e}", state.cfg.listen)))?;
+    tokio::spawn(repo::resign_loop(state.clone()));
+    if let Some(tls) = &state.cfg.tls {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let rustls_cfg = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+            .await
+            .map_err(|e| Error::Config(format!("tls: {e}")))?;
+        let std_listener = std::net::TcpListener::bind(addr).map_err(|e| Error::Io(addr.to_string(), e))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::Io(addr.to_string(), e))?;
+        let bound = std_listener.local_addr().map_err(|e| Error::Io(addr.to_string(), e))?;
+        let server =
+            axum_server::from_tcp_rustls(std_listener, rustls_cfg).map_err(|e| Error::Io(addr.to_string(), e))?;
+        let task = tokio::spawn(async move {
+            server
+                .serve(app.into_make_service())
+                .await
+                .map_err(|e| Error::Io("serve".into(), e))
+        });
+        return Ok(Running { addr: bound, task });
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Io(addr.to_string(), e))?;
+    let bound = listener.local_addr().map_err(|e| Error::Io(addr.to_string(), e))?;
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .map_err(|e| Error::Io("serve".into(), e))
+    });
+    Ok(Running { addr: bound, task })
+}
