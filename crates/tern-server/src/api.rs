@@ -387,7 +387,7 @@ async fn upload_release(
         .await
         .map_err(|e| Refusal::Internal(crate::Error::Io(dir.display().to_string(), e)))?;
     let path = dir.join(format!("{}.tern", random_hex(12)));
-    let result = async {
+    let received = async {
         let mut out = tokio::fs::File::create(&path)
             .await
             .map_err(|e| Refusal::Internal(crate::Error::Io(path.display().to_string(), e)))?;
@@ -409,19 +409,23 @@ async fn upload_release(
         out.flush()
             .await
             .map_err(|e| Refusal::Internal(crate::Error::Io(path.display().to_string(), e)))?;
-        drop(out);
-        repo::upload(&state, &path, q.name.as_deref(), &actor)
-            .await
-            .map_err(Refusal::from)
+        Ok(())
     }
     .await;
+    // Refusals while receiving are audited here; repo::upload audits its own.
+    let result = match received {
+        Ok(()) => repo::upload(&state, &path, q.name.as_deref(), &actor)
+            .await
+            .map_err(Refusal::from),
+        Err(e) => {
+            let _ = state
+                .db
+                .audit(&actor, "release.upload", "release:?", "refused", &e.to_string())
+                .await;
+            Err(e)
+        }
+    };
     let _ = tokio::fs::remove_file(&path).await;
-    if let Err(Refusal::BadRequest(m)) = &result {
-        let _ = state
-            .db
-            .audit(&actor, "release.upload", "release:?", "refused", m)
-            .await;
-    }
     Ok(Json(result?))
 }
 

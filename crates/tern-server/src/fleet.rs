@@ -36,6 +36,8 @@ impl From<Error> for Refusal {
     fn from(e: Error) -> Self {
         match e {
             Error::Refused(r) => Refusal::Conflict(r),
+            Error::Invalid(r) => Refusal::BadRequest(r),
+            Error::Core(e) => Refusal::BadRequest(e.to_string()),
             other => Refusal::Internal(other),
         }
     }
@@ -258,12 +260,12 @@ pub async fn set_device_status(state: &AppState, id: &str, to: &str, actor: &str
         let d = device(state, id)
             .await?
             .ok_or_else(|| Refusal::NotFound(format!("no device `{id}`")))?;
-        let allowed = match (d.status.as_str(), to) {
-            ("pending", "approved" | "rejected") => true,
-            ("approved" | "pending" | "rejected", "decommissioned") => true,
-            ("rejected", "approved") => true,
-            _ => false,
-        };
+        let allowed = matches!(
+            (d.status.as_str(), to),
+            ("pending", "approved" | "rejected")
+                | ("approved" | "pending" | "rejected", "decommissioned")
+                | ("rejected", "approved")
+        );
         if !allowed {
             return Err(Refusal::Conflict(format!(
                 "device `{id}` is {}; it cannot become {to}",

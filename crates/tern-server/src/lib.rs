@@ -47,9 +47,12 @@ pub enum Error {
     /// An I/O error.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
-    /// Refused, with the reason.
+    /// Refused because of the current state (already present, a rollback…).
     #[error("{0}")]
     Refused(String),
+    /// Refused because the input is invalid (a bundle that does not verify…).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Results of this crate.

@@ -243,7 +243,7 @@ fn verify_and_store(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime)
             for (_, tmp) in &written {
                 let _ = std::fs::remove_file(tmp);
             }
-            return Err(Error::Refused(format!("bundle refused: {e}")));
+            return Err(Error::Invalid(format!("bundle refused: {e}")));
         }
     };
     // Every payload verified: move them into the content-addressed store.
@@ -254,7 +254,7 @@ fn verify_and_store(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime)
             .hashes
             .get("sha256")
             .cloned()
-            .ok_or_else(|| Error::Refused(format!("target `{}` lists no sha256 hash", p.target)))?;
+            .ok_or_else(|| Error::Invalid(format!("target `{}` lists no sha256 hash", p.target)))?;
         let dest = blob_path(artifacts, "sha256", &sha256);
         let parent = dest.parent().unwrap_or(artifacts);
         std::fs::create_dir_all(parent).map_err(|e| Error::Io(parent.display().to_string(), e))?;
@@ -286,12 +286,12 @@ fn verify_and_store(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime)
         });
     }
     // The metadata as the bundle carries it.
-    let index = tern_bundle::BundleIndex::open(bundle).map_err(|e| Error::Refused(format!("bundle: {e}")))?;
+    let index = tern_bundle::BundleIndex::open(bundle).map_err(|e| Error::Invalid(format!("bundle: {e}")))?;
     let read_entry = |name: &str| -> Result<Vec<u8>> {
         let (_, r) = index
             .read(name, 0)
-            .map_err(|e| Error::Refused(format!("bundle: {e}")))?
-            .ok_or_else(|| Error::Refused(format!("bundle has no {name}")))?;
+            .map_err(|e| Error::Invalid(format!("bundle: {e}")))?
+            .ok_or_else(|| Error::Invalid(format!("bundle has no {name}")))?;
         let mut buf = Vec::new();
         r.take(tern_core::metadata::MAX_METADATA_BYTES as u64)
             .read_to_end(&mut buf)

@@ -1,0 +1,410 @@
+//! The update server end to end, over real HTTP on 127.0.0.1: releases, enrollment,
+//! deployments to simulated devices running the real agent, on SQLite and on a real
+//! PostgreSQL; the director attacks; management authorisation; upload refusals.
+
+use serde_json::Value;
+
+mod fleet;
+use fleet::{resign, s, Fleet, Mode, Pg, Proxy};
+
+/// Upload → deploy to a tag → two devices install, reboot and commit → succeeded; a third
+/// whose health check fails → rolled back, and offered the release again later.
+fn end_to_end(db_url: Option<&str>) {
+    let f = Fleet::new(db_url);
+    f.publish("1.1.0", 512);
+    let url = f.server.url.clone();
+    let a = f.device("sim-a", &["lab"], &url);
+    let b = f.device("sim-b", &["lab"], &url);
+    let c = f.device("sim-c", &["lab"], &url);
+    let other = f.device("sim-other", &["field"], &url);
+    c.fail_health_check_for("1.1.0");
+    let dep = f.deploy("1.1.0", &["--tag", "lab"]);
+    let d = f.deployment(&dep);
+    assert_eq!(d["devices"].as_array().unwrap().len(), 3, "{d}");
+    assert_eq!(d["counts"]["queued"], 3);
+
+    assert_eq!(a.drive(&f, &dep, "sim-a"), "succeeded");
+    assert_eq!(b.drive(&f, &dep, "sim-b"), "succeeded");
+    assert_eq!(c.drive(&f, &dep, "sim-c"), "rolled-back");
+    let d = f.deployment(&dep);
+    assert_eq!(d["status"], "finished", "{d}");
+    assert_eq!(d["counts"]["succeeded"], 2);
+    assert_eq!(d["counts"]["rolled-back"], 1);
+    let rb = d["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["device"] == "sim-c")
+        .unwrap();
+    assert!(
+        rb["reason"].as_str().unwrap().contains("did not become healthy"),
+        "{rb}"
+    );
+    // The devices agree: slot B holds 1.1.0 and is booted on a and b; c is back on A.
+    for dev in [&a, &b] {
+        let st = dev.status();
+        assert_eq!(st["booted"], "B", "{st}");
+        assert_eq!(st["rollback_floor"], "1.1.0");
+    }
+    assert_eq!(c.status()["booted"], "A");
+    // The device outside the tag was not touched.
+    assert_eq!(other.poll()["outcome"], "idle");
+    assert_eq!(other.status()["booted"], "A");
+
+    // The rolled-back device can be offered the release again (its health check now passes).
+    std::fs::write(c.dir.join("health-check"), "#!/bin/sh\nexit 0\n").unwrap();
+    let again = f.deploy("1.1.0", &["--device", "sim-c"]);
+    assert_eq!(c.drive(&f, &again, "sim-c"), "succeeded");
+
+    // The registry shows what the devices reported.
+    let devs = f.api("GET", "/api/v1/devices", Some(&f.admin), None);
+    let listed = devs.body.as_array().unwrap();
+    assert_eq!(listed.len(), 4);
+    let a_row = listed.iter().find(|d| d["id"] == "sim-a").unwrap();
+    assert_eq!(a_row["phase"], "committed", "{a_row}");
+}
+
+#[test]
+fn end_to_end_sqlite() {
+    end_to_end(None);
+}
+
+#[test]
+fn end_to_end_postgres() {
+    let pg = Pg::start();
+    end_to_end(Some(&pg.url));
+}
+
+/// Each attack on an order is refused with its own reason, and nothing is installed.
+#[test]
+fn director_order_attacks_are_refused() {
+    let f = Fleet::new(None);
+    f.publish("1.1.0", 256);
+    let proxy = Proxy::start(&f.server.url);
+    let devs: Vec<_> = ["att-a", "att-b", "att-c", "att-d", "att-e"]
+        .iter()
+        .map(|id| f.device(id, &["lab"], &proxy.url))
+        .collect();
+    let dep = f.deploy("1.1.0", &["--tag", "lab"]);
+    let director = tern_fs::load_signing_key(&f.path("srv/keys/director.pem")).unwrap();
+
+    let untouched = |dev: &fleet::Device, id: &str, before: &str, kind: &str, outcome: &Value| {
+        assert_eq!(outcome["outcome"], "refused", "{id}: {outcome}");
+        assert_eq!(outcome["kind"], kind, "{id}: {outcome}");
+        assert_eq!(dev.slot_hash("slot-b.img"), before, "{id}: slot B was written");
+        let st = dev.status();
+        assert_eq!(
+            st["state"]["phase"].as_str().or(st["state"].as_str()).unwrap_or("idle"),
+            "idle",
+            "{st}"
+        );
+        assert_eq!(st["last_error"]["kind"], kind, "{st}");
+        assert!(
+            !dev.dir.join("state/downloads").exists(),
+            "{id}: something was downloaded"
+        );
+        // The server heard about the refusal.
+        let row = f
+            .api("GET", &format!("/api/v1/devices/{id}"), Some(&f.admin), None)
+            .body;
+        assert!(row["refused_order"].as_str().unwrap_or("").starts_with(kind), "{row}");
+        assert_eq!(f.device_status(&dep, id), "queued");
+    };
+
+    // 1. A replayed order: captured from an earlier check-in of the same device.
+    let a = &devs[0];
+    let before = a.slot_hash("slot-b.img");
+    proxy.set(Mode::Strip);
+    assert_eq!(a.poll()["outcome"], "idle");
+    let old = proxy.captured.lock().unwrap()["att-a"].clone();
+    proxy.set(Mode::Replace(old));
+    let o = a.poll();
+    untouched(a, "att-a", &before, "OrderStaleNonce", &o);
+
+    // 2. Device A's order given to device B.
+    let b = &devs[1];
+    let before = b.slot_hash("slot-b.img");
+    proxy.set(Mode::Strip);
+    a.poll();
+    let for_a = proxy.captured.lock().unwrap()["att-a"].clone();
+    proxy.set(Mode::Replace(for_a));
+    let o = b.poll();
+    untouched(b, "att-b", &before, "OrderWrongDevice", &o);
+
+    // 3. An expired order (signed by the real director key, nonce right).
+    let c = &devs[2];
+    let before = c.slot_hash("slot-b.img");
+    let key = tern_fs::load_signing_key(&f.path("srv/keys/director.pem")).unwrap();
+    proxy.set(Mode::Rewrite(Box::new(move |o| {
+        resign(o, &key, |s| s["expires"] = "2020-01-01T00:00:00Z".into())
+    })));
+    let o = c.poll();
+    untouched(c, "att-c", &before, "OrderExpired", &o);
+
+    // 4. An order signed by a key outside the director root.
+    let d = &devs[3];
+    let before = d.slot_hash("slot-b.img");
+    let foreign = tern_core::SigningKey::generate(tern_core::KeyAlgorithm::Ed25519)
+        .unwrap()
+        .0;
+    proxy.set(Mode::Rewrite(Box::new(move |o| resign(o, &foreign, |_| {}))));
+    let o = d.poll();
+    untouched(d, "att-d", &before, "OrderSignature", &o);
+
+    // 5. An order whose hashes differ from the repository's, signed by the (stolen)
+    // director key: the repository's signatures win; the deployment fails, loudly.
+    let e = &devs[4];
+    let before = e.slot_hash("slot-b.img");
+    let key = director;
+    proxy.set(Mode::Rewrite(Box::new(move |o| {
+        resign(o, &key, |s| {
+            s["targets"][0]["hashes"]["sha256"] = "00".repeat(32).into()
+        })
+    })));
+    let o = e.poll();
+    assert_eq!(o["outcome"], "refused", "{o}");
+    assert_eq!(o["kind"], "OrderMismatch", "{o}");
+    assert!(
+        o["reason"].as_str().unwrap().contains("differs from the repository"),
+        "{o}"
+    );
+    assert_eq!(e.slot_hash("slot-b.img"), before);
+    assert_eq!(e.status()["last_error"]["kind"], "OrderMismatch");
+    assert_eq!(f.device_status(&dep, "att-e"), "failed");
+
+    // With the attacker gone, a device installs normally: the refusals wedged nothing.
+    proxy.set(Mode::Pass);
+    assert_eq!(a.drive(&f, &dep, "att-a"), "succeeded");
+
+    // The refusals are in the audit log.
+    let audit = f.audit();
+    for kind in [
+        "OrderStaleNonce",
+        "OrderWrongDevice",
+        "OrderExpired",
+        "OrderSignature",
+        "OrderMismatch",
+    ] {
+        assert!(
+            audit
+                .iter()
+                .any(|e| e["action"] == "device.refused-order" && e["detail"].as_str().unwrap().starts_with(kind)),
+            "{kind} not audited"
+        );
+    }
+}
+
+/// A check-in signed with another device's key is refused and changes nothing.
+#[test]
+fn checkin_with_another_devices_key_is_refused() {
+    let f = Fleet::new(None);
+    let url = f.server.url.clone();
+    let a = f.device("key-a", &[], &url);
+    let b = f.device("key-b", &[], &url);
+    let checkin = tern_core::director::CheckIn {
+        kind: tern_core::director::CHECKIN_TYPE.into(),
+        device_id: "key-a".into(),
+        nonce: "abcdef".into(),
+        time: tern_core::DateTime::from_unix(4_000_000_000).to_string(),
+        phase: "forged".into(),
+        slots: vec![],
+        deployment: None,
+        refused_order: None,
+    };
+    let body = tern_core::director::sign_document("check-in", &checkin, &b.key()).unwrap();
+    let ans = f.api("POST", "/api/v1/devices/key-a/checkin", None, Some(body));
+    assert_eq!(ans.status, 401, "{}", ans.body);
+    assert!(
+        ans.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not signed by device `key-a`'s key"),
+        "{}",
+        ans.body
+    );
+    // Nothing was recorded for key-a: its phase is still what it last reported.
+    let row = f.api("GET", "/api/v1/devices/key-a", Some(&f.admin), None).body;
+    assert_ne!(row["phase"], "forged");
+    // Signed correctly, it is accepted once; the same check-in replayed is refused.
+    let good = tern_core::director::sign_document("check-in", &checkin, &a.key()).unwrap();
+    assert_eq!(
+        f.api("POST", "/api/v1/devices/key-a/checkin", None, Some(good.clone()))
+            .status,
+        200
+    );
+    let replay = f.api("POST", "/api/v1/devices/key-a/checkin", None, Some(good));
+    assert_eq!(replay.status, 401, "{}", replay.body);
+    assert!(replay.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("replays a nonce"));
+    assert!(f
+        .audit()
+        .iter()
+        .any(|e| e["action"] == "device.checkin" && e["outcome"] == "refused" && e["subject"] == "device:key-a"));
+}
+
+/// Management calls without a token, or with a viewer token on a write, are refused and audited.
+#[test]
+fn management_api_needs_a_token_of_the_right_role() {
+    let f = Fleet::new(None);
+    f.publish("1.1.0", 64);
+    let viewer = f.token("viewer");
+    let releaser = f.token("releaser");
+    let body = br#"{"release":"1.1.0","tag":"lab"}"#.to_vec();
+
+    let none = f.api("GET", "/api/v1/devices", None, None);
+    assert_eq!(none.status, 401);
+    assert!(none.body["error"]["message"].as_str().unwrap().contains("no API token"));
+    let bad = f.api("GET", "/api/v1/devices", Some("tern_0000_bogus"), None);
+    assert_eq!(bad.status, 401);
+    let read = f.api("GET", "/api/v1/releases", Some(&viewer), None);
+    assert_eq!(read.status, 200);
+    let write = f.api("POST", "/api/v1/deployments", Some(&viewer), Some(body.clone()));
+    assert_eq!(write.status, 403, "{}", write.body);
+    assert!(
+        write.body["error"]["message"].as_str().unwrap().contains("releaser"),
+        "{}",
+        write.body
+    );
+    // A releaser may deploy but not approve devices or read the audit log.
+    assert_eq!(
+        f.api("POST", "/api/v1/deployments", Some(&releaser), Some(body)).status,
+        200
+    );
+    assert_eq!(f.api("GET", "/api/v1/audit", Some(&releaser), None).status, 403);
+    assert_eq!(
+        f.api("POST", "/api/v1/devices/x/approve", Some(&releaser), None).status,
+        403
+    );
+    // Nothing was created by the refused write: one deployment, the releaser's.
+    let deps = f.api("GET", "/api/v1/deployments", Some(&viewer), None).body;
+    assert_eq!(deps.as_array().unwrap().len(), 1);
+
+    let audit = f.audit();
+    let refused: Vec<_> = audit.iter().filter(|e| e["outcome"] == "refused").collect();
+    assert!(refused
+        .iter()
+        .any(|e| e["actor"] == "anonymous" && e["action"] == "device.list"));
+    assert!(refused
+        .iter()
+        .any(|e| e["action"] == "deployment.create" && e["actor"].as_str().unwrap().contains("viewer")));
+
+    // The OpenAPI document describes the API.
+    let doc = f.api("GET", "/api/openapi.json", None, None);
+    assert_eq!(doc.status, 200);
+    for p in [
+        "/api/v1/releases",
+        "/api/v1/deployments",
+        "/api/v1/devices/{id}/checkin",
+        "/api/v1/audit",
+    ] {
+        assert!(
+            doc.body["paths"].get(p).is_some(),
+            "{p} missing from the OpenAPI document"
+        );
+    }
+}
+
+fn blobs(f: &Fleet) -> Vec<String> {
+    let dir = f.path("srv/artifacts/blobs/sha256");
+    let mut v: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A bundle with a bad signature, a release already present and a rollback are refused
+/// with a clear error, and change nothing.
+#[test]
+fn release_upload_refusals_change_nothing() {
+    let f = Fleet::new(None);
+    let older = f.bundle("1.0.0", 64);
+    f.publish("1.1.0", 64);
+    let timestamp = || f.api("GET", "/repo/metadata/timestamp.json", None, None).bytes;
+    let releases = || f.api("GET", "/api/v1/releases", Some(&f.admin), None).body;
+    let (ts0, rel0, blobs0) = (timestamp(), releases(), blobs(&f));
+
+    // A bad signature: the targets metadata's signature altered in the bundle.
+    let repo = tern_repo::Repository::open(&f.path("repo")).unwrap();
+    let name = tern_core::TargetPath::new("sim/rootfs-1.1.0.img").unwrap();
+    let mut contents = repo
+        .release_contents(&[name], false, tern_agent::remote::now())
+        .unwrap();
+    let mut env: Value = serde_json::from_slice(&contents.targets).unwrap();
+    let sig = env["signatures"][0]["sig"].as_str().unwrap().to_owned();
+    let first = if sig.starts_with('0') { "1" } else { "0" };
+    let flipped = format!("{first}{}", sig.get(1..).unwrap());
+    env["signatures"][0]["sig"] = flipped.into();
+    contents.targets = serde_json::to_vec(&env).unwrap();
+    let forged = f.path("forged.tern");
+    tern_bundle::write_bundle(&contents, &forged).unwrap();
+    let out = f.tern(&["release", "upload", &s(&forged), "--name", "forged"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HTTP 400") && err.contains("targets") && err.contains("signature"),
+        "{err}"
+    );
+
+    // The same release again.
+    let out = f.tern(&["release", "upload", &s(&f.path("r-1.1.0.tern"))]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HTTP 409") && err.contains("release `1.1.0` is already present"),
+        "{err}"
+    );
+
+    // An older targets version than the published one (a rollback).
+    let out = f.tern(&["release", "upload", &s(&older)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HTTP 409") && err.contains("a rollback"), "{err}");
+
+    assert_eq!(timestamp(), ts0, "the timestamp changed");
+    assert_eq!(releases(), rel0, "the release list changed");
+    assert_eq!(blobs(&f), blobs0, "payload files were left behind");
+    let refused = f
+        .audit()
+        .iter()
+        .filter(|e| e["action"] == "release.upload" && e["outcome"] == "refused")
+        .count();
+    assert_eq!(refused, 3);
+
+    // The published repository reads with the reference TUF client's CLI shape.
+    let md = f.path("tuf-md");
+    fleet::run_ok(
+        &[
+            "tuf",
+            "--metadata-dir",
+            &s(&md),
+            "init",
+            &s(&f.path("repo/metadata/1.root.json")),
+        ],
+        &[],
+    );
+    fleet::run_ok(
+        &[
+            "tuf",
+            "--metadata-dir",
+            &s(&md),
+            "--metadata-url",
+            &format!("{}/repo/metadata/", f.server.url),
+            "--target-base-url",
+            &format!("{}/repo/targets/", f.server.url),
+            "--target-dir",
+            &s(&f.path("tuf-targets")),
+            "--target-name",
+            "sim/rootfs-1.1.0.img",
+            "download",
+        ],
+        &[],
+    );
+    assert_eq!(
+        std::fs::read(f.path("tuf-targets/sim%2Frootfs-1.1.0.img")).unwrap(),
+        std::fs::read(f.path("img-1.1.0")).unwrap()
+    );
+}
