@@ -28,6 +28,9 @@ pub enum Command {
     /// Install of an image from a local bundle into a file slot, beside `openssl dgst -sha256`,
     /// and the agent's peak RSS for a 64 MiB and the full-size image.
     Install(VerifyArgs),
+    /// Device check-ins per second and p50/p99 against an in-process `tern server`, beside
+    /// `wrk` against nginx serving a 4 KiB file.
+    Server(super::bench_server::Args),
 }
 
 /// `tern bench verify`.
@@ -152,6 +155,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Verify(a) => a,
         Command::Tuf(a) => return run_tuf(a),
         Command::Install(a) => return run_install(a),
+        Command::Server(a) => return super::bench_server::run(a),
     };
     let size = parse_size(&a.size)?;
     let (dir, _temp) = super::work_dir(a.dir.as_ref(), "tern-bench-")?;
