@@ -18,11 +18,16 @@ pub enum Backend {
     Postgres,
 }
 
-/// The pool.
+/// The pools.
 #[derive(Clone)]
 pub struct Db {
-    /// The connections.
+    /// Connections for reads.
     pub pool: AnyPool,
+    /// Connections for writes. On SQLite this is a single connection, so that writers in
+    /// this process queue here instead of colliding on SQLite's lock and sleeping in its
+    /// busy handler (which made the tail latency of check-ins 200–400 ms). On PostgreSQL it
+    /// is the read pool.
+    pub write: AnyPool,
     /// The backend.
     pub backend: Backend,
 }
@@ -54,31 +59,38 @@ impl Db {
             Backend::Sqlite
         };
         let options = AnyConnectOptions::from_str(url)?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite {
-                max_connections.min(8)
-            } else {
-                max_connections
-            })
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        // WAL lets readers run beside the one writer; FULL syncs every
-                        // commit, so an acknowledged report survives a power cut.
-                        conn.execute("PRAGMA journal_mode=WAL").await?;
-                        conn.execute("PRAGMA synchronous=FULL").await?;
-                        conn.execute("PRAGMA busy_timeout=15000").await?;
-                        conn.execute("PRAGMA foreign_keys=ON").await?;
-                    }
-                    Ok(())
+        let open = |n: u32| {
+            AnyPoolOptions::new()
+                .max_connections(n)
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        if backend == Backend::Sqlite {
+                            // WAL lets readers run beside the one writer; FULL syncs every
+                            // commit, so an acknowledged report survives a power cut.
+                            conn.execute("PRAGMA journal_mode=WAL").await?;
+                            conn.execute("PRAGMA synchronous=FULL").await?;
+                            conn.execute("PRAGMA busy_timeout=15000").await?;
+                            conn.execute("PRAGMA foreign_keys=ON").await?;
+                        }
+                        Ok(())
+                    })
                 })
-            })
-            .connect_with(options)
-            .await?;
+                .connect_with(options.clone())
+        };
+        let (pool, write) = match backend {
+            Backend::Sqlite => {
+                let write = open(1).await?;
+                (open(max_connections.clamp(1, 8)).await?, write)
+            }
+            Backend::Postgres => {
+                let pool = open(max_connections.max(2)).await?;
+                (pool.clone(), pool)
+            }
+        };
         // Several server processes may start at once against one PostgreSQL database: sqlx
         // takes an advisory lock around the migrations there.
-        MIGRATOR.run(&pool).await?;
-        Ok(Db { pool, backend })
+        MIGRATOR.run(&write).await?;
+        Ok(Db { pool, write, backend })
     }
 
     /// Append to the audit log.
@@ -96,7 +108,7 @@ impl Db {
         .bind(subject)
         .bind(outcome)
         .bind(detail)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -130,7 +142,7 @@ impl Db {
         let now = crate::unix_now_ms();
         sqlx::query("INSERT INTO leases (name, holder, until_ms) VALUES ($1, '', 0) ON CONFLICT (name) DO NOTHING")
             .bind(name)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         let done = sqlx::query(
             "UPDATE leases SET holder = $1, until_ms = $2 WHERE name = $3 AND (holder = $1 OR until_ms < $4)",
@@ -139,7 +151,7 @@ impl Db {
         .bind(now + ttl_ms)
         .bind(name)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -157,7 +169,7 @@ impl Db {
         .bind(name)
         .bind(tern_core::digest::sha256_hex(secret.as_bytes()))
         .bind(unix_now())
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         let prefix = if kind == "enrollment" { "ternenroll" } else { "tern" };
         Ok(format!("{prefix}_{id}_{secret}"))

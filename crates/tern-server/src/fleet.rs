@@ -169,7 +169,7 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest) -> R<Device> {
         return Ok(existing);
     }
     let now = unix_now();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.write.begin().await?;
     sqlx::query(
         "INSERT INTO devices (id, public_key, keyid, device_type, hardware, tags, status, enrolled_via, created_at, updated_at)
          VALUES ($1, $2, $3, $4, $5, $6, 'pending', 'token', $7, $7)",
@@ -272,7 +272,7 @@ pub async fn set_device_status(state: &AppState, id: &str, to: &str, actor: &str
                 d.status
             )));
         }
-        let mut tx = state.db.pool.begin().await?;
+        let mut tx = state.db.write.begin().await?;
         sqlx::query("UPDATE devices SET status = $1, updated_at = $2 WHERE id = $3")
             .bind(to)
             .bind(unix_now())
@@ -403,7 +403,7 @@ async fn create_deployment_inner(state: &AppState, req: &DeploymentRequest, acto
     .bind(&selector)
     .bind(now)
     .bind(actor)
-    .execute(&state.db.pool)
+    .execute(&state.db.write)
     .await?;
     let ids: Vec<String> = match kind {
         "device" => vec![selector.clone()],
@@ -444,7 +444,7 @@ async fn add_device(state: &AppState, id: &str, release: &repo::Release, device_
         return Ok(());
     };
     let now = unix_now();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.write.begin().await?;
     sqlx::query(
         "UPDATE deployment_devices SET status = 'cancelled', reason = $1, updated_at = $2
          WHERE device_id = $3 AND deployment_id <> $4 AND status IN ('queued', 'downloading')",
@@ -592,7 +592,7 @@ pub async fn cancel_deployment(state: &AppState, id: &str, actor: &str) -> R<Dep
         if d.status != "active" {
             return Err(Refusal::Conflict(format!("deployment `{id}` is {}", d.status)));
         }
-        let mut tx = state.db.pool.begin().await?;
+        let mut tx = state.db.write.begin().await?;
         sqlx::query("UPDATE deployments SET status = 'cancelled' WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -665,29 +665,18 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
             c.device_id
         )));
     }
-    let row = sqlx::query("SELECT public_key, status FROM devices WHERE id = $1")
-        .bind(path_id)
-        .fetch_optional(&state.db.pool)
-        .await?
-        .ok_or_else(|| Refusal::NotFound(format!("no device `{path_id}`")))?;
-    let key_json: String = row.try_get(0)?;
-    let status: String = row.try_get(1)?;
-    let key_value: serde_json::Value =
-        serde_json::from_str(&key_json).map_err(|e| Refusal::Internal(Error::Refused(e.to_string())))?;
-    let key = PublicKey::from_value("device key", &key_value).map_err(|e| Refusal::Internal(e.into()))?;
+    let key = device_key(state, path_id).await?;
     director::verify_checkin(&env, &key)
         .map_err(|e| Refusal::Unauthorized(format!("check-in is not signed by device `{path_id}`'s key: {e}")))?;
-    if status != "approved" {
-        return Err(Refusal::Forbidden(format!("device `{path_id}` is {status}")));
-    }
     let time = DateTime::parse(&c.time).map_err(Refusal::BadRequest)?.unix();
     let now = unix_now();
     let slots = serde_json::to_string(&c.slots).unwrap_or_default();
-    // The replay guard and the heartbeat in one statement: a nonce equal to the last one, or
-    // a device time before the last accepted one, changes nothing.
+    // The status check, the replay guard and the heartbeat in one statement: a device not
+    // approved, a nonce equal to the last one, or a device time before the last accepted
+    // one changes nothing.
     let fresh = sqlx::query(
         "UPDATE devices SET last_seen = $1, last_time = $2, last_nonce = $3, phase = $4, slots = $5, refused_order = $6
-         WHERE id = $7 AND (last_nonce IS NULL OR last_nonce <> $3) AND (last_time IS NULL OR last_time <= $2)",
+         WHERE id = $7 AND status = 'approved' AND (last_nonce IS NULL OR last_nonce <> $3) AND (last_time IS NULL OR last_time <= $2)",
     )
     .bind(now)
     .bind(time)
@@ -696,9 +685,17 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
     .bind(&slots)
     .bind(&c.refused_order)
     .bind(path_id)
-    .execute(&state.db.pool)
+    .execute(&state.db.write)
     .await?;
     if fresh.rows_affected() != 1 {
+        let status: String = sqlx::query("SELECT status FROM devices WHERE id = $1")
+            .bind(path_id)
+            .fetch_one(&state.db.pool)
+            .await?
+            .try_get(0)?;
+        if status != "approved" {
+            return Err(Refusal::Forbidden(format!("device `{path_id}` is {status}")));
+        }
         return Err(Refusal::Unauthorized(format!(
             "check-in from `{path_id}` replays a nonce or goes back in time"
         )));
@@ -751,6 +748,32 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
         poll_interval_secs: state.cfg.poll_interval_secs,
         order,
     })
+}
+
+/// The enrolled key of a device (cached; see `AppState::device_keys`).
+async fn device_key(state: &AppState, id: &str) -> R<PublicKey> {
+    if let Some(k) = state.device_keys.lock().map_err(|_| poisoned())?.get(id) {
+        return Ok(k.clone());
+    }
+    let row = sqlx::query("SELECT public_key FROM devices WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&state.db.pool)
+        .await?
+        .ok_or_else(|| Refusal::NotFound(format!("no device `{id}`")))?;
+    let key_json: String = row.try_get(0)?;
+    let value: serde_json::Value =
+        serde_json::from_str(&key_json).map_err(|e| Refusal::Internal(Error::Refused(e.to_string())))?;
+    let key = PublicKey::from_value("device key", &value).map_err(|e| Refusal::Internal(e.into()))?;
+    let mut cache = state.device_keys.lock().map_err(|_| poisoned())?;
+    if cache.len() >= 1_000_000 {
+        cache.clear();
+    }
+    cache.insert(id.to_owned(), key.clone());
+    Ok(key)
+}
+
+fn poisoned() -> Refusal {
+    Refusal::Internal(Error::Refused("device key cache lock poisoned".into()))
 }
 
 async fn pending_row(state: &AppState, device_id: &str) -> R<Option<PendingRow>> {
@@ -844,7 +867,7 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
     .bind(unix_now())
     .bind(&report.deployment)
     .bind(device_id)
-    .execute(&state.db.pool)
+    .execute(&state.db.write)
     .await?;
     if new_status != status {
         state

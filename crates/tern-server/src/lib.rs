@@ -92,6 +92,9 @@ pub struct AppState {
     pub keys: keys::OnlineKeys,
     /// This process's name in leases and in `created_by` columns.
     pub instance: String,
+    /// Enrolled device keys by device id. A device's key never changes (enrollment refuses
+    /// another key for an enrolled id), so the cache cannot go stale.
+    pub device_keys: std::sync::Mutex<std::collections::HashMap<String, tern_core::PublicKey>>,
 }
 
 /// A running server.
@@ -113,6 +116,7 @@ pub async fn open(cfg: ServerConfig) -> Result<Arc<AppState>> {
         db,
         keys,
         instance,
+        device_keys: Default::default(),
     }))
 }
 

@@ -144,7 +144,7 @@ pub async fn set_root(state: &AppState, bytes: &[u8], actor: &str) -> Result<u64
             ));
         }
         let now = unix_now();
-        let mut tx = state.db.pool.begin().await?;
+        let mut tx = state.db.write.begin().await?;
         let v = root.version() as i64;
         sqlx::query("INSERT INTO repo_current (role, version, expires) VALUES ('root', $1, $2)")
             .bind(v)
@@ -420,7 +420,7 @@ async fn publish(state: &AppState, v: &Verified, release: &str, actor: &str) -> 
         ));
     }
     let now = unix_now();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.write.begin().await?;
     // The compare-and-swap first: it takes the write lock and detects a concurrent publisher.
     let snap_version = cur.version("snapshot") + 1;
     let snap_expires = now + state.cfg.snapshot_expiry_secs as i64;
@@ -586,7 +586,7 @@ pub async fn resign_if_due(state: &AppState) -> Result<Option<i64>> {
     if !state.db.try_lease(RESIGN_LEASE, &state.instance, ttl_ms).await? {
         return Ok(None);
     }
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.write.begin().await?;
     let mut snap_version = cur.version("snapshot");
     let snapshot = if snap_due {
         // A new snapshot version with the same role versions.
