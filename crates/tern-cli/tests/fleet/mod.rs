@@ -223,6 +223,11 @@ pub struct Answer {
 
 /// One request with an optional bearer token.
 pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<Vec<u8>>) -> Answer {
+    try_http(method, url, token, body).unwrap_or_else(|| panic!("{method} {url}: no answer"))
+}
+
+/// One request; `None` when the connection fails.
+pub fn try_http(method: &str, url: &str, token: Option<&str>, body: Option<Vec<u8>>) -> Option<Answer> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -236,14 +241,14 @@ pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<Vec<u8>>)
         if let Some(b) = body {
             req = req.body(b);
         }
-        let resp = req.send().await.unwrap();
+        let resp = req.send().await.ok()?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap().to_vec();
-        Answer {
+        let bytes = resp.bytes().await.ok()?.to_vec();
+        Some(Answer {
             status,
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
             bytes,
-        }
+        })
     })
 }
 
