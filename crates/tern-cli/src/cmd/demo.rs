@@ -1,14 +1,18 @@
 //! `tern demo`: the main job on embedded defaults.
 //!
-//! For now: keys, a repository with a delegated product role, a release bundle of a
-//! generated sample image, its verification from the root a device would ship with, and the
-//! refusal of a tampered copy. Later issues grow this into the server-and-devices flow.
+//! A release engineer's keys and repository (with a delegated product role), a release
+//! bundle verified from the root a device ships with (and a tampered copy refused); then
+//! `tern server` on 127.0.0.1 with SQLite in the working directory, holding the online
+//! snapshot, timestamp and director keys; two simulated devices that enroll, are approved,
+//! and run their agents; a deployment of 1.0.0 to both, installed, rebooted and committed;
+//! a deployment of 1.1.0 whose health check fails on one device, which rolls back. The
+//! deployments' final status is printed as the server reports it.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
@@ -75,13 +79,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let root1 = key(&keys_dir, "root-1")?;
     let root2 = key(&keys_dir, "root-2")?;
     let targets = key(&keys_dir, "targets")?;
-    let snapshot = key(&keys_dir, "snapshot")?;
-    let timestamp = key(&keys_dir, "timestamp")?;
     let product = key(&keys_dir, "product-sim")?;
+    let server_dir = dir.join("server");
+    let server_keys = tern_server::keys::init(&server_dir.join("keys"), now, 10)?;
+    let snapshot = tern_fs::load_public_key(&server_keys.snapshot_pub)?;
+    let timestamp = tern_fs::load_public_key(&server_keys.timestamp_pub)?;
 
     step(
         2,
-        "creates a TUF repository: root 2-of-2, one key each for targets, snapshot, timestamp",
+        "creates a TUF repository: root 2-of-2, targets offline; snapshot and timestamp are the server's online keys",
     );
     let repo_dir = dir.join("repo");
     let mut roles = BTreeMap::new();
@@ -89,16 +95,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "root".to_owned(),
         (vec![root1.public().clone(), root2.public().clone()], 2),
     );
-    for (name, k) in [
-        ("targets", &targets),
-        ("snapshot", &snapshot),
-        ("timestamp", &timestamp),
-    ] {
-        roles.insert(name.to_owned(), (vec![k.public().clone()], 1));
-    }
-    // Every key is at hand in the demo; each role is signed only by the keys it authorises.
+    roles.insert("targets".to_owned(), (vec![targets.public().clone()], 1));
+    roles.insert("snapshot".to_owned(), (vec![snapshot], 1));
+    roles.insert("timestamp".to_owned(), (vec![timestamp], 1));
+    // The release engineer's keys are at hand in the demo; the online ones stay on the server.
     let product_public = product.public().clone();
-    let signers = [root1, root2, targets, snapshot, timestamp, product];
+    let signers = [root1, root2, targets, product];
     let (repo, _) = Repository::init(&repo_dir, &roles, RepoConfig::default(), &signers, now)?;
 
     step(3, "delegates sim/* to the product role `sim-product` with its own key");
@@ -149,17 +151,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &signers,
         now,
     )?;
-    repo.refresh(&signers, now, false)?;
 
     step(5, "writes the release bundle (metadata first, payload after)");
     let bundle = dir.join("release-1.0.0.tern");
-    let contents = repo.release_contents(std::slice::from_ref(&name), true, now)?;
+    let contents = repo.release_contents(std::slice::from_ref(&name), false, now)?;
     let size = tern_bundle::write_bundle(&contents, &bundle)?;
 
     step(6, "a device holding only root v1 verifies the whole bundle, streaming");
     let root_v1 = fs::read(repo_dir.join("metadata/1.root.json"))?;
     let t = Instant::now();
-    let report = super::bundle::verify_file(&bundle, &root_v1, Freshness::Required, false)?;
+    let report = super::bundle::verify_file(&bundle, &root_v1, Freshness::IfPresent, false)?;
     let verify_time = t.elapsed();
 
     step(7, "a copy with one payload byte flipped is refused");
@@ -168,31 +169,62 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let last = bytes.len() - 2048;
     bytes[last] ^= 0x01;
     fs::write(&tampered, &bytes)?;
-    let refusal = match super::bundle::verify_file(&tampered, &root_v1, Freshness::Required, false) {
+    let refusal = match super::bundle::verify_file(&tampered, &root_v1, Freshness::IfPresent, false) {
         Ok(_) => anyhow::bail!("the tampered bundle verified: this is a bug"),
         Err(e) => format!("{e:#}"),
     };
 
     step(
         8,
-        "a simulated device (A/B file slots, simulated bootloader) is provisioned with root v1",
+        "starts `tern server` on 127.0.0.1 (SQLite in the working directory) and publishes release 1.0.0",
     );
-    let device = dir.join("device");
-    super::agent::simulate(super::agent::SimulateArgs {
-        dir: device.clone(),
-        root: Some(repo_dir.join("metadata/1.root.json")),
-        device_type: "tern-sim".into(),
-        hardware: "rev-a".into(),
-        slot_mib: 64,
-        offline_install: "allow".into(),
-        server: None,
-        device_id: None,
-        director_root: None,
-        tags: Vec::new(),
-        poll_interval_secs: 300,
-    })?;
-    // The integrator's health check: release 1.1.0 is made to fail it.
-    let hook = device.join("health-check");
+    let server = DemoServer::start(&server_dir)?;
+    let api = server.api();
+    super::server::call(
+        &api,
+        reqwest::Method::POST,
+        "/api/v1/repository/root",
+        Some(root_v1.clone().into()),
+    )?;
+    super::server::call(
+        &api,
+        reqwest::Method::POST,
+        "/api/v1/releases",
+        Some(fs::read(&bundle)?.into()),
+    )?;
+
+    step(
+        9,
+        "two simulated devices are provisioned with root v1 and the director root, enroll with the fleet token, and are approved",
+    );
+    let mut devices = Vec::new();
+    for id in ["sim-0001", "sim-0002"] {
+        let d = dir.join(id);
+        super::agent::simulate(super::agent::SimulateArgs {
+            dir: d.clone(),
+            root: Some(repo_dir.join("metadata/1.root.json")),
+            device_type: "tern-sim".into(),
+            hardware: "rev-a".into(),
+            slot_mib: args.image_mib.max(8) * 2,
+            offline_install: "allow".into(),
+            server: Some(server.url.clone()),
+            device_id: Some(id.into()),
+            director_root: Some(server_keys.director_root.clone()),
+            tags: vec!["demo".into()],
+            poll_interval_secs: 1,
+        })?;
+        let cfg = tern_agent::config::AgentConfig::load(&d.join("agent.toml"))?;
+        tern_agent::remote::enroll(&cfg, &server.enrollment_token)?;
+        super::server::call(
+            &api,
+            reqwest::Method::POST,
+            &format!("/api/v1/devices/{id}/approve"),
+            None,
+        )?;
+        devices.push((id, d));
+    }
+    // The integrator's health check on sim-0002: release 1.1.0 is made to fail it.
+    let hook = devices[1].1.join("health-check");
     fs::write(
         &hook,
         "#!/bin/sh
@@ -202,21 +234,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut perm = fs::metadata(&hook)?.permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
     fs::set_permissions(&hook, perm)?;
-    let cfg_path = device.join("agent.toml");
-    let mut cfg_text = fs::read_to_string(&cfg_path)?;
-    cfg_text.push_str("health_check = \"health-check\"\n");
+    let cfg_path = devices[1].1.join("agent.toml");
+    let cfg_text =
+        fs::read_to_string(&cfg_path)?.replacen("[hooks]\n", "[hooks]\nhealth_check = \"health-check\"\n", 1);
     fs::write(&cfg_path, cfg_text)?;
 
     step(
-        9,
-        "the device installs release 1.0.0 from the bundle into its inactive slot B, reboots, commits",
+        10,
+        "deploys 1.0.0 to the tag `demo`; the agents check in, install, reboot and commit",
     );
-    let cfg = tern_agent::config::AgentConfig::load(&cfg_path)?;
-    let first = device_install_and_reboot(&cfg, &bundle, 1)?;
+    let first = deploy_and_run(&api, "1.0.0", &devices)?;
 
     step(
-        10,
-        "release 1.1.0 fails its health check: the bootloader's attempts run out and it falls back",
+        11,
+        "publishes 1.1.0 and deploys it: sim-0002's health check fails, its bootloader falls back",
     );
     let image2 = dir.join("rootfs-1.1.0.img");
     sample_image(&image2, args.image_mib)?;
@@ -235,26 +266,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &signers,
         now,
     )?;
-    repo.refresh(&signers, now, false)?;
     let bundle2 = dir.join("release-1.1.0.tern");
     tern_bundle::write_bundle(
-        &repo.release_contents(std::slice::from_ref(&name2), true, now)?,
+        &repo.release_contents(std::slice::from_ref(&name2), false, now)?,
         &bundle2,
     )?;
-    let second = device_install_and_reboot(&cfg, &bundle2, 4)?;
-    let status = tern_agent::install::status(&cfg)?;
+    super::server::call(
+        &api,
+        reqwest::Method::POST,
+        "/api/v1/releases",
+        Some(fs::read(&bundle2)?.into()),
+    )?;
+    let second = deploy_and_run(&api, "1.1.0", &devices)?;
 
     let image_size = fs::metadata(&image)?.len();
     let p = &report.payloads[0];
     println!();
     println!("Summary");
     println!(
-        "  repository     {} (root v{}, targets v{}, snapshot v{}, timestamp v{})",
+        "  repository     {} (root v{}, targets v{})",
         repo_dir.display(),
         report.root_version,
         report.targets_version,
-        report.snapshot_version.unwrap_or(0),
-        report.timestamp_version.unwrap_or(0)
     );
     println!(
         "  delegation     {}",
@@ -270,73 +303,139 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "  payload        {} ({} bytes from a {image_size}-byte image), listed by {}",
         p.target, p.length, p.role
     );
-    if let Some(m) = &p.manifest {
-        println!(
-            "  manifest       version {} for {} {:?}, {} into slot class {}, {}",
-            m.version,
-            m.device_type,
-            m.hardware,
-            m.installer,
-            m.slot_class.as_deref().unwrap_or("-"),
-            m.compression
-        );
-    }
     println!("  sha256         {}", p.hashes["sha256"]);
     println!("  verified       in {:.1} ms", verify_time.as_secs_f64() * 1e3);
     println!("  tampered copy  refused: {refusal}");
-    println!("  device         {}", device.display());
-    println!("  release 1.0.0  {first}");
-    println!("  release 1.1.0  {second}");
-    println!(
-        "  device status  state {}, booted {}, rollback floor {}, last error: {}",
-        status.state.name(),
-        status.booted.as_deref().unwrap_or("?"),
-        status.rollback_floor.as_deref().unwrap_or("none"),
-        status.last_error.as_ref().map_or("none".into(), |e| e.message.clone())
-    );
-    for s in &status.slots {
-        let r = s.record.as_ref();
+    println!("  server         {} (data in {})", server.url, server_dir.display());
+    for (title, v) in [("release 1.0.0", &first), ("release 1.1.0", &second)] {
         println!(
-            "  slot {}        {} version {} ({} attempts left)",
-            s.bootname,
-            r.map_or("empty", |r| r.status.as_str()),
-            r.and_then(|r| r.version.as_deref()).unwrap_or("-"),
-            s.attempts.unwrap_or(0)
+            "  {title}  deployment {}: {}",
+            v["id"].as_str().unwrap_or("?"),
+            v["status"].as_str().unwrap_or("?")
+        );
+        for d in v["devices"].as_array().into_iter().flatten() {
+            let reason = d["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
+            println!(
+                "    {:<12} {}{reason}",
+                d["device"].as_str().unwrap_or("?"),
+                d["status"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    for (id, d) in &devices {
+        let cfg = tern_agent::config::AgentConfig::load(&d.join("agent.toml"))?;
+        let st = tern_agent::install::status(&cfg)?;
+        println!(
+            "  {id}       booted {}, state {}, rollback floor {}",
+            st.booted.as_deref().unwrap_or("?"),
+            st.state.name(),
+            st.rollback_floor.as_deref().unwrap_or("none")
         );
     }
     println!("  total          {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
-/// Install a bundle on the simulated device, then power-cycle it `reboots` times (the
-/// bootloader's selection, then the agent's boot-time step); a one-line account.
-fn device_install_and_reboot(
-    cfg: &tern_agent::config::AgentConfig,
-    bundle: &Path,
-    reboots: u32,
-) -> anyhow::Result<String> {
-    use tern_agent::bootloader::SimBootloader;
-    use tern_agent::config::BootloaderConfig;
-    let report = {
-        let mut agent = tern_agent::install::Agent::open(cfg.clone())?;
-        agent.install(bundle, now(), &mut |_| {})?
-    };
-    let slot = report.slot_image.as_ref().map_or("-".into(), |s| s.bootname.clone());
-    let BootloaderConfig::Sim { state } = &cfg.bootloader else {
-        anyhow::bail!("the demo device uses the sim bootloader")
-    };
-    let mut steps = Vec::new();
-    for _ in 0..reboots {
-        let booted = SimBootloader::open(state)?.power_on()?.context("no bootable slot")?;
-        let outcome = tern_agent::install::Agent::open(cfg.clone())?.boot_step(now())?;
-        let what = match outcome {
-            tern_agent::install::BootOutcome::Committed { version } => format!("committed {version}"),
-            tern_agent::install::BootOutcome::HealthCheckFailed { .. } => "health check failed".into(),
-            tern_agent::install::BootOutcome::RolledBack { .. } => "rolled back".into(),
-            tern_agent::install::BootOutcome::Interrupted => "interrupted".into(),
-            tern_agent::install::BootOutcome::Nothing => "nothing pending".into(),
-        };
-        steps.push(format!("boot {booted}: {what}"));
+/// `tern server` in this process, on its own runtime.
+struct DemoServer {
+    url: String,
+    admin_token: String,
+    enrollment_token: String,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl DemoServer {
+    fn start(data: &Path) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let mut cfg = tern_server::ServerConfig::for_data_dir(data);
+        cfg.listen = "127.0.0.1:0".into();
+        cfg.poll_interval_secs = 1;
+        let (url, admin_token, enrollment_token) = runtime.block_on(async move {
+            let state = tern_server::open(cfg).await?;
+            let admin = state.db.create_token("api", "admin", "demo").await?;
+            let enroll = state.db.create_token("enrollment", "device", "demo fleet").await?;
+            let running = tern_server::start(state).await?;
+            Ok::<_, tern_server::Error>((format!("http://{}", running.addr), admin, enroll))
+        })?;
+        Ok(DemoServer {
+            url,
+            admin_token,
+            enrollment_token,
+            _runtime: runtime,
+        })
     }
-    Ok(format!("written to slot {slot}; {}", steps.join(", ")))
+
+    fn api(&self) -> super::server::Api {
+        super::server::Api {
+            server: self.url.clone(),
+            token: Some(self.admin_token.clone()),
+            output: crate::output::Format::Text,
+        }
+    }
+}
+
+/// Deploy `release` to the tag `demo`, run each device's agent (polls, and the simulated
+/// reboots an install asks for) until the server reports the deployment finished.
+fn deploy_and_run(
+    api: &super::server::Api,
+    release: &str,
+    devices: &[(&str, PathBuf)],
+) -> anyhow::Result<serde_json::Value> {
+    use tern_agent::bootloader::SimBootloader;
+    use tern_agent::config::{AgentConfig, BootloaderConfig};
+    let body = serde_json::json!({"release": release, "tag": "demo"});
+    let dep = super::server::call(
+        api,
+        reqwest::Method::POST,
+        "/api/v1/deployments",
+        Some(body.to_string().into()),
+    )?;
+    let id = dep["id"].as_str().context("deployment id")?.to_owned();
+    let deadline = Instant::now() + Duration::from_secs(50);
+    loop {
+        let handles: Vec<_> = devices
+            .iter()
+            .map(|(name, d)| {
+                let cfg_path = d.join("agent.toml");
+                let name = name.to_string();
+                std::thread::spawn(move || -> anyhow::Result<()> {
+                    let cfg = AgentConfig::load(&cfg_path)?;
+                    let outcome = tern_agent::remote::Remote::new(cfg.clone())?.poll_once()?;
+                    let reboot = match &outcome {
+                        tern_agent::remote::PollOutcome::Installed { reboot_needed, .. } => *reboot_needed,
+                        _ => matches!(
+                            tern_agent::install::status(&cfg)?.state,
+                            tern_agent::state::Phase::Trial(_)
+                        ),
+                    };
+                    if reboot {
+                        // The simulated power cycle: the bootloader picks a slot and counts
+                        // the attempt; the agent's boot-time step runs.
+                        let BootloaderConfig::Sim { state } = &cfg.bootloader else {
+                            anyhow::bail!("the demo devices use the sim bootloader")
+                        };
+                        let booted = SimBootloader::open(state)?.power_on()?.context("no bootable slot")?;
+                        let step = tern_agent::install::Agent::open(cfg.clone())?.boot_step(now())?;
+                        println!("    {name}: rebooted into {booted}: {}", serde_json::to_string(&step)?);
+                    } else if !matches!(outcome, tern_agent::remote::PollOutcome::Idle { .. }) {
+                        println!("    {name}: {}", serde_json::to_string(&outcome)?);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("agent thread panicked"))??;
+        }
+        let status = super::server::call(api, reqwest::Method::GET, &format!("/api/v1/deployments/{id}"), None)?;
+        if status["status"] == "finished" {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("deployment {id} did not finish: {status}");
+        }
+    }
 }
