@@ -38,6 +38,8 @@
 //! director_root = "director-root.json" # the director's root, provisioned like trusted_root
 //! device_key = "state/device.pem"     # default: STATE_DIR/device.pem (made by `tern device enroll`)
 //! tags = ["lab"]                      # sent at enrollment
+//! ca_cert = "server-ca.pem"           # optional: a private CA for the server's certificate
+//! client_cert = "device.crt"          # optional: mutual TLS with a device CA certificate
 //! poll_interval_secs = 300            # until the server says otherwise
 //! ```
 //!
@@ -174,6 +176,11 @@ pub struct ServerConfig {
     /// Tags sent at enrollment.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// A CA certificate (PEM) to trust for the server's TLS certificate, besides the system's.
+    pub ca_cert: Option<PathBuf>,
+    /// The device certificate (PEM) from the fleet's device CA, for mutual TLS; its key is
+    /// the device key.
+    pub client_cert: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -332,8 +339,11 @@ impl AgentConfig {
         }
         if let Some(server) = cfg.server.as_mut() {
             resolve(&mut server.director_root);
-            if let Some(k) = server.device_key.as_mut() {
-                resolve(k);
+            for p in [&mut server.device_key, &mut server.ca_cert, &mut server.client_cert]
+                .into_iter()
+                .flatten()
+            {
+                resolve(p);
             }
         }
         match &mut cfg.bootloader {

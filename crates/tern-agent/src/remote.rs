@@ -130,6 +130,26 @@ fn server_message(body: &[u8]) -> String {
         .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned())
 }
 
+/// The HTTP client: the server CA and the device certificate (with the device key) if configured.
+fn transport(cfg: &AgentConfig, server: &ServerConfig) -> Result<tern_client::HttpTransport> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(Error::io(p));
+    let ca = server.ca_cert.as_ref().map(read).transpose()?;
+    let identity = match &server.client_cert {
+        Some(cert) => {
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(&server.device_key_path(&cfg.state_dir))?);
+            Some(pem)
+        }
+        None => None,
+    };
+    let http =
+        tern_client::HttpTransport::with_tls(&tern_client::Limits::default(), ca.as_deref(), identity.as_deref());
+    // The PEM copy holding the private key is not kept beyond the client's construction.
+    drop(identity);
+    Ok(http?)
+}
+
 fn server_config(cfg: &AgentConfig) -> Result<ServerConfig> {
     cfg.server.clone().ok_or_else(|| Error::Config {
         path: cfg.state_dir.clone(),
@@ -137,9 +157,10 @@ fn server_config(cfg: &AgentConfig) -> Result<ServerConfig> {
     })
 }
 
-/// Enroll with the server using a fleet enrollment token; makes the device key if there is
-/// none. Returns the registry's answer (the device's status: pending until approved).
-pub fn enroll(cfg: &AgentConfig, token: &str) -> Result<serde_json::Value> {
+/// Enroll with the server, with a fleet enrollment token (then pending until an operator
+/// approves) or, without one, with the configured device certificate over mutual TLS
+/// (approved at once); makes the device key if there is none. Returns the registry's answer.
+pub fn enroll(cfg: &AgentConfig, token: Option<&str>) -> Result<serde_json::Value> {
     let server = server_config(cfg)?;
     let key_path = server.device_key_path(&cfg.state_dir);
     if !key_path.exists() {
@@ -151,7 +172,7 @@ pub fn enroll(cfg: &AgentConfig, token: &str) -> Result<serde_json::Value> {
         tern_fs::generate_key_files(tern_core::KeyAlgorithm::Ed25519, &files)?;
     }
     let key = tern_fs::load_signing_key(&key_path)?;
-    let http = tern_client::HttpTransport::new(&tern_client::Limits::default())?;
+    let http = transport(cfg, &server)?;
     let url = format!("{}/api/v1/devices/enroll", server.url.trim_end_matches('/'));
     let body = serde_json::json!({
         "device_id": server.device_id,
@@ -193,7 +214,7 @@ impl Remote {
             path: server.director_root.clone(),
             reason: e.to_string(),
         })?;
-        let http = tern_client::HttpTransport::new(&tern_client::Limits::default())?;
+        let http = transport(&cfg, &server)?;
         let state_path = cfg.state_dir.join("remote.json");
         Ok(Remote {
             cfg,

@@ -91,7 +91,31 @@ pub struct HttpTransport {
 impl HttpTransport {
     /// A client with the connect and stall timeouts of `limits`.
     pub fn new(limits: &Limits) -> Result<Self, TransportError> {
-        let client = reqwest::Client::builder()
+        Self::with_tls(limits, None, None)
+    }
+
+    /// As [`HttpTransport::new`], also trusting the CA certificates in `ca_pem` (a private
+    /// server CA) and presenting `identity_pem` (a client certificate followed by its
+    /// private key, PEM) when the server asks for one (mutual TLS).
+    pub fn with_tls(
+        limits: &Limits,
+        ca_pem: Option<&[u8]>,
+        identity_pem: Option<&[u8]>,
+    ) -> Result<Self, TransportError> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| TransportError::failed("server CA certificate", error_chain(&e)))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if let Some(pem) = identity_pem {
+            let identity = reqwest::Identity::from_pem(pem)
+                .map_err(|e| TransportError::failed("client certificate", error_chain(&e)))?;
+            builder = builder.identity(identity);
+        }
+        let client = builder
             .connect_timeout(limits.connect_timeout)
             .no_proxy()
             .redirect(reqwest::redirect::Policy::custom(|attempt| {

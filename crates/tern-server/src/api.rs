@@ -279,13 +279,19 @@ async fn repo_target(State(state): St, Path(path): Path<String>, headers: Header
     Ok(resp)
 }
 
-/// Enroll a device with a fleet enrollment token; it then waits for approval.
+/// Enroll a device: with a fleet enrollment token it then waits for approval; with a device
+/// certificate (mutual TLS) from the configured device CA it is approved at once.
 #[utoipa::path(post, path = "/api/v1/devices/enroll", request_body = fleet::EnrollRequest,
     responses((status = 200, body = fleet::Device), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn enroll(State(state): St, body: axum::body::Bytes) -> R<Json<fleet::Device>> {
+async fn enroll(
+    State(state): St,
+    peer: Option<axum::Extension<crate::tls::PeerCert>>,
+    body: axum::body::Bytes,
+) -> R<Json<fleet::Device>> {
     let req: fleet::EnrollRequest =
         serde_json::from_slice(&body).map_err(|e| Refusal::BadRequest(format!("enrollment request: {e}")))?;
-    Ok(Json(fleet::enroll(&state, req).await?))
+    let cert = peer.and_then(|axum::Extension(p)| p.0);
+    Ok(Json(fleet::enroll(&state, req, cert).await?))
 }
 
 /// A signed check-in (`tern_core::director::CheckIn` in a TUF envelope).

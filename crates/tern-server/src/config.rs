@@ -16,6 +16,7 @@
 //! [tls]                                   # optional: HTTPS through rustls
 //! cert = "server.crt"
 //! key = "server.key"
+//! client_ca = "device-ca.pem"             # optional: mutual TLS, device certificates enroll
 //! ```
 //!
 //! Every key can also come from the environment (`TERN_SERVER_LISTEN`, `TERN_SERVER_DATA_DIR`,
@@ -36,6 +37,10 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// The device CA (PEM): devices presenting a certificate it issued, whose common name is
+    /// their id and whose key is their device key, are enrolled without operator approval.
+    /// Devices without a certificate can still enroll with a fleet token.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The server's configuration.
@@ -137,6 +142,9 @@ impl ServerConfig {
         if let Some(t) = cfg.tls.as_mut() {
             resolve(&mut t.cert);
             resolve(&mut t.key);
+            if let Some(ca) = t.client_ca.as_mut() {
+                resolve(ca);
+            }
         }
         Ok(cfg)
     }

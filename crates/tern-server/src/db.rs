@@ -200,4 +200,122 @@ impl Db {
             Ok(None)
         }
     }
+
+    /// Register approved devices in bulk: the path for benchmarks and fleet imports, where
+    /// devices arrive approved instead of enrolling with a fleet token and waiting for an
+    /// operator. Multi-row INSERTs of 500 devices, 20 of them per transaction, on the write
+    /// pool; each device's `device_tags` rows are replaced in the same transaction.
+    ///
+    /// An id already registered is overwritten (key, type, hardware, tags) and approved, so
+    /// that a reused database works; its replay guard (last nonce and device time) is kept
+    /// when the key is the same and cleared with a new key. A decommissioned id is refused:
+    /// decommissioning is final. Transactions committed before a refusal or failure stay.
+    ///
+    /// The caller vouches that ids and tags are well formed and that each `keyid` is its
+    /// key's; ids must be distinct. Not done here: joining deployments already active (only
+    /// approval through the API does), and telling a running server that a key changed (it
+    /// keeps the old one in `AppState::device_keys` until it restarts).
+    pub async fn register_devices(&self, devices: &[NewDevice]) -> Result<()> {
+        const ROWS: usize = 500;
+        const STATEMENTS_PER_TX: usize = 20;
+        let mut seen = std::collections::HashSet::with_capacity(devices.len());
+        if let Some(d) = devices.iter().find(|d| !seen.insert(d.id.as_str())) {
+            return Err(crate::Error::Invalid(format!("device `{}` is listed twice", d.id)));
+        }
+        // `($first, $first+1, …extra), …`: `rows` rows of `per_row` numbered placeholders.
+        let values = |rows: usize, per_row: usize, first: usize, extra: &str| {
+            (0..rows)
+                .map(|r| {
+                    let at = first + r * per_row;
+                    let params: Vec<String> = (at..at + per_row).map(|n| format!("${n}")).collect();
+                    format!("({}{extra})", params.join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let now = unix_now();
+        for chunk in devices.chunks(ROWS * STATEMENTS_PER_TX) {
+            let mut tx = self.write.begin().await?;
+            for batch in chunk.chunks(ROWS) {
+                let ids: Vec<String> = (1..=batch.len()).map(|n| format!("${n}")).collect();
+                let ids = ids.join(", ");
+                let sql = format!("SELECT id FROM devices WHERE status = 'decommissioned' AND id IN ({ids}) LIMIT 1");
+                let mut query = sqlx::query(&sql);
+                for d in batch {
+                    query = query.bind(&d.id);
+                }
+                if let Some(row) = query.fetch_optional(&mut *tx).await? {
+                    let id: String = row.try_get(0)?;
+                    return Err(crate::Error::Refused(format!(
+                        "device `{id}` is decommissioned: it cannot be registered again"
+                    )));
+                }
+                // $1 is the time; each row's six columns follow.
+                let sql = format!(
+                    "INSERT INTO devices (id, public_key, keyid, device_type, hardware, tags, status, enrolled_via, created_at, updated_at)
+                     VALUES {}
+                     ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, keyid = excluded.keyid,
+                       device_type = excluded.device_type, hardware = excluded.hardware, tags = excluded.tags,
+                       status = 'approved', updated_at = excluded.updated_at,
+                       last_nonce = CASE WHEN devices.keyid = excluded.keyid THEN devices.last_nonce END,
+                       last_time = CASE WHEN devices.keyid = excluded.keyid THEN devices.last_time END
+                     WHERE devices.status <> 'decommissioned'",
+                    values(batch.len(), 6, 2, ", 'approved', 'import', $1, $1"),
+                );
+                let mut insert = sqlx::query(&sql).bind(now);
+                for d in batch {
+                    insert = insert
+                        .bind(&d.id)
+                        .bind(d.public_key.to_string())
+                        .bind(&d.keyid)
+                        .bind(&d.device_type)
+                        .bind(&d.hardware)
+                        .bind(serde_json::to_string(&d.tags).unwrap_or_else(|_| "[]".into()));
+                }
+                insert.execute(&mut *tx).await?;
+
+                let sql = format!("DELETE FROM device_tags WHERE device_id IN ({ids})");
+                let mut delete = sqlx::query(&sql);
+                for d in batch {
+                    delete = delete.bind(&d.id);
+                }
+                delete.execute(&mut *tx).await?;
+
+                let tags: Vec<(&String, &String)> = batch
+                    .iter()
+                    .flat_map(|d| d.tags.iter().map(move |t| (&d.id, t)))
+                    .collect();
+                for rows in tags.chunks(ROWS) {
+                    let sql = format!(
+                        "INSERT INTO device_tags (device_id, tag) VALUES {} ON CONFLICT DO NOTHING",
+                        values(rows.len(), 2, 1, "")
+                    );
+                    let mut insert = sqlx::query(&sql);
+                    for (id, tag) in rows {
+                        insert = insert.bind(*id).bind(*tag);
+                    }
+                    insert.execute(&mut *tx).await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A device for [`Db::register_devices`].
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    /// Its id.
+    pub id: String,
+    /// Its public key, TUF key JSON.
+    pub public_key: serde_json::Value,
+    /// The key's id.
+    pub keyid: String,
+    /// Device type.
+    pub device_type: String,
+    /// Hardware revision.
+    pub hardware: String,
+    /// Tags for deployments.
+    pub tags: Vec<String>,
 }

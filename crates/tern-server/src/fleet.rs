@@ -80,8 +80,10 @@ pub struct EnrollRequest {
     /// Tags for deployments.
     #[serde(default)]
     pub tags: Vec<String>,
-    /// The fleet enrollment token.
-    pub enrollment_token: String,
+    /// The fleet enrollment token; without one, the device must present a certificate from
+    /// the device CA over mutual TLS.
+    #[serde(default)]
+    pub enrollment_token: Option<String>,
 }
 
 /// A device as the registry has it.
@@ -124,10 +126,12 @@ fn valid_id(what: &str, id: &str) -> R<()> {
     Ok(())
 }
 
-/// Enroll a device with a fleet token: it waits for an operator's approval.
-pub async fn enroll(state: &AppState, req: EnrollRequest) -> R<Device> {
+/// Enroll a device: with a fleet token it waits for an operator's approval; with a device
+/// certificate (mutual TLS, `peer`) whose common name is its id and whose key is its
+/// device key, it is approved at once.
+pub async fn enroll(state: &AppState, req: EnrollRequest, peer: Option<std::sync::Arc<Vec<u8>>>) -> R<Device> {
     let actor = format!("device:{}", req.device_id);
-    let outcome = enroll_inner(state, &req).await;
+    let outcome = enroll_inner(state, &req, peer).await;
     audit(
         state,
         &actor,
@@ -139,7 +143,7 @@ pub async fn enroll(state: &AppState, req: EnrollRequest) -> R<Device> {
     outcome
 }
 
-async fn enroll_inner(state: &AppState, req: &EnrollRequest) -> R<Device> {
+async fn enroll_inner(state: &AppState, req: &EnrollRequest, peer: Option<std::sync::Arc<Vec<u8>>>) -> R<Device> {
     valid_id("device id", &req.device_id)?;
     for t in &req.tags {
         valid_id("tag", t)?;
@@ -148,17 +152,43 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest) -> R<Device> {
     if req.hardware.len() > 128 || req.tags.len() > 64 {
         return Err(Refusal::BadRequest("hardware or tags too long".into()));
     }
-    if state
-        .db
-        .check_token("enrollment", &req.enrollment_token)
-        .await?
-        .is_none()
-    {
-        return Err(Refusal::Unauthorized("the enrollment token is not valid".into()));
-    }
     let key = PublicKey::from_value("device key", &req.public_key)
         .map_err(|e| Refusal::BadRequest(format!("public_key: {e}")))?;
     let keyid = key.keyid();
+    let (status, via) = match (&req.enrollment_token, peer) {
+        (Some(token), _) => {
+            if state.db.check_token("enrollment", token).await?.is_none() {
+                return Err(Refusal::Unauthorized("the enrollment token is not valid".into()));
+            }
+            ("pending", "token")
+        }
+        (None, Some(cert)) => {
+            let (cn, cert_key) = crate::tls::device_identity(&cert).map_err(Refusal::BadRequest)?;
+            if cn != req.device_id {
+                return Err(Refusal::Unauthorized(format!(
+                    "the device certificate is for `{cn}`, not `{}`",
+                    req.device_id
+                )));
+            }
+            let raw = req
+                .public_key
+                .pointer("/keyval/public")
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
+            if key.keytype() != "ed25519" || hex::decode(raw).ok().as_deref() != Some(cert_key.as_slice()) {
+                return Err(Refusal::Unauthorized(
+                    "the device certificate's key is not the device key (certificate enrollment needs an ed25519 device key)"
+                        .into(),
+                ));
+            }
+            ("approved", "certificate")
+        }
+        (None, None) => {
+            return Err(Refusal::Unauthorized(
+                "no enrollment token, and no device certificate over mutual TLS".into(),
+            ))
+        }
+    };
     if let Some(existing) = device(state, &req.device_id).await? {
         if existing.keyid != keyid.as_str() {
             return Err(Refusal::Conflict(format!(
@@ -172,7 +202,7 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest) -> R<Device> {
     let mut tx = state.db.write.begin().await?;
     sqlx::query(
         "INSERT INTO devices (id, public_key, keyid, device_type, hardware, tags, status, enrolled_via, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, 'pending', 'token', $7, $7)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
     )
     .bind(&req.device_id)
     .bind(req.public_key.to_string())
@@ -180,6 +210,8 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest) -> R<Device> {
     .bind(&req.device_type)
     .bind(&req.hardware)
     .bind(serde_json::to_string(&req.tags).unwrap_or_default())
+    .bind(status)
+    .bind(via)
     .bind(now)
     .execute(&mut *tx)
     .await?;
@@ -191,6 +223,9 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest) -> R<Device> {
             .await?;
     }
     tx.commit().await?;
+    if status == "approved" {
+        join_active_deployments(state, &req.device_id).await?;
+    }
     device(state, &req.device_id)
         .await?
         .ok_or_else(|| Refusal::NotFound("device vanished".into()))

@@ -20,6 +20,7 @@ pub mod db;
 pub mod fleet;
 pub mod keys;
 pub mod repo;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -130,17 +131,16 @@ pub async fn start(state: Arc<AppState>) -> Result<Running> {
         .map_err(|e| Error::Config(format!("listen `{}`: {e}", state.cfg.listen)))?;
     tokio::spawn(repo::resign_loop(state.clone()));
     if let Some(tls) = &state.cfg.tls {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let rustls_cfg = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
-            .await
-            .map_err(|e| Error::Config(format!("tls: {e}")))?;
+        let rustls_cfg = tls::server_config(tls)?;
         let std_listener = std::net::TcpListener::bind(addr).map_err(|e| Error::Io(addr.to_string(), e))?;
         std_listener
             .set_nonblocking(true)
             .map_err(|e| Error::Io(addr.to_string(), e))?;
         let bound = std_listener.local_addr().map_err(|e| Error::Io(addr.to_string(), e))?;
-        let server =
-            axum_server::from_tcp_rustls(std_listener, rustls_cfg).map_err(|e| Error::Io(addr.to_string(), e))?;
+        let acceptor = tls::PeerCertAcceptor::new(axum_server::tls_rustls::RustlsAcceptor::new(rustls_cfg));
+        let server = axum_server::from_tcp(std_listener)
+            .map_err(|e| Error::Io(addr.to_string(), e))?
+            .acceptor(acceptor);
         let task = tokio::spawn(async move {
             server
                 .serve(app.into_make_service())

@@ -42,9 +42,10 @@ pub enum DeviceCommand {
 pub struct EnrollArgs {
     #[command(flatten)]
     pub common: ConfigArgs,
-    /// The fleet enrollment token (`tern server token create --role enrollment`).
+    /// The fleet enrollment token (`tern server token create --role enrollment`); without
+    /// one, the device enrolls with its certificate (`client_cert`) over mutual TLS.
     #[arg(long, env = "TERN_ENROLLMENT_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
 }
 
 /// `tern device simulate`.
@@ -241,7 +242,7 @@ fn toml_str(s: &str) -> String {
 /// `tern device enroll`.
 pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     let cfg = load(&a.common.config)?;
-    let v = tern_agent::remote::enroll(&cfg, &a.token)?;
+    let v = tern_agent::remote::enroll(&cfg, a.token.as_deref())?;
     match a.common.output {
         Format::Json => json(&v),
         Format::Text => {

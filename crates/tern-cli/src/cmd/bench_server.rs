@@ -4,16 +4,19 @@
 //! What runs:
 //! 1. A fresh database (SQLite in a temporary directory, a private PostgreSQL cluster with
 //!    `--postgres`, or `--database-url`) gets the server's migrations, then `--devices`
-//!    approved devices, written directly as 500-row INSERTs, 10,000 rows per transaction.
-//!    The CLI crate has no database driver of its own (only `tern-server` links sqlx), so
-//!    the rows go through the database's own command-line client (`sqlite3` or `psql`).
-//!    The `--concurrency` active devices have their own Ed25519 keys; the others share one
-//!    public key, which the server never reads.
+//!    approved devices through the server's bulk path (`Db::register_devices`: 500-row
+//!    INSERTs, several per transaction, on the server's write pool). The `--concurrency`
+//!    active devices have their own Ed25519 keys; the others share one public key, which
+//!    the server never reads.
 //! 2. The server starts in-process on 127.0.0.1:0. Each active device is one task that signs
 //!    a fresh check-in (new random nonce, current time: the server refuses replays) and
 //!    POSTs it over a shared keep-alive client, in a loop: 1 s of warm-up, then
 //!    `--duration-secs` measured. Every request's latency is kept (signing is not part of
-//!    it); non-200 answers are errors and are printed.
+//!    it); non-200 answers are errors and are printed. On the server a check-in is one
+//!    signature check against the device's key (cached in memory after its first check-in),
+//!    one UPDATE on the write pool (status check, replay guard and heartbeat together) and
+//!    one SELECT for a pending deployment on the read pool. On SQLite the write pool is a
+//!    single connection that the process's writers queue for.
 //! 3. The reference: nginx (`worker_processes auto`) serves a 4096-byte file, measured by
 //!    `wrk --latency` with the same connection count and duration (after a 1 s warm-up
 //!    run), then by this command's own load generator, so that the generator's ceiling is
@@ -31,7 +34,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::sync::Arc;
@@ -48,9 +50,6 @@ const WARMUP: Duration = Duration::from_secs(1);
 /// The reference's static file.
 const STATIC_NAME: &str = "4k.bin";
 const STATIC_BYTES: usize = 4096;
-/// Rows per INSERT statement and per transaction when registering devices.
-const BATCH_ROWS: usize = 500;
-const TX_ROWS: usize = 10_000;
 /// The issue's goals: at least this fraction of nginx's rate, p99 at most this.
 const GOAL_RATIO: f64 = 0.5;
 const GOAL_P99_MS: f64 = 50.0;
@@ -147,8 +146,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(n) = a.max_db_connections {
         cfg.max_db_connections = n;
     }
-    let db = Database::of(&cfg.database_url(), pg.as_ref())?;
-    let backend = db.label();
+    // Where the SQLite file lives, for the breakdown's fsync measurement.
+    let fsync_dir = sqlite_dir(&cfg.database_url()).unwrap_or_else(|| temp.path().to_owned());
     let database = match (&pg, &a.database_url) {
         (Some(pg), _) => format!("private PostgreSQL {} cluster, default settings", pg.version),
         (None, Some(_)) => "--database-url".to_owned(),
@@ -170,13 +169,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let state = server_rt
         .block_on(tern_server::open(cfg.clone()))
         .context("opening the server's database")?;
-    // The pool in effect (the server caps SQLite's).
+    let backend = match state.db.backend {
+        tern_server::db::Backend::Sqlite => "SQLite",
+        tern_server::db::Backend::Postgres => "PostgreSQL",
+    };
+    // The pools in effect (the server caps SQLite's read pool and gives it one writer; on
+    // PostgreSQL both are one pool).
     let pool_size = state.db.pool.options().get_max_connections();
+    let write_pool_size = state.db.write.options().get_max_connections();
 
     let sims = SimDevices::generate(a.devices, a.concurrency)?;
     eprintln!("registering {} devices ({backend})", a.devices);
     let t = Instant::now();
-    db.run_script(&sims.registration_sql(tern_server::unix_now()))
+    server_rt
+        .block_on(state.db.register_devices(&sims.registrations()))
         .context("registering the devices")?;
     let registration = t.elapsed();
     eprintln!(
@@ -213,14 +219,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let breakdown = if a.breakdown {
         eprintln!("breakdown: signing, verifying, fsync; GET /healthz and a one-SELECT GET under the same load");
         Some(measure_breakdown(
-            &client_rt,
-            &client,
-            &sims,
-            &base,
-            &a,
-            &probe,
-            &db,
-            temp.path(),
+            &client_rt, &client, &sims, &base, &a, &probe, fsync_dir,
         )?)
     } else {
         None
@@ -249,6 +248,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         backend,
         database,
         pool_size,
+        write_pool_size,
         concurrency: a.concurrency,
         duration,
         server_threads,
@@ -310,45 +310,30 @@ impl SimDevices {
         })
     }
 
-    /// Multi-row INSERTs in transactions; re-registering (a reused `--database-url`)
-    /// replaces the key and forgets the last nonce.
-    fn registration_sql(&self, now: i64) -> String {
-        let quote = |s: &str| s.replace('\'', "''");
-        let shared_json = quote(&self.shared.to_value().to_string());
-        let shared_id = self.shared.keyid();
-        let mut sql = String::with_capacity(self.count * 240);
-        for start in (0..self.count).step_by(BATCH_ROWS) {
-            if start.is_multiple_of(TX_ROWS) {
-                sql.push_str("BEGIN;\n");
-            }
-            sql.push_str(
-                "INSERT INTO devices (id, public_key, keyid, device_type, hardware, tags, status, enrolled_via, created_at, updated_at) VALUES\n",
-            );
-            let end = (start + BATCH_ROWS).min(self.count);
-            for i in start..end {
-                let (key_json, keyid) = match self.active_at.get(&i) {
+    /// Every device, approved. The active devices come with their own keys, the others with
+    /// the shared one; re-registering (a reused `--database-url`) replaces the keys, which
+    /// clears the server's replay guard for them.
+    fn registrations(&self) -> Vec<tern_server::db::NewDevice> {
+        let shared = (self.shared.to_value().clone(), self.shared.keyid().as_str().to_owned());
+        (0..self.count)
+            .map(|i| {
+                let (public_key, keyid) = match self.active_at.get(&i) {
                     Some(&n) => {
                         let public = self.active[n].key.public();
-                        (quote(&public.to_value().to_string()), public.keyid())
+                        (public.to_value().clone(), public.keyid().as_str().to_owned())
                     }
-                    None => (shared_json.clone(), shared_id.clone()),
+                    None => shared.clone(),
                 };
-                sql.push_str(&format!(
-                    "('{}', '{key_json}', '{}', 'tern-sim', 'bench', '[]', 'approved', 'bench', {now}, {now}){}\n",
-                    device_id(i),
-                    quote(keyid.as_str()),
-                    if i + 1 == end { "" } else { "," }
-                ));
-            }
-            sql.push_str(
-                "ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, keyid = excluded.keyid, \
-                 status = excluded.status, last_seen = NULL, last_time = NULL, last_nonce = NULL;\n",
-            );
-            if (start + BATCH_ROWS).is_multiple_of(TX_ROWS) || end == self.count {
-                sql.push_str("COMMIT;\n");
-            }
-        }
-        sql
+                tern_server::db::NewDevice {
+                    id: device_id(i),
+                    public_key,
+                    keyid,
+                    device_type: "tern-sim".into(),
+                    hardware: "bench".into(),
+                    tags: Vec::new(),
+                }
+            })
+            .collect()
     }
 }
 
@@ -374,78 +359,13 @@ fn checkin_body(dev: &SimDevice) -> anyhow::Result<Vec<u8>> {
     Ok(director::sign_document("check-in", &doc, &dev.key)?)
 }
 
-/// The database the server uses, as its command-line client reaches it.
-enum Database {
-    Sqlite { path: PathBuf, cli: PathBuf },
-    Postgres { url: String, cli: PathBuf },
-}
-
-impl Database {
-    fn of(url: &str, pg: Option<&PrivatePostgres>) -> anyhow::Result<Self> {
-        if url.starts_with("postgres") {
-            let cli = match pg {
-                Some(pg) => pg.bin.join("psql"),
-                None => require_tools(&[Tool::new("psql", &["psql"], "postgresql-client")])?.remove(0),
-            };
-            return Ok(Database::Postgres {
-                url: url.to_owned(),
-                cli,
-            });
-        }
-        let path = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-            .with_context(|| format!("database URL `{url}`: expected sqlite://… or postgres://…"))?;
-        let path = path.split('?').next().unwrap_or(path);
-        let cli = require_tools(&[Tool::new("sqlite3", &["sqlite3"], "sqlite3")])?.remove(0);
-        Ok(Database::Sqlite {
-            path: PathBuf::from(path),
-            cli,
-        })
-    }
-
-    fn label(&self) -> &'static str {
-        match self {
-            Database::Sqlite { .. } => "SQLite",
-            Database::Postgres { .. } => "PostgreSQL",
-        }
-    }
-
-    /// Run an SQL script through the command-line client, stopping at the first error.
-    fn run_script(&self, sql: &str) -> anyhow::Result<()> {
-        let mut cmd = match self {
-            Database::Sqlite { path, cli } => {
-                let mut c = Process::new(cli);
-                c.arg("-bail").arg(path);
-                c
-            }
-            Database::Postgres { url, cli } => {
-                let mut c = Process::new(cli);
-                c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url]);
-                c
-            }
-        };
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {cmd:?}"))?;
-        let mut stdin = child.stdin.take().context("client stdin")?;
-        let script = match self {
-            // The server holds the database open: wait for its locks rather than fail.
-            Database::Sqlite { .. } => format!(".timeout 15000\n{sql}"),
-            Database::Postgres { .. } => sql.to_owned(),
-        };
-        let writer = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
-        let out = child.wait_with_output()?;
-        let written = writer.join().map_err(|_| anyhow::anyhow!("script writer panicked"))?;
-        if !out.status.success() {
-            bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        written.context("writing the script")?;
-        Ok(())
-    }
+/// The directory of a `sqlite:` database URL's file.
+fn sqlite_dir(url: &str) -> Option<PathBuf> {
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = Path::new(path.split('?').next().unwrap_or(path));
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -788,7 +708,6 @@ struct Breakdown {
     one_select: Figures,
 }
 
-#[allow(clippy::too_many_arguments)]
 fn measure_breakdown(
     rt: &tokio::runtime::Runtime,
     client: &reqwest::Client,
@@ -796,8 +715,7 @@ fn measure_breakdown(
     base: &str,
     a: &Args,
     probe: &Probe,
-    db: &Database,
-    temp: &Path,
+    fsync_dir: PathBuf,
 ) -> anyhow::Result<Breakdown> {
     const N: usize = 2000;
     let dev = &sims.active[0];
@@ -805,7 +723,8 @@ fn measure_breakdown(
     let bodies: Vec<Vec<u8>> = (0..N).map(|_| checkin_body(dev)).collect::<anyhow::Result<_>>()?;
     let sign_us = t.elapsed().as_secs_f64() * 1e6 / N as f64;
     // The server's CPU work on a check-in besides the database, step by step as
-    // `fleet::checkin_inner` does it: parse, load the stored key text, verify the signature.
+    // `fleet::checkin_inner` does it: parse, load the stored key text (only on a device's
+    // first check-in: the server caches the parsed key), verify the signature.
     let per = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / N as f64;
     let t = Instant::now();
     let parsed = bodies
@@ -827,10 +746,6 @@ fn measure_breakdown(
         director::verify_checkin(env, key)?;
     }
     let verify_us = per(t);
-    let fsync_dir = match db {
-        Database::Sqlite { path, .. } => path.parent().unwrap_or(temp).to_owned(),
-        Database::Postgres { .. } => temp.to_owned(),
-    };
     let fsync_us = fsync_latency_us(&fsync_dir)?;
     let duration = Duration::from_secs(a.duration_secs);
     let healthz = load_run(
@@ -842,7 +757,7 @@ fn measure_breakdown(
         Expect::OK,
         probe,
     )?;
-    // One indexed SELECT through the pool: the benchmark's repository is empty, so the
+    // One indexed SELECT through the read pool: the benchmark's repository is empty, so the
     // server looks the root up by primary key and answers 404.
     let one_select = load_run(
         rt,
@@ -1377,6 +1292,7 @@ struct Report {
     backend: &'static str,
     database: String,
     pool_size: u32,
+    write_pool_size: u32,
     concurrency: usize,
     duration: Duration,
     server_threads: usize,
@@ -1403,6 +1319,7 @@ impl Report {
             "backend": self.backend,
             "database": self.database,
             "db_pool_size": self.pool_size,
+            "db_write_pool_size": self.write_pool_size,
             "concurrency": self.concurrency,
             "warmup_seconds": WARMUP.as_secs_f64(),
             "duration_seconds": self.duration.as_secs_f64(),
@@ -1449,9 +1366,15 @@ impl Report {
             WARMUP.as_secs(),
             self.duration.as_secs()
         );
+        // On PostgreSQL the server reads and writes through one pool.
+        let pools = if self.backend == "SQLite" {
+            format!("db read pool {}, write pool {}", self.pool_size, self.write_pool_size)
+        } else {
+            format!("db pool {}", self.pool_size)
+        };
         let mut threads = format!(
-            "threads             {} CPUs; tern server runtime {} worker(s), db pool {}; load generator {} worker(s)",
-            self.cpus, self.server_threads, self.pool_size, self.client_threads
+            "threads             {} CPUs; tern server runtime {} worker(s), {pools}; load generator {} worker(s)",
+            self.cpus, self.server_threads, self.client_threads
         );
         if let Some(r) = &self.nginx {
             threads.push_str(&format!(
@@ -1522,7 +1445,7 @@ impl Report {
             println!("breakdown (one thread, no contention):");
             println!("  sign a check-in (device side)      {:>8.1} us", b.sign_us);
             println!("  parse the check-in (server)        {:>8.1} us", b.parse_us);
-            println!("  load the stored key (server)       {:>8.1} us", b.key_us);
+            println!("  load the stored key (server, once) {:>8.1} us", b.key_us);
             println!("  verify the signature (server)      {:>8.1} us", b.verify_us);
             println!(
                 "  4 KiB write + fdatasync            {:>8.1} us  (median, in {})",
@@ -1586,17 +1509,54 @@ Transfer/sec:    434.37MB
     }
 
     #[test]
-    fn registration_batches_and_transactions() {
+    fn registrations_give_active_devices_their_keys() {
         let sims = SimDevices::generate(1200, 3).unwrap();
-        let sql = sims.registration_sql(1);
-        assert_eq!(sql.matches("INSERT INTO devices").count(), 3);
-        assert_eq!(sql.matches("BEGIN;").count(), 1);
-        assert_eq!(sql.matches("COMMIT;").count(), 1);
-        assert_eq!(sql.matches("'approved'").count(), 1200);
+        let regs = sims.registrations();
+        assert_eq!(regs.len(), 1200);
+        let shared = sims.shared.keyid();
+        assert_eq!(regs.iter().filter(|r| r.keyid != shared.as_str()).count(), 3);
         for d in sims.active.iter() {
-            let keyid = d.key.public().keyid();
-            assert!(sql.contains(&format!("('{}', ", d.id)) && sql.contains(keyid.as_str()));
+            let r = regs.iter().find(|r| r.id == d.id).unwrap();
+            assert_eq!(r.keyid, d.key.public().keyid().as_str());
+            assert_eq!(&r.public_key, d.key.public().to_value());
         }
+    }
+
+    /// A reused `--database-url`: the second run's keys replace the first's, and the bulk
+    /// path leaves a decommissioned device alone.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn registering_again_replaces_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tern_server::ServerConfig::for_data_dir(dir.path());
+        tern_server::keys::init(&cfg.key_dir(), crate::output::now(), 1).unwrap();
+        let state = tern_server::open(cfg).await.unwrap();
+        let first = SimDevices::generate(1200, 3).unwrap();
+        state.db.register_devices(&first.registrations()).await.unwrap();
+        let second = SimDevices::generate(1200, 3).unwrap();
+        state.db.register_devices(&second.registrations()).await.unwrap();
+        let d = &second.active[1];
+        let stored = tern_server::fleet::device(&state, &d.id).await.unwrap().unwrap();
+        assert_eq!(stored.keyid, d.key.public().keyid().as_str());
+        assert_eq!(stored.status, "approved");
+        assert_eq!(tern_server::fleet::devices(&state, None).await.unwrap().len(), 1200);
+
+        tern_server::fleet::set_device_status(&state, &d.id, "decommissioned", "test")
+            .await
+            .unwrap();
+        let refused = state.db.register_devices(&second.registrations()).await.unwrap_err();
+        assert!(refused.to_string().contains("decommissioned"), "{refused}");
+        let stored = tern_server::fleet::device(&state, &d.id).await.unwrap().unwrap();
+        assert_eq!(stored.status, "decommissioned");
+    }
+
+    #[test]
+    fn sqlite_dirs() {
+        assert_eq!(
+            sqlite_dir("sqlite:///tmp/x/tern.db?mode=rwc"),
+            Some(PathBuf::from("/tmp/x"))
+        );
+        assert_eq!(sqlite_dir("sqlite:tern.db"), None);
+        assert_eq!(sqlite_dir("postgres://h/db"), None);
     }
 
     #[test]

@@ -214,7 +214,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             poll_interval_secs: 1,
         })?;
         let cfg = tern_agent::config::AgentConfig::load(&d.join("agent.toml"))?;
-        tern_agent::remote::enroll(&cfg, &server.enrollment_token)?;
+        tern_agent::remote::enroll(&cfg, Some(&server.enrollment_token))?;
         super::server::call(
             &api,
             reqwest::Method::POST,
