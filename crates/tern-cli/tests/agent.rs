@@ -569,16 +569,28 @@ fn file_and_archive_payloads_are_installed_in_place_after_verification() {
 }
 
 #[test]
-fn the_demo_installs_commits_and_rolls_back() {
+fn the_demo_deploys_through_the_server_and_one_device_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
     let out = ok(&["demo", "--dir", &s(&dir.path().join("demo")), "--image-mib", "2"]);
+    let section = |title: &str| -> String {
+        let start = out.find(title).unwrap_or_else(|| panic!("no {title} in {out}"));
+        out[start..].lines().take(3).collect::<Vec<_>>().join("\n")
+    };
+    let first = section("release 1.0.0  deployment");
+    assert!(first.contains(": finished"), "{first}");
     assert!(
-        out.contains("release 1.0.0  written to slot B; boot B: committed 1.0.0"),
+        first.contains("sim-0001     succeeded") && first.contains("sim-0002     succeeded"),
+        "{first}"
+    );
+    let second = section("release 1.1.0  deployment");
+    assert!(second.contains("sim-0001     succeeded"), "{second}");
+    assert!(second.contains("sim-0002     rolled-back (the new slot"), "{second}");
+    assert!(
+        out.contains("sim-0002       booted B, state rolled-back, rollback floor 1.0.0"),
         "{out}"
     );
-    assert!(out.contains("boot B: rolled back"), "{out}");
     assert!(
-        out.contains("device status  state rolled-back, booted B, rollback floor 1.0.0"),
+        out.contains("sim-0001       booted A, state committed, rollback floor 1.1.0"),
         "{out}"
     );
     assert!(out.contains("tampered copy  refused"), "{out}");
