@@ -49,13 +49,26 @@ pub struct Current {
     pub reason: Option<String>,
 }
 
-/// What `remote.json` holds.
+/// What `remote.json` (0600: it holds the session token) keeps.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteState {
     /// The deployment in hand or last finished.
     pub deployment: Option<Current>,
     /// The last refused order's reason, until a check-in reported it.
     pub refused_order: Option<String>,
+    /// The session token from the last signed check-in, and its expiry.
+    #[serde(default)]
+    pub session: Option<(String, i64)>,
+    /// The deployment report the server last acknowledged.
+    #[serde(default)]
+    pub reported: Option<(String, Stage)>,
+}
+
+impl RemoteState {
+    /// Whether the server has heard everything this device knows.
+    fn reported_all(&self) -> bool {
+        self.refused_order.is_none() && self.deployment.as_ref().map(|d| (d.id.clone(), d.stage)) == self.reported
+    }
 }
 
 /// What one poll did.
@@ -96,6 +109,17 @@ struct CheckinResponse {
     poll_interval_secs: u64,
     #[serde(default)]
     order: Option<serde_json::Value>,
+    #[serde(default)]
+    session: Option<String>,
+    #[serde(default)]
+    session_expires: Option<i64>,
+}
+
+/// The answer to a poll.
+#[derive(Debug, Deserialize)]
+struct PollResponse {
+    poll_interval_secs: u64,
+    checkin: bool,
 }
 
 /// The device's connection to its server.
@@ -243,7 +267,7 @@ impl Remote {
 
     fn save_state(&self, st: &RemoteState) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(st).unwrap_or_default();
-        Ok(tern_fs::atomic_write(&self.state_path, &bytes, 0o644)?)
+        Ok(tern_fs::atomic_write(&self.state_path, &bytes, 0o600)?)
     }
 
     /// The deployment's stage now, from the persisted install state: installs and boots
@@ -276,8 +300,9 @@ impl Remote {
         }
     }
 
-    /// Sign and send one check-in; returns its nonce and the server's answer.
-    fn checkin(&self, st: &RemoteState, progress: Option<Progress>) -> Result<(String, CheckinResponse)> {
+    /// Sign and send one check-in; returns its nonce and the server's answer, and notes the
+    /// session token and what the server now knows (the caller persists `st`).
+    fn checkin(&self, st: &mut RemoteState, progress: Option<Progress>) -> Result<(String, CheckinResponse)> {
         let status = install::status(&self.cfg)?;
         let slots = status
             .slots
@@ -321,7 +346,33 @@ impl Remote {
         }
         let answer: CheckinResponse =
             serde_json::from_slice(&resp).map_err(|e| server_err(&url, format!("answer: {e}")))?;
+        if let (Some(token), Some(expires)) = (&answer.session, answer.session_expires) {
+            st.session = Some((token.clone(), expires));
+        }
+        st.reported = st.deployment.as_ref().map(|d| (d.id.clone(), d.stage));
         Ok((nonce, answer))
+    }
+
+    /// A poll with the session token: `Some(interval)` when there is nothing new, `None` when
+    /// a signed check-in is due (an order waits, or the token is refused or expired).
+    fn poll_session(&self, st: &RemoteState) -> Result<Option<u64>> {
+        let Some((token, expires)) = &st.session else {
+            return Ok(None);
+        };
+        if *expires <= now().unix() + 5 {
+            return Ok(None);
+        }
+        let url = format!("{}/api/v1/devices/{}/poll", self.base(), self.server.device_id);
+        let (code, resp) = self
+            .http
+            .get_bearer(&url, token, MAX_RESPONSE_BYTES)
+            .map_err(|e| server_err(&url, e))?;
+        if code != 200 {
+            return Ok(None);
+        }
+        let answer: PollResponse =
+            serde_json::from_slice(&resp).map_err(|e| server_err(&url, format!("answer: {e}")))?;
+        Ok((!answer.checkin).then_some(answer.poll_interval_secs))
     }
 
     /// One poll: check in, and follow an order if one comes.
@@ -332,11 +383,16 @@ impl Remote {
             self.settle(d, &status);
         }
         self.save_state(&st)?;
-        let (nonce, answer) = self.checkin(&st, None)?;
-        // The server has the refusal now.
-        if st.refused_order.take().is_some() {
-            self.save_state(&st)?;
+        // The cheap path: nothing to report and a live session, so a poll without a signature.
+        if st.reported_all() {
+            if let Some(poll_interval_secs) = self.poll_session(&st)? {
+                return Ok(PollOutcome::Idle { poll_interval_secs });
+            }
         }
+        let (nonce, answer) = self.checkin(&mut st, None)?;
+        // The server has the refusal now.
+        st.refused_order = None;
+        self.save_state(&st)?;
         let Some(order_value) = answer.order else {
             return Ok(PollOutcome::Idle {
                 poll_interval_secs: answer.poll_interval_secs,
@@ -386,7 +442,9 @@ impl Remote {
                     d.reason = Some(reason.clone());
                 }
                 self.save_state(&st)?;
-                let _ = self.checkin(&st, None);
+                if self.checkin(&mut st, None).is_ok() {
+                    self.save_state(&st)?;
+                }
                 Ok(PollOutcome::Failed {
                     deployment: order.deployment,
                     reason,
@@ -483,7 +541,9 @@ impl Remote {
             d.stage = Stage::Installing;
         }
         self.save_state(st)?;
-        let _ = self.checkin(st, None);
+        if self.checkin(st, None).is_ok() {
+            self.save_state(st)?;
+        }
         let mut agent = Agent::open(self.cfg.clone())?;
         let report = agent.install_downloaded(&payloads, now(), &mut |_| {})?;
         drop(agent);
@@ -498,7 +558,9 @@ impl Remote {
             };
         }
         self.save_state(st)?;
-        let _ = self.checkin(st, None);
+        if self.checkin(st, None).is_ok() {
+            self.save_state(st)?;
+        }
         Ok(report.reboot_needed)
     }
 }

@@ -59,9 +59,32 @@ fn killing_the_server_mid_upload_publishes_all_or_nothing() {
     f.publish("1.0.0", 64);
     let mut landed = 0;
     let mut published_after_kill = 0;
-    for (round, delay_ms) in [40u64, 120, 250, 400, 700].into_iter().enumerate() {
+    // Kill at each stage of an upload: while the body arrives, while payloads are verified
+    // and stored, once a payload file is in place (before the publishing transaction), and
+    // at two fixed delays.
+    let artifacts = f.path("srv/artifacts");
+    let non_empty = |dir: &str| {
+        std::fs::read_dir(artifacts.join(dir))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false))
+            })
+            .unwrap_or(false)
+    };
+    let blobs_before = |n: usize| {
+        std::fs::read_dir(artifacts.join("blobs/sha256"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            > n
+    };
+    for round in 0..5usize {
         let version = format!("2.0.{round}");
         let bundle = f.bundle(&version, 48 * 1024);
+        let _ = std::fs::remove_dir_all(artifacts.join("uploads"));
+        let _ = std::fs::remove_dir_all(artifacts.join("tmp"));
+        let blob_count = std::fs::read_dir(artifacts.join("blobs/sha256"))
+            .map(|d| d.count())
+            .unwrap_or(0);
         let upload = Command::new(tern_bin())
             .args(["release", "upload", &s(&bundle)])
             .env("TERN_SERVER", &f.server.url)
@@ -70,7 +93,20 @@ fn killing_the_server_mid_upload_publishes_all_or_nothing() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        let started = Instant::now();
+        loop {
+            let at_stage = match round {
+                0 => non_empty("uploads"),
+                1 => non_empty("tmp"),
+                2 => blobs_before(blob_count),
+                3 => started.elapsed() > Duration::from_millis(150),
+                _ => started.elapsed() > Duration::from_millis(400),
+            };
+            if at_stage || started.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
         f.server.kill();
         let acknowledged = upload.wait_with_output().unwrap().status.success();
         f.server.restart();

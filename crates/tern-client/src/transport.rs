@@ -157,6 +157,16 @@ impl HttpTransport {
             .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
+        self.exchange(req, url, limit)
+    }
+
+    /// GET with `Authorization: Bearer TOKEN`, as [`HttpTransport::post_json`].
+    pub fn get_bearer(&self, url: &str, token: &str, limit: u64) -> Result<(u16, Vec<u8>), TransportError> {
+        let req = self.client.get(url).bearer_auth(token);
+        self.exchange(req, url, limit)
+    }
+
+    fn exchange(&self, req: reqwest::RequestBuilder, url: &str, limit: u64) -> Result<(u16, Vec<u8>), TransportError> {
         let deadline = self.connect_timeout + self.stall_timeout;
         self.runtime
             .block_on(async {

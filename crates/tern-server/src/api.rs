@@ -131,6 +131,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/devices/{id}/checkin",
             post(checkin).layer(DefaultBodyLimit::max(tern_core::director::MAX_CHECKIN_BYTES)),
         )
+        .route("/api/v1/devices/{id}/poll", get(poll))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/{action}", post(device_action))
@@ -299,6 +300,39 @@ async fn enroll(
     responses((status = 200, body = fleet::CheckinResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn checkin(State(state): St, Path(id): Path<String>, body: axum::body::Bytes) -> R<Json<fleet::CheckinResponse>> {
     Ok(Json(fleet::checkin(&state, &id, &body).await?))
+}
+
+/// The answer to a poll.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PollResponse {
+    /// Seconds until the next poll.
+    pub poll_interval_secs: u64,
+    /// Whether the device must send a signed check-in now (an order is waiting for it).
+    pub checkin: bool,
+}
+
+/// A poll with the session token from the last signed check-in: answered from memory.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/poll", params(("id" = String, Path)), security(("session" = [])),
+    responses((status = 200, body = PollResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn poll(State(state): St, Path(id): Path<String>, headers: HeaderMap) -> R<Json<PollResponse>> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Refusal::Unauthorized("no session token: send a signed check-in".into()))?;
+    crate::session::check(&state.session_key, token, &id, crate::unix_now())
+        .map_err(|e| Refusal::Unauthorized(format!("{e}: send a signed check-in")))?;
+    let checkin = match state.fleet.poll(&id) {
+        crate::session::PollAnswer::Blocked => {
+            return Err(Refusal::Forbidden(format!("device `{id}` is not approved")))
+        }
+        crate::session::PollAnswer::CheckIn => true,
+        crate::session::PollAnswer::Nothing => false,
+    };
+    Ok(Json(PollResponse {
+        poll_interval_secs: state.cfg.poll_interval_secs,
+        checkin,
+    }))
 }
 
 /// Device filter.
@@ -541,11 +575,11 @@ async fn audit_log(
 #[openapi(
     info(title = "Tern update server", description = "Release repository, device registry, director and deployments. Management endpoints take `Authorization: Bearer TOKEN` (roles admin, releaser, viewer); devices sign their check-ins."),
     paths(
-        repo_metadata, repo_target, enroll, checkin, list_devices, get_device, device_action, list_releases,
+        repo_metadata, repo_target, enroll, checkin, poll, list_devices, get_device, device_action, list_releases,
         get_release, upload_release, set_root, list_deployments, create_deployment, get_deployment,
         cancel_deployment, create_enrollment_token, audit_log
     ),
-    components(schemas(ErrorBody, ErrorDetail, TokenResponse)),
+    components(schemas(ErrorBody, ErrorDetail, TokenResponse, PollResponse)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -558,6 +592,10 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "session",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }

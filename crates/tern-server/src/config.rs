@@ -8,6 +8,7 @@
 //! # key_dir = "/etc/tern-server/keys"          # the online snapshot, timestamp and director keys
 //! poll_interval_secs = 300                # what devices are told
 //! order_ttl_secs = 3600                   # how long a director order stays valid
+//! session_ttl_secs = 3600                 # how long a device polls on one signed check-in
 //! timestamp_expiry_secs = 86400           # timestamp lifetime; re-signed at half of it
 //! snapshot_expiry_secs = 604800
 //! max_upload_bytes = 17179869184
@@ -64,6 +65,9 @@ pub struct ServerConfig {
     /// Lifetime of a director order.
     #[serde(default = "default_order_ttl")]
     pub order_ttl_secs: u64,
+    /// Lifetime of a device's session token (polls between signed check-ins).
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl_secs: u64,
     /// Lifetime of a timestamp.
     #[serde(default = "default_timestamp_expiry")]
     pub timestamp_expiry_secs: u64,
@@ -87,6 +91,9 @@ fn default_poll() -> u64 {
     300
 }
 fn default_order_ttl() -> u64 {
+    3600
+}
+fn default_session_ttl() -> u64 {
     3600
 }
 fn default_timestamp_expiry() -> u64 {
@@ -113,6 +120,7 @@ impl ServerConfig {
             key_dir: None,
             poll_interval_secs: default_poll(),
             order_ttl_secs: default_order_ttl(),
+            session_ttl_secs: default_session_ttl(),
             timestamp_expiry_secs: default_timestamp_expiry(),
             snapshot_expiry_secs: default_snapshot_expiry(),
             max_upload_bytes: default_max_upload(),
@@ -167,6 +175,7 @@ impl ServerConfig {
                 "KEY_DIR" => self.key_dir = Some(v.into()),
                 "POLL_INTERVAL_SECS" => self.poll_interval_secs = num(&v)?,
                 "ORDER_TTL_SECS" => self.order_ttl_secs = num(&v)?,
+                "SESSION_TTL_SECS" => self.session_ttl_secs = num(&v)?,
                 "TIMESTAMP_EXPIRY_SECS" => self.timestamp_expiry_secs = num(&v)?,
                 "SNAPSHOT_EXPIRY_SECS" => self.snapshot_expiry_secs = num(&v)?,
                 "MAX_UPLOAD_BYTES" => self.max_upload_bytes = num(&v)?,

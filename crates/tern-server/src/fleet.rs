@@ -226,6 +226,7 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest, peer: Option<std::s
     if status == "approved" {
         join_active_deployments(state, &req.device_id).await?;
     }
+    crate::session::changed(state).await?;
     device(state, &req.device_id)
         .await?
         .ok_or_else(|| Refusal::NotFound("device vanished".into()))
@@ -328,6 +329,7 @@ pub async fn set_device_status(state: &AppState, id: &str, to: &str, actor: &str
         if to == "approved" {
             join_active_deployments(state, id).await?;
         }
+        crate::session::changed(state).await?;
         device(state, id)
             .await?
             .ok_or_else(|| Refusal::NotFound(format!("no device `{id}`")))
@@ -467,6 +469,7 @@ async fn create_deployment_inner(state: &AppState, req: &DeploymentRequest, acto
     for dev in ids {
         add_device(state, &id, &release, &dev).await?;
     }
+    crate::session::changed(state).await?;
     deployment(state, &id)
         .await?
         .ok_or_else(|| Refusal::NotFound("deployment vanished".into()))
@@ -550,6 +553,7 @@ async fn join_active_deployments(state: &AppState, device_id: &str) -> R<()> {
             add_device(state, &id, &release, device_id).await?;
         }
     }
+    crate::session::changed(state).await?;
     Ok(())
 }
 
@@ -641,6 +645,7 @@ pub async fn cancel_deployment(state: &AppState, id: &str, actor: &str) -> R<Dep
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        crate::session::changed(state).await?;
         deployment(state, id)
             .await?
             .ok_or_else(|| Refusal::NotFound(format!("no deployment `{id}`")))
@@ -655,6 +660,10 @@ pub async fn cancel_deployment(state: &AppState, id: &str, actor: &str) -> R<Dep
 pub struct CheckinResponse {
     /// Seconds until the next check-in.
     pub poll_interval_secs: u64,
+    /// A session token for polls (`GET /api/v1/devices/{id}/poll`) until `session_expires`.
+    pub session: String,
+    /// When the session token expires (Unix seconds).
+    pub session_expires: i64,
     /// A signed director order, when a deployment is pending for this device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -779,8 +788,11 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
         }
         _ => None,
     };
+    let session_expires = now + state.cfg.session_ttl_secs as i64;
     Ok(CheckinResponse {
         poll_interval_secs: state.cfg.poll_interval_secs,
+        session: crate::session::issue(&state.session_key, path_id, session_expires),
+        session_expires,
         order,
     })
 }
@@ -905,6 +917,7 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
     .execute(&state.db.write)
     .await?;
     if new_status != status {
+        crate::session::changed(state).await?;
         state
             .db
             .audit(

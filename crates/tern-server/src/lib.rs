@@ -20,6 +20,7 @@ pub mod db;
 pub mod fleet;
 pub mod keys;
 pub mod repo;
+pub mod session;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -96,6 +97,10 @@ pub struct AppState {
     /// Enrolled device keys by device id. A device's key never changes (enrollment refuses
     /// another key for an enrolled id), so the cache cannot go stale.
     pub device_keys: std::sync::Mutex<std::collections::HashMap<String, tern_core::PublicKey>>,
+    /// Signs and checks session tokens (`KEY_DIR/session.key`).
+    pub session_key: aws_lc_rs::hmac::Key,
+    /// What polls need to know about the fleet, in memory.
+    pub fleet: session::Fleet,
 }
 
 /// A running server.
@@ -112,13 +117,18 @@ pub async fn open(cfg: ServerConfig) -> Result<Arc<AppState>> {
     let db = db::Db::connect(&cfg.database_url(), cfg.max_db_connections).await?;
     let keys = keys::OnlineKeys::load(&cfg.key_dir())?;
     let instance = format!("{}-{}", std::process::id(), &random_hex(4));
-    Ok(Arc::new(AppState {
+    let session_key = session::load_key(&cfg.key_dir())?;
+    let state = Arc::new(AppState {
         cfg,
         db,
         keys,
         instance,
         device_keys: Default::default(),
-    }))
+        session_key,
+        fleet: Default::default(),
+    });
+    state.fleet.refresh(&state, true).await?;
+    Ok(state)
 }
 
 /// Bind, then serve in the background: the timestamp re-signer runs beside the listener.
@@ -130,6 +140,7 @@ pub async fn start(state: Arc<AppState>) -> Result<Running> {
         .parse()
         .map_err(|e| Error::Config(format!("listen `{}`: {e}", state.cfg.listen)))?;
     tokio::spawn(repo::resign_loop(state.clone()));
+    tokio::spawn(session::run(state.clone()));
     if let Some(tls) = &state.cfg.tls {
         let rustls_cfg = tls::server_config(tls)?;
         let std_listener = std::net::TcpListener::bind(addr).map_err(|e| Error::Io(addr.to_string(), e))?;

@@ -636,13 +636,13 @@ impl Proxy {
                 let _ = req.as_reader().read_to_end(&mut body);
                 let path = req.url().to_owned();
                 let method = req.method().as_str().to_owned();
-                let mut range = None;
+                let mut headers = Vec::new();
                 for h in req.headers() {
-                    if h.field.equiv("Range") {
-                        range = Some(h.value.as_str().to_owned());
+                    if h.field.equiv("Range") || h.field.equiv("Authorization") {
+                        headers.push((h.field.as_str().as_str().to_owned(), h.value.as_str().to_owned()));
                     }
                 }
-                let ans = forward(&method, &format!("{up}{path}"), body, range);
+                let ans = forward(&method, &format!("{up}{path}"), body, headers);
                 let mut bytes = ans.bytes;
                 if path.ends_with("/checkin") && ans.status == 200 {
                     let device = path.split('/').nth(4).unwrap_or("").to_owned();
@@ -681,7 +681,7 @@ impl Proxy {
     }
 }
 
-fn forward(method: &str, url: &str, body: Vec<u8>, range: Option<String>) -> Answer {
+fn forward(method: &str, url: &str, body: Vec<u8>, headers: Vec<(String, String)>) -> Answer {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -689,8 +689,8 @@ fn forward(method: &str, url: &str, body: Vec<u8>, range: Option<String>) -> Ans
     rt.block_on(async {
         let client = reqwest::Client::builder().no_proxy().build().unwrap();
         let mut req = client.request(method.parse().unwrap(), url).body(body);
-        if let Some(r) = range {
-            req = req.header("Range", r);
+        for (k, v) in headers {
+            req = req.header(k, v);
         }
         match req.send().await {
             Ok(resp) => {
