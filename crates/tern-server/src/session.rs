@@ -186,7 +186,7 @@ pub async fn run(state: Arc<AppState>) {
             eprintln!("tern server: fleet view refresh failed: {e}");
         }
         ticks += 1;
-        if ticks % 20 == 0 {
+        if ticks.is_multiple_of(20) {
             if let Err(e) = state.fleet.flush_seen(&state).await {
                 eprintln!("tern server: last-seen flush failed: {e}");
             }
