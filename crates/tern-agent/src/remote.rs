@@ -509,6 +509,11 @@ impl Remote {
             infos.push(info);
         }
         let root = Arc::new(updater.trusted().root().envelope.to_bytes());
+        // The order checks out: the server hears at once that the download began.
+        let total = infos.iter().map(|i| i.file.length).sum();
+        if self.checkin(st, Some(Progress { done: 0, total })).is_ok() {
+            self.save_state(st)?;
+        }
         let downloads = self.cfg.state_dir.join("downloads");
         let mut payloads = Vec::new();
         let mut last = Instant::now();

@@ -408,3 +408,26 @@ fn release_upload_refusals_change_nothing() {
         std::fs::read(f.path("img-1.1.0")).unwrap()
     );
 }
+
+/// A download cut off mid-way is resumed from where it stopped at the next poll (HTTP Range),
+/// and the deployment completes.
+#[test]
+fn a_dropped_download_resumes_where_it_stopped() {
+    let f = Fleet::new(None);
+    f.publish("1.1.0", 3 * 1024);
+    let proxy = Proxy::start(&f.server.url);
+    let dev = f.device("resume-a", &[], &proxy.url);
+    let dep = f.deploy("1.1.0", &["--device", "resume-a"]);
+    let half = 3 * 1024 * 1024 / 2;
+    *proxy.cut_target.lock().unwrap() = Some(half);
+    let o = dev.poll();
+    assert_eq!(o["outcome"], "error", "{o}");
+    let partial = dev.dir.join("state/downloads/.sim%2Frootfs-1.1.0.img.partial");
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), half as u64);
+    assert_eq!(f.device_status(&dep, "resume-a"), "downloading");
+    // The next poll resumes from the partial file, then installs.
+    let o = dev.poll();
+    assert_eq!(o["outcome"], "installed", "{o}");
+    assert_eq!(*proxy.ranges.lock().unwrap(), vec![format!("bytes={half}-")]);
+    assert_eq!(dev.drive(&f, &dep, "resume-a"), "succeeded");
+}

@@ -219,6 +219,7 @@ pub struct Answer {
     pub status: u16,
     pub body: Value,
     pub bytes: Vec<u8>,
+    pub content_range: Option<String>,
 }
 
 /// One request with an optional bearer token.
@@ -248,6 +249,7 @@ pub fn try_http(method: &str, url: &str, token: Option<&str>, body: Option<Vec<u
             status,
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
             bytes,
+            content_range: None,
         })
     })
 }
@@ -552,9 +554,9 @@ impl Device {
             if ["succeeded", "failed", "rolled-back", "cancelled"].contains(&st.as_str()) {
                 return st;
             }
-            if st == "trial" {
-                // The health check failed and the slot stays uncommitted: the watchdog
-                // reboots until the bootloader's attempts run out.
+            if st == "trial" || st == "rebooting" {
+                // Installed and waiting for its reboot; or the health check failed and the
+                // slot stays uncommitted: the watchdog reboots until the attempts run out.
                 self.reboot();
             }
         }
@@ -620,6 +622,10 @@ pub struct Proxy {
     pub mode: Arc<Mutex<Mode>>,
     /// The last order seen per device.
     pub captured: Arc<Mutex<BTreeMap<String, Value>>>,
+    /// Cut the next target download after this many bytes (a dropped connection).
+    pub cut_target: Arc<Mutex<Option<usize>>>,
+    /// Range headers of target requests.
+    pub ranges: Arc<Mutex<Vec<String>>>,
     _thread: std::thread::JoinHandle<()>,
 }
 
@@ -629,7 +635,10 @@ impl Proxy {
         let url = format!("http://{}", server.server_addr().to_ip().unwrap());
         let mode = Arc::new(Mutex::new(Mode::Pass));
         let captured = Arc::new(Mutex::new(BTreeMap::new()));
+        let cut_target = Arc::new(Mutex::new(None));
+        let ranges = Arc::new(Mutex::new(Vec::new()));
         let (m, c, up) = (mode.clone(), captured.clone(), upstream.to_owned());
+        let (cut, rs) = (cut_target.clone(), ranges.clone());
         let thread = std::thread::spawn(move || {
             for mut req in server.incoming_requests() {
                 let mut body = Vec::new();
@@ -642,8 +651,35 @@ impl Proxy {
                         headers.push((h.field.as_str().as_str().to_owned(), h.value.as_str().to_owned()));
                     }
                 }
+                if path.contains("/repo/targets/") {
+                    for (k, v) in &headers {
+                        if k.eq_ignore_ascii_case("range") {
+                            rs.lock().unwrap().push(v.clone());
+                        }
+                    }
+                }
                 let ans = forward(&method, &format!("{up}{path}"), body, headers);
                 let mut bytes = ans.bytes;
+                let mut extra: Vec<tiny_http::Header> = Vec::new();
+                if let Some(cr) = &ans.content_range {
+                    extra.push(tiny_http::Header::from_bytes("Content-Range", cr.as_bytes()).unwrap());
+                }
+                if path.contains("/repo/targets/") {
+                    if let Some(n) = cut.lock().unwrap().take() {
+                        // Announce the whole body, send part of it, and close: a dropped connection.
+                        let full = bytes.len();
+                        bytes.truncate(n);
+                        let resp = tiny_http::Response::new(
+                            tiny_http::StatusCode(ans.status),
+                            extra,
+                            std::io::Cursor::new(bytes),
+                            Some(full),
+                            None,
+                        );
+                        let _ = req.respond(resp);
+                        continue;
+                    }
+                }
                 if path.ends_with("/checkin") && ans.status == 200 {
                     let device = path.split('/').nth(4).unwrap_or("").to_owned();
                     let mut v: Value = serde_json::from_slice(&bytes).unwrap();
@@ -664,7 +700,10 @@ impl Proxy {
                     }
                     bytes = serde_json::to_vec(&v).unwrap();
                 }
-                let resp = tiny_http::Response::from_data(bytes).with_status_code(ans.status);
+                let mut resp = tiny_http::Response::from_data(bytes).with_status_code(ans.status);
+                for h in extra {
+                    resp.add_header(h);
+                }
                 let _ = req.respond(resp);
             }
         });
@@ -672,6 +711,8 @@ impl Proxy {
             url,
             mode,
             captured,
+            cut_target,
+            ranges,
             _thread: thread,
         }
     }
@@ -695,17 +736,24 @@ fn forward(method: &str, url: &str, body: Vec<u8>, headers: Vec<(String, String)
         match req.send().await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                let content_range = resp
+                    .headers()
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
                 let bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
                 Answer {
                     status,
                     body: Value::Null,
                     bytes,
+                    content_range,
                 }
             }
             Err(_) => Answer {
                 status: 502,
                 body: Value::Null,
                 bytes: Vec::new(),
+                content_range: None,
             },
         }
     })
