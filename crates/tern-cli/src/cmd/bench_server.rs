@@ -1,4 +1,4 @@
-//! `tern bench server`: device check-ins per second against an in-process `tern server`,
+//! `tern bench server`: what a fleet that has nothing new costs an in-process `tern server`,
 //! printed beside `wrk` against nginx serving a 4 KiB static file, measured in the same run.
 //!
 //! What runs:
@@ -6,31 +6,46 @@
 //!    `--postgres`, or `--database-url`) gets the server's migrations, then `--devices`
 //!    approved devices through the server's bulk path (`Db::register_devices`: 500-row
 //!    INSERTs, several per transaction, on the server's write pool). The `--concurrency`
-//!    active devices have their own Ed25519 keys; the others share one public key, which
+//!    simulated devices have their own Ed25519 keys; the others share one public key, which
 //!    the server never reads.
-//! 2. The server starts in-process on 127.0.0.1:0. Each active device is one task that signs
-//!    a fresh check-in (new random nonce, current time: the server refuses replays) and
-//!    POSTs it over a shared keep-alive client, in a loop: 1 s of warm-up, then
-//!    `--duration-secs` measured. Every request's latency is kept (signing is not part of
-//!    it); non-200 answers are errors and are printed. On the server a check-in is one
-//!    signature check against the device's key (cached in memory after its first check-in),
-//!    one UPDATE on the write pool (status check, replay guard and heartbeat together) and
-//!    one SELECT for a pending deployment on the read pool. On SQLite the write pool is a
-//!    single connection that the process's writers queue for.
-//! 3. The reference: nginx (`worker_processes auto`) serves a 4096-byte file, measured by
+//! 2. The server starts in-process on 127.0.0.1:0. Sessions: every simulated device sends
+//!    one signed check-in, all at once, and keeps the session token of the answer (DESIGN
+//!    §6, cheap steady state); this phase is timed and printed on its own.
+//! 3. The steady state, measured by this command's own load generator: each simulated device
+//!    is one task that polls `GET /api/v1/devices/{id}/poll` with its token over a shared
+//!    keep-alive client, in a loop, 1 s of warm-up, then `--duration-secs` measured. Every
+//!    answer must be 200 with `"checkin":false`; others are errors and are printed. The
+//!    server answers a poll from memory: an HMAC check of the token and two hash-set
+//!    lookups, no database statement, no signature.
+//! 4. The order path, as a secondary figure, by the same generator: each task signs a fresh
+//!    check-in (new random nonce, current time: the server refuses replays) and POSTs it.
+//!    Signing is not part of the latency. On the server a check-in is one signature check
+//!    against the device's key (cached in memory after its first check-in), one UPDATE on
+//!    the write pool (status check, replay guard and heartbeat together) and one SELECT for
+//!    a pending deployment on the read pool. On SQLite the write pool is a single connection
+//!    that the process's writers queue for.
+//! 5. The steady state again, measured by `wrk`, the client of the nginx reference: the
+//!    server is restarted on the same database with a runtime of `--wrk-server-threads`
+//!    workers (default: every CPU; wrk is a separate process, as it is against nginx), and
+//!    the tokens of step 2 stay valid (the session key is a file). A generated Lua script
+//!    gives each wrk thread its share of the devices; each request polls as the next of
+//!    them, and the script counts non-200 answers and 200s without `"checkin":false`.
+//! 6. The reference: nginx (`worker_processes auto`) serves a 4096-byte file, measured by
 //!    `wrk --latency` with the same connection count and duration (after a 1 s warm-up
-//!    run), then by this command's own load generator, so that the generator's ceiling is
-//!    visible beside wrk's.
+//!    run), once with the same kind of Lua script (each answer checked: 200, 4096 bytes)
+//!    and once without a script, then by this command's own load generator, so that the
+//!    generator's ceiling is visible beside wrk's. The ratio to nginx and the issue's goals
+//!    are taken on the wrk-measured poll against nginx under the same script.
 //!
 //! Threads. On a small machine the server, the load generator, the database and the
-//! reference tools all compete for the same cores. The load generator and the server run
-//! on two separate tokio runtimes so that neither's tasks can run on the other's workers:
-//! the generator gets `--client-threads` workers (default 1: it mostly signs and waits) and
-//! the server gets `--server-threads` (default: the remaining CPUs, at least 1). SQLite
-//! work runs on sqlx's own per-connection threads and PostgreSQL in its own processes, so
-//! the report gives the CPU each group used during the measured window (percent of one
-//! core), for the tern run and for the nginx runs alike (nginx runs one worker per CPU,
-//! wrk 2 threads).
+//! reference tools all compete for the same cores. While this command's own generator runs,
+//! it and the server run on two separate tokio runtimes so that neither's tasks can run on
+//! the other's workers: the generator gets `--client-threads` workers (default 1: it mostly
+//! waits) and the server gets `--server-threads` (default: the remaining CPUs, at least 1).
+//! While wrk runs the server has `--wrk-server-threads`. SQLite work runs on sqlx's own
+//! per-connection threads and PostgreSQL in its own processes, so the report gives the CPU
+//! each group used during the measured window (percent of one core), for the tern runs and
+//! for the nginx runs alike (nginx runs one worker per CPU, wrk 2 threads).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -50,6 +65,8 @@ const WARMUP: Duration = Duration::from_secs(1);
 /// The reference's static file.
 const STATIC_NAME: &str = "4k.bin";
 const STATIC_BYTES: usize = 4096;
+/// What the answer to a poll with nothing new contains.
+const NOTHING_NEW: &str = "\"checkin\":false";
 /// The issue's goals: at least this fraction of nginx's rate, p99 at most this.
 const GOAL_RATIO: f64 = 0.5;
 const GOAL_P99_MS: f64 = 50.0;
@@ -63,8 +80,8 @@ pub struct Args {
     /// Devices registered (approved) before the load starts.
     #[arg(long, default_value_t = 100_000)]
     pub devices: usize,
-    /// Simulated devices checking in at once, each a task looping check-ins; also wrk's
-    /// connection count.
+    /// Simulated devices polling at once, each a task looping polls (or check-ins); also
+    /// wrk's connection count.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// Measured seconds of each load (after 1 s of warm-up).
@@ -78,12 +95,17 @@ pub struct Args {
     /// port, default settings) and use it; it is stopped at the end.
     #[arg(long)]
     pub postgres: bool,
-    /// Skip the nginx/wrk reference.
+    /// Skip wrk and nginx: the poll is then measured by this command's generator only.
     #[arg(long)]
     pub no_reference: bool,
-    /// Worker threads of the server's runtime (default: the CPUs left by the client, at least 1).
+    /// Worker threads of the server's runtime while this command's load generator runs
+    /// (default: the CPUs left by the generator, at least 1).
     #[arg(long)]
     pub server_threads: Option<usize>,
+    /// Worker threads of the server's runtime while wrk polls it (default: every CPU, as
+    /// nginx runs one worker per CPU; wrk is a separate process in both cases).
+    #[arg(long)]
+    pub wrk_server_threads: Option<usize>,
     /// Worker threads of the load generator's runtime.
     #[arg(long, default_value_t = 1)]
     pub client_threads: usize,
@@ -117,9 +139,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .server_threads
         .unwrap_or_else(|| cpus.saturating_sub(a.client_threads).max(1))
         .max(1);
+    let wrk_server_threads = a.wrk_server_threads.unwrap_or(cpus).max(1);
     let duration = Duration::from_secs(a.duration_secs);
     // Every tool is looked for before minutes of work, so that a missing one fails first.
-    let reference = if a.no_reference {
+    let tools = if a.no_reference {
         None
     } else {
         let found = require_tools(&[
@@ -128,6 +151,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ])?;
         Some((found[0].clone(), found[1].clone()))
     };
+    let wrk = tools.as_ref().map(|(_, bin)| Wrk {
+        bin: bin.clone(),
+        threads: a.concurrency.min(2),
+        connections: a.concurrency,
+    });
 
     let temp = tempfile::Builder::new().prefix("tern-bench-server-").tempdir()?;
     let pg = if a.postgres {
@@ -146,6 +174,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(n) = a.max_db_connections {
         cfg.max_db_connections = n;
     }
+    // The tokens of the session phase serve every later poll: a run longer than the
+    // server's default lifetime gets a longer one (the cost of a poll does not depend on it).
+    // The loads before the last poll: the generator's two, the breakdown's, wrk's poll.
+    let loads = 2 + u64::from(a.breakdown) * 2 + u64::from(wrk.is_some());
+    let run_secs = loads * (WARMUP.as_secs() + a.duration_secs) + 120;
+    let session_ttl_raised = cfg.session_ttl_secs < run_secs;
+    cfg.session_ttl_secs = cfg.session_ttl_secs.max(run_secs);
     // Where the SQLite file lives, for the breakdown's fsync measurement.
     let fsync_dir = sqlite_dir(&cfg.database_url()).unwrap_or_else(|| temp.path().to_owned());
     let database = match (&pg, &a.database_url) {
@@ -154,11 +189,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (None, None) => "SQLite in a temporary directory".to_owned(),
     };
 
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(server_threads)
-        .thread_name(SERVER_THREAD)
-        .enable_all()
-        .build()?;
+    let server_rt = server_runtime(server_threads)?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(a.client_threads)
         .thread_name(CLIENT_THREAD)
@@ -196,18 +227,39 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let client = client_rt.block_on(async { http_client() })?;
     client_rt.block_on(sanity_checkin(&client, &base, &sims.active[0]))?;
 
+    eprintln!(
+        "sessions: {} simulated devices send one signed check-in each, all at once",
+        a.concurrency
+    );
+    let (tokens, sessions) = client_rt.block_on(open_sessions(&client, &base, &sims.active))?;
+
     let probe = Probe {
         this_process: true,
         postmaster: pg.as_ref().and_then(PrivatePostgres::postmaster_pid),
         nginx: None,
     };
     eprintln!(
-        "tern check-in: {} simulated devices, {} s warm-up + {} s measured",
+        "tern poll via tern's load generator: {} simulated devices, {} s warm-up + {} s measured",
         a.concurrency,
         WARMUP.as_secs(),
         a.duration_secs
     );
-    let tern = load_run(
+    let poll_ours = load_run(
+        &client_rt,
+        &client,
+        a.concurrency,
+        duration,
+        poll_requests(&base, &sims.active, &tokens)?,
+        Expect::NOTHING_NEW,
+        &probe,
+    )?;
+    eprintln!(
+        "tern signed check-in via tern's load generator: {} simulated devices, {} s warm-up + {} s measured",
+        a.concurrency,
+        WARMUP.as_secs(),
+        a.duration_secs
+    );
+    let checkin_ours = load_run(
         &client_rt,
         &client,
         a.concurrency,
@@ -224,21 +276,59 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    drop(client);
     running.task.abort();
     server_rt.shutdown_timeout(Duration::from_secs(2));
+
+    // The same database and key directory on a runtime sized for wrk, which is a separate
+    // process: the tokens issued above stay valid.
+    let poll_wrk = match &wrk {
+        None => None,
+        Some(wrk) => {
+            let server_rt = server_runtime(wrk_server_threads)?;
+            let state = server_rt
+                .block_on(tern_server::open(cfg.clone()))
+                .context("reopening the server's database")?;
+            let running = server_rt.block_on(tern_server::start(state))?;
+            let base = format!("http://{}", running.addr);
+            let polls: Vec<WrkRequest> = sims
+                .active
+                .iter()
+                .zip(&tokens)
+                .map(|(d, t)| WrkRequest {
+                    path: format!("/api/v1/devices/{}/poll", d.id),
+                    authorization: Some(format!("Bearer {t}")),
+                })
+                .collect();
+            let script = temp.path().join("poll.lua");
+            fs::write(
+                &script,
+                wrk_script(&polls, wrk.threads, &WrkCheck::Contains(NOTHING_NEW)),
+            )?;
+            eprintln!(
+                "tern poll via wrk: server restarted with {wrk_server_threads} runtime worker(s); {} connections, \
+                 {} threads, 1 s warm-up run + {} s measured",
+                wrk.connections, wrk.threads, a.duration_secs
+            );
+            let figures = wrk.run(&base, Some(&script), duration, &probe)?;
+            running.task.abort();
+            server_rt.shutdown_timeout(Duration::from_secs(2));
+            Some(figures)
+        }
+    };
+    drop(client);
     drop(pg);
 
-    let nginx = match reference {
-        None => None,
-        Some((nginx_bin, wrk_bin)) => Some(run_reference(
-            &nginx_bin,
-            &wrk_bin,
+    let nginx = match (&tools, &wrk) {
+        (Some((nginx_bin, _)), Some(wrk)) => Some(run_reference(
+            nginx_bin,
+            wrk,
             &client_rt,
             a.concurrency,
             duration,
             cpus,
+            temp.path(),
         )?),
+        _ => None,
     };
 
     let report = Report {
@@ -252,8 +342,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         concurrency: a.concurrency,
         duration,
         server_threads,
+        wrk_server_threads,
         client_threads: a.client_threads,
-        tern,
+        session_ttl_secs: cfg.session_ttl_secs,
+        session_ttl_raised,
+        sessions,
+        poll_wrk,
+        poll_ours,
+        checkin_ours,
+        wrk_threads: wrk.as_ref().map(|w| w.threads),
         nginx,
         breakdown,
     };
@@ -264,6 +361,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The server's runtime, its workers named for the CPU report.
+fn server_runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name(SERVER_THREAD)
+        .enable_all()
+        .build()?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -377,10 +483,22 @@ struct Expect {
     status: u16,
     /// The body's length, when it is known.
     len: Option<usize>,
+    /// Text the body must contain.
+    contains: Option<&'static str>,
 }
 
 impl Expect {
-    const OK: Expect = Expect { status: 200, len: None };
+    const OK: Expect = Expect {
+        status: 200,
+        len: None,
+        contains: None,
+    };
+    /// A poll's answer when nothing is new.
+    const NOTHING_NEW: Expect = Expect {
+        status: 200,
+        len: None,
+        contains: Some(NOTHING_NEW),
+    };
 }
 
 /// Builds the next request of simulated client `n`.
@@ -412,20 +530,131 @@ fn get_requests(url: String) -> MakeRequest {
     Arc::new(move |client, _| Ok(client.get(&url).build()?))
 }
 
-/// One check-in before the load: it must be accepted with nothing to do.
+/// Device `n` polls with its session token `tokens[n]`.
+fn poll_requests(base: &str, devices: &[SimDevice], tokens: &[String]) -> anyhow::Result<MakeRequest> {
+    let polls = devices
+        .iter()
+        .zip(tokens)
+        .map(|(d, t)| -> anyhow::Result<_> {
+            let auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))?;
+            Ok((format!("{base}/api/v1/devices/{}/poll", d.id), auth))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Arc::new(move |client, n| {
+        let (url, auth) = &polls[n];
+        Ok(client
+            .get(url)
+            .header(reqwest::header::AUTHORIZATION, auth.clone())
+            .build()?)
+    }))
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// The session token and its expiry from the answer to a signed check-in, which must have
+/// nothing to do.
+fn session_of(status: reqwest::StatusCode, body: &[u8]) -> anyhow::Result<(String, i64)> {
+    if status != reqwest::StatusCode::OK {
+        bail!("HTTP {status}: {}", snippet(body));
+    }
+    let answer: serde_json::Value = serde_json::from_slice(body).context("the check-in's answer")?;
+    if answer.get("poll_interval_secs").is_none() || answer.get("order").is_some() {
+        bail!("not an idle answer: {answer}");
+    }
+    match (
+        answer.get("session").and_then(|v| v.as_str()),
+        answer.get("session_expires").and_then(|v| v.as_i64()),
+    ) {
+        (Some(token), Some(expires)) => Ok((token.to_owned(), expires)),
+        _ => bail!("no session token in the answer: {answer}"),
+    }
+}
+
+/// One check-in before the load: it must be accepted with nothing to do, and its token must
+/// let the device poll.
 async fn sanity_checkin(client: &reqwest::Client, base: &str, dev: &SimDevice) -> anyhow::Result<()> {
     let url = format!("{base}/api/v1/devices/{}/checkin", dev.id);
     let resp = client.post(&url).body(checkin_body(dev)?).send().await?;
     let status = resp.status();
     let body = resp.bytes().await?;
-    if status != reqwest::StatusCode::OK {
-        bail!("the first check-in got HTTP {status}: {}", snippet(&body));
-    }
-    let answer: serde_json::Value = serde_json::from_slice(&body).context("the first check-in's answer")?;
-    if answer.get("poll_interval_secs").is_none() || answer.get("order").is_some() {
-        bail!("the first check-in's answer is not an idle one: {answer}");
+    let (token, _) = session_of(status, &body).context("the first check-in")?;
+    let resp = client
+        .get(format!("{base}/api/v1/devices/{}/poll", dev.id))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    let status = resp.status();
+    let body = resp.bytes().await?;
+    if status != reqwest::StatusCode::OK || !contains(&body, NOTHING_NEW) {
+        bail!(
+            "the first poll got HTTP {status}, not {NOTHING_NEW}: {}",
+            snippet(&body)
+        );
     }
     Ok(())
+}
+
+/// The session phase, timed on its own.
+struct Sessions {
+    /// Signed check-ins sent, one per simulated device, all at once.
+    count: usize,
+    /// From the first request to the last answer.
+    elapsed: Duration,
+    /// Latency figures (rate: check-ins over `elapsed`).
+    figures: Figures,
+}
+
+/// Every simulated device sends one signed check-in, all at once (the documents are signed
+/// before the clock starts); returns each device's session token.
+async fn open_sessions(
+    client: &reqwest::Client,
+    base: &str,
+    devices: &[SimDevice],
+) -> anyhow::Result<(Vec<String>, Sessions)> {
+    let bodies = devices
+        .iter()
+        .map(|d| Ok((format!("{base}/api/v1/devices/{}/checkin", d.id), checkin_body(d)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, (url, body)) in bodies.into_iter().enumerate() {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let t0 = Instant::now();
+            let outcome = async {
+                let resp = client
+                    .post(&url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                let status = resp.status();
+                let body = resp.bytes().await?;
+                session_of(status, &body)
+            }
+            .await;
+            (n, t0.elapsed(), outcome)
+        });
+    }
+    let mut tokens = vec![String::new(); devices.len()];
+    let mut tally = Tally::default();
+    while let Some(done) = tasks.join_next().await {
+        let (n, took, outcome) = done.context("a session task failed")?;
+        let (token, _expires) = outcome.with_context(|| format!("the signed check-in of {}", devices[n].id))?;
+        tokens[n] = token;
+        tally.latencies_us.push(took.as_micros().min(u32::MAX as u128) as u32);
+    }
+    let elapsed = start.elapsed();
+    Ok((
+        tokens,
+        Sessions {
+            count: devices.len(),
+            elapsed,
+            figures: Figures::from_tally(tally, elapsed, BTreeMap::new()),
+        },
+    ))
 }
 
 fn snippet(body: &[u8]) -> String {
@@ -494,6 +723,11 @@ async fn drive(
                             Ok(body) if expect.len.is_some_and(|l| l != body.len()) => {
                                 Err(format!("HTTP {status} with {} bytes", body.len()))
                             }
+                            Ok(body) if expect.contains.is_some_and(|c| !contains(&body, c)) => Err(format!(
+                                "HTTP {status} without {}: {}",
+                                expect.contains.unwrap_or_default(),
+                                snippet(&body)
+                            )),
                             Ok(_) => Ok(()),
                             Err(e) => Err(format!("reading the answer: {:#}", anyhow::Error::from(e))),
                         }
@@ -765,7 +999,11 @@ fn measure_breakdown(
         a.concurrency,
         duration,
         get_requests(format!("{base}/repo/metadata/1.root.json")),
-        Expect { status: 404, len: None },
+        Expect {
+            status: 404,
+            len: None,
+            contains: None,
+        },
         probe,
     )?;
     Ok(Breakdown {
@@ -800,56 +1038,223 @@ fn fsync_latency_us(dir: &Path) -> anyhow::Result<f64> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The reference: nginx, wrk, and this generator against nginx
+// wrk, and the reference: nginx measured by wrk and by this generator
+
+/// How wrk runs: threads and connections, the same against tern and nginx.
+struct Wrk {
+    bin: PathBuf,
+    threads: usize,
+    connections: usize,
+}
+
+impl Wrk {
+    fn command(&self, url: &str, script: Option<&Path>, secs: u64) -> Process {
+        let mut c = Process::new(&self.bin);
+        c.arg(format!("-t{}", self.threads))
+            .arg(format!("-c{}", self.connections))
+            .arg(format!("-d{secs}s"))
+            .arg("--latency");
+        if let Some(s) = script {
+            c.arg("-s").arg(s);
+        }
+        c.arg(url);
+        c
+    }
+
+    /// A 1 s warm-up run, then `duration` measured with `probe` and wrk's own CPU sampled.
+    /// With a script (see [`wrk_script`]), its check of every answer must be in the output.
+    fn run(&self, url: &str, script: Option<&Path>, duration: Duration, probe: &Probe) -> anyhow::Result<Figures> {
+        let warm = self
+            .command(url, script, 1)
+            .output()
+            .with_context(|| format!("running {}", self.bin.display()))?;
+        if !warm.status.success() {
+            bail!("wrk failed: {}", String::from_utf8_lossy(&warm.stderr).trim());
+        }
+        let before = probe.sample();
+        let (out, wrk_cpu) = run_sampled(self.command(url, script, duration.as_secs()))?;
+        let after = probe.sample();
+        let mut cpu = cpu_percent(&before, &after, duration);
+        cpu.insert("wrk".into(), (wrk_cpu / duration.as_secs_f64() * 100.0).round());
+        let figures = parse_wrk(&out, cpu)?;
+        if script.is_some() && !out.contains(CHECK_LINE) {
+            bail!("wrk's script did not report its check of the answers:\n{out}");
+        }
+        Ok(figures)
+    }
+}
+
+/// One request of a wrk script.
+struct WrkRequest {
+    path: String,
+    authorization: Option<String>,
+}
+
+/// What every answer of a scripted wrk run must be, besides status 200.
+enum WrkCheck {
+    Contains(&'static str),
+    Len(usize),
+}
+
+/// The line a wrk script ends its output with: `tern-check: ok N non-200 N body N`.
+const CHECK_LINE: &str = "tern-check:";
+
+/// A wrk Lua script: thread `t` of `threads` takes requests `t`, `t + threads`, … and
+/// sends them in turn, one per request (each prepared once, in `init`); every answer is
+/// checked, and `done` prints the counts of good and bad answers and an example of each
+/// kind of bad one.
+fn wrk_script(requests: &[WrkRequest], threads: usize, check: &WrkCheck) -> String {
+    let list: Vec<String> = requests
+        .iter()
+        .map(|r| match &r.authorization {
+            Some(a) => format!("  {{ {}, {} }},", lua_str(&r.path), lua_str(a)),
+            None => format!("  {{ {} }},", lua_str(&r.path)),
+        })
+        .collect();
+    let body_ok = match check {
+        WrkCheck::Contains(text) => format!("string.find(body, {}, 1, true) ~= nil", lua_str(text)),
+        WrkCheck::Len(n) => format!("#body == {n}"),
+    };
+    let body_wanted = match check {
+        WrkCheck::Contains(text) => format!("without {text}"),
+        WrkCheck::Len(n) => format!("not {n} bytes"),
+    };
+    format!(
+        r#"-- Generated by `tern bench server`.
+local requests = {{
+{list}
+}}
+local threads_count = {threads}
+local threads = {{}}
+
+function setup(thread)
+  thread:set("thread_index", #threads)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  prepared = {{}}
+  for k, r in ipairs(requests) do
+    if (k - 1) % threads_count == thread_index then
+      local headers = {{}}
+      if r[2] then headers["Authorization"] = r[2] end
+      table.insert(prepared, wrk.format("GET", r[1], headers))
+    end
+  end
+  next_request = 0
+  ok, bad_status, bad_body = 0, 0, 0
+  status_example, body_example = "", ""
+end
+
+function request()
+  next_request = next_request % #prepared + 1
+  return prepared[next_request]
+end
+
+function response(status, headers, body)
+  if status ~= 200 then
+    bad_status = bad_status + 1
+    if status_example == "" then
+      status_example = "HTTP " .. status .. ": " .. string.sub(body, 1, 200)
+    end
+  elseif not ({body_ok}) then
+    bad_body = bad_body + 1
+    if body_example == "" then
+      body_example = {body_wanted_lua} .. string.sub(body, 1, 200)
+    end
+  else
+    ok = ok + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local good, status, body = 0, 0, 0
+  for _, t in ipairs(threads) do
+    good = good + t:get("ok")
+    status = status + t:get("bad_status")
+    body = body + t:get("bad_body")
+    for _, kind in ipairs({{ "status", "body" }}) do
+      local example = t:get(kind .. "_example")
+      if example ~= "" then
+        io.write("tern-check " .. kind .. " example: " .. string.gsub(example, "%s+", " ") .. "\n")
+      end
+    end
+  end
+  io.write(string.format("{CHECK_LINE} ok %d non-200 %d body %d\n", good, status, body))
+end
+"#,
+        list = list.join("\n"),
+        body_wanted_lua = lua_str(&format!("HTTP 200 {body_wanted}: ")),
+    )
+}
+
+/// A Lua string literal.
+fn lua_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for b in s.bytes() {
+        match b {
+            b'"' | b'\\' => {
+                out.push('\\');
+                out.push(char::from(b));
+            }
+            0x20..=0x7e => out.push(char::from(b)),
+            _ => out.push_str(&format!("\\{b:03}")),
+        }
+    }
+    out.push('"');
+    out
+}
 
 struct Reference {
     nginx_workers: usize,
-    wrk_threads: usize,
+    /// wrk with the same kind of script as the poll's: every answer checked.
     wrk: Figures,
+    /// wrk without a script.
+    wrk_plain: Figures,
     ours: Figures,
 }
 
 fn run_reference(
     nginx_bin: &Path,
-    wrk_bin: &Path,
+    wrk: &Wrk,
     rt: &tokio::runtime::Runtime,
     concurrency: usize,
     duration: Duration,
     cpus: usize,
+    temp: &Path,
 ) -> anyhow::Result<Reference> {
     let nginx = Nginx::start(nginx_bin)?;
     let url = nginx.url();
-    let wrk_threads = concurrency.min(2);
-    eprintln!(
-        "nginx via wrk: {concurrency} connections, {wrk_threads} threads, 1 s warm-up run + {} s measured",
-        duration.as_secs()
-    );
-    let wrk_cmd = |secs: u64| {
-        let mut c = Process::new(wrk_bin);
-        c.arg(format!("-t{wrk_threads}"))
-            .arg(format!("-c{concurrency}"))
-            .arg(format!("-d{secs}s"))
-            .arg("--latency")
-            .arg(&url);
-        c
-    };
-    let warm = wrk_cmd(1)
-        .output()
-        .with_context(|| format!("running {}", wrk_bin.display()))?;
-    if !warm.status.success() {
-        bail!("wrk failed: {}", String::from_utf8_lossy(&warm.stderr).trim());
-    }
     let probe = Probe {
         this_process: false,
         postmaster: None,
         nginx: Some(nginx.pid()),
     };
-    let before = probe.sample();
-    let (out, wrk_cpu) = run_sampled(wrk_cmd(duration.as_secs()))?;
-    let after = probe.sample();
-    let mut cpu = cpu_percent(&before, &after, duration);
-    cpu.insert("wrk".into(), (wrk_cpu / duration.as_secs_f64() * 100.0).round());
-    let wrk = parse_wrk(&out, cpu)?;
+    // As many entries as the poll's script has devices, so that each thread cycles through
+    // a list of the same length.
+    let gets: Vec<WrkRequest> = (0..concurrency)
+        .map(|_| WrkRequest {
+            path: format!("/{STATIC_NAME}"),
+            authorization: None,
+        })
+        .collect();
+    let script = temp.join("nginx.lua");
+    fs::write(&script, wrk_script(&gets, wrk.threads, &WrkCheck::Len(STATIC_BYTES)))?;
+    eprintln!(
+        "nginx via wrk, the poll's kind of script: {} connections, {} threads, 1 s warm-up run + {} s measured",
+        wrk.connections,
+        wrk.threads,
+        duration.as_secs()
+    );
+    let scripted = wrk.run(&url, Some(&script), duration, &probe)?;
+    eprintln!(
+        "nginx via wrk, no script: {} connections, {} threads, 1 s warm-up run + {} s measured",
+        wrk.connections,
+        wrk.threads,
+        duration.as_secs()
+    );
+    let plain = wrk.run(&url, None, duration, &probe)?;
 
     eprintln!(
         "nginx via tern's load generator: {concurrency} connections, {} s warm-up + {} s measured",
@@ -871,13 +1276,14 @@ fn run_reference(
         Expect {
             status: 200,
             len: Some(STATIC_BYTES),
+            contains: None,
         },
         &probe,
     )?;
     Ok(Reference {
         nginx_workers: cpus,
-        wrk_threads,
-        wrk,
+        wrk: scripted,
+        wrk_plain: plain,
         ours,
     })
 }
@@ -923,11 +1329,26 @@ fn wrk_ms(s: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|v| v * mult)
 }
 
+/// wrk's figures. Errors: socket errors, plus the answers a script's check refused when
+/// the output has its line (see [`wrk_script`]), else wrk's own count of statuses >= 400.
 fn parse_wrk(out: &str, cpu: BTreeMap<String, f64>) -> anyhow::Result<Figures> {
     let mut rate = None;
-    let (mut p50, mut p99, mut max, mut requests, mut errors) = (None, None, None, 0u64, 0u64);
+    let (mut p50, mut p99, mut max, mut requests) = (None, None, None, 0u64);
+    let (mut socket, mut non_2xx, mut checked) = (0u64, 0u64, None);
     let mut error_messages = BTreeMap::new();
+    let mut examples = Vec::new();
+    let count = |words: &[&str]| -> u64 {
+        // `connect 0, read 3, write 0, timeout 1` or `5`.
+        words
+            .iter()
+            .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+            .sum()
+    };
     for line in out.lines() {
+        if let Some(example) = line.strip_prefix("tern-check ").filter(|l| l.contains(" example: ")) {
+            examples.push(example.trim().to_owned());
+            continue;
+        }
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.as_slice() {
             ["Requests/sec:", r] => rate = r.parse::<f64>().ok(),
@@ -935,16 +1356,15 @@ fn parse_wrk(out: &str, cpu: BTreeMap<String, f64>) -> anyhow::Result<Figures> {
             ["99%", v] => p99 = wrk_ms(v),
             ["Latency", _avg, _stdev, m, ..] => max = wrk_ms(m),
             [n, "requests", "in", ..] => requests = n.parse().unwrap_or(0),
-            ["Socket", "errors:", rest @ ..] | ["Non-2xx", "or", "3xx", "responses:", rest @ ..] => {
-                // `connect 0, read 3, write 0, timeout 1` or `5`.
-                let n: u64 = rest
-                    .iter()
-                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
-                    .sum();
-                errors += n;
-                if n > 0 {
-                    error_messages.insert(line.trim().to_owned(), n);
+            ["Socket", "errors:", rest @ ..] => {
+                socket = count(rest);
+                if socket > 0 {
+                    error_messages.insert(line.trim().to_owned(), socket);
                 }
+            }
+            ["Non-2xx", "or", "3xx", "responses:", rest @ ..] => non_2xx = count(rest),
+            [CHECK_LINE, "ok", _, "non-200", s, "body", b] => {
+                checked = Some((s.parse::<u64>().unwrap_or(0), b.parse::<u64>().unwrap_or(0)));
             }
             _ => {}
         }
@@ -952,13 +1372,37 @@ fn parse_wrk(out: &str, cpu: BTreeMap<String, f64>) -> anyhow::Result<Figures> {
     let (Some(rate), Some(p50), Some(p99)) = (rate, p50, p99) else {
         bail!("could not read wrk's output:\n{out}");
     };
+    let refused = match checked {
+        Some((status, body)) => {
+            // `status example: HTTP 401: …`, `body example: HTTP 200 without …`.
+            let example = |kind: &str| {
+                examples
+                    .iter()
+                    .find_map(|e| e.strip_prefix(kind)?.strip_prefix(" example: "))
+                    .map_or(String::new(), |e| format!(", e.g. {e}"))
+            };
+            if status > 0 {
+                error_messages.insert(format!("non-200 answer{}", example("status")), status);
+            }
+            if body > 0 {
+                error_messages.insert(format!("unexpected body{}", example("body")), body);
+            }
+            status + body
+        }
+        None => {
+            if non_2xx > 0 {
+                error_messages.insert("Non-2xx or 3xx responses".to_owned(), non_2xx);
+            }
+            non_2xx
+        }
+    };
     Ok(Figures {
         requests,
         rate,
         p50_ms: p50,
         p99_ms: p99,
         max_ms: max.unwrap_or(0.0),
-        errors,
+        errors: socket + refused,
         error_messages,
         cpu,
     })
@@ -1296,22 +1740,54 @@ struct Report {
     concurrency: usize,
     duration: Duration,
     server_threads: usize,
+    wrk_server_threads: usize,
     client_threads: usize,
-    tern: Figures,
+    session_ttl_secs: u64,
+    /// The server's default lifetime was shorter than this run.
+    session_ttl_raised: bool,
+    sessions: Sessions,
+    /// The steady state measured by wrk (absent with `--no-reference`).
+    poll_wrk: Option<Figures>,
+    /// The steady state measured by this command's generator.
+    poll_ours: Figures,
+    /// Signed check-ins (the order path) measured by this command's generator.
+    checkin_ours: Figures,
+    wrk_threads: Option<usize>,
     nginx: Option<Reference>,
     breakdown: Option<Breakdown>,
 }
 
 impl Report {
+    /// The row the goals are checked on: the poll as wrk measures it, else as the generator does.
+    fn primary(&self) -> (&'static str, &Figures) {
+        match &self.poll_wrk {
+            Some(f) => ("tern_poll_wrk", f),
+            None => ("tern_poll_generator", &self.poll_ours),
+        }
+    }
+
+    /// tern's poll over nginx, both measured by wrk with the same kind of script.
     fn ratio(&self) -> Option<f64> {
+        let poll = self.poll_wrk.as_ref()?;
         self.nginx
             .as_ref()
             .filter(|r| r.wrk.rate > 0.0)
-            .map(|r| self.tern.rate / r.wrk.rate)
+            .map(|r| poll.rate / r.wrk.rate)
+    }
+
+    /// The same against wrk without a script.
+    fn ratio_plain(&self) -> Option<f64> {
+        let poll = self.poll_wrk.as_ref()?;
+        self.nginx
+            .as_ref()
+            .filter(|r| r.wrk_plain.rate > 0.0)
+            .map(|r| poll.rate / r.wrk_plain.rate)
     }
 
     fn to_json(&self) -> serde_json::Value {
         let ratio = self.ratio();
+        let (primary, p) = self.primary();
+        let s = &self.sessions;
         serde_json::json!({
             "cpus": self.cpus,
             "devices": self.devices,
@@ -1324,20 +1800,36 @@ impl Report {
             "warmup_seconds": WARMUP.as_secs_f64(),
             "duration_seconds": self.duration.as_secs_f64(),
             "threads": {
-                "server_runtime_workers": self.server_threads,
+                "server_runtime_workers_with_generator": self.server_threads,
+                "server_runtime_workers_with_wrk": self.poll_wrk.as_ref().map(|_| self.wrk_server_threads),
                 "load_generator_workers": self.client_threads,
                 "nginx_workers": self.nginx.as_ref().map(|r| r.nginx_workers),
-                "wrk_threads": self.nginx.as_ref().map(|r| r.wrk_threads),
+                "wrk_threads": self.wrk_threads,
             },
-            "tern_checkin": self.tern.to_json(),
+            "sessions": {
+                "signed_checkins": s.count,
+                "seconds": s.elapsed.as_secs_f64(),
+                "per_second": s.figures.rate,
+                "p50_ms": s.figures.p50_ms,
+                "p99_ms": s.figures.p99_ms,
+                "max_ms": s.figures.max_ms,
+                "session_ttl_seconds": self.session_ttl_secs,
+                "session_ttl_raised_for_this_run": self.session_ttl_raised,
+            },
+            "tern_poll_wrk": self.poll_wrk.as_ref().map(Figures::to_json),
+            "tern_poll_generator": self.poll_ours.to_json(),
+            "tern_signed_checkin_generator": self.checkin_ours.to_json(),
             "nginx_wrk": self.nginx.as_ref().map(|r| r.wrk.to_json()),
+            "nginx_wrk_no_script": self.nginx.as_ref().map(|r| r.wrk_plain.to_json()),
             "nginx_tern_generator": self.nginx.as_ref().map(|r| r.ours.to_json()),
             "ratio_to_nginx_wrk": ratio,
+            "ratio_to_nginx_wrk_no_script": self.ratio_plain(),
             "goals": {
+                "measured_on": primary,
                 "min_ratio_to_nginx": GOAL_RATIO,
                 "max_p99_ms": GOAL_P99_MS,
                 "ratio_met": ratio.map(|r| r >= GOAL_RATIO),
-                "p99_met": self.tern.p99_ms <= GOAL_P99_MS,
+                "p99_met": p.p99_ms <= GOAL_P99_MS,
             },
             "breakdown": self.breakdown.as_ref().map(|b| serde_json::json!({
                 "sign_checkin_us": b.sign_us,
@@ -1352,6 +1844,50 @@ impl Report {
         })
     }
 
+    /// The table's rows, in order: (label, CPU label, figures).
+    fn rows(&self) -> Vec<(String, &'static str, &Figures)> {
+        let mut rows = Vec::new();
+        if let Some(f) = &self.poll_wrk {
+            rows.push((
+                format!("tern poll, nothing new ({}), wrk", self.backend),
+                "tern poll, wrk",
+                f,
+            ));
+        }
+        rows.push((
+            format!("tern poll, nothing new ({}), generator", self.backend),
+            "tern poll, generator",
+            &self.poll_ours,
+        ));
+        rows.push((
+            "tern signed check-in (order path), gen.".to_owned(),
+            "tern signed check-in, generator",
+            &self.checkin_ours,
+        ));
+        if let Some(b) = &self.breakdown {
+            rows.push((
+                "tern GET /healthz (no db, no crypto), gen.".to_owned(),
+                "tern GET /healthz",
+                &b.healthz,
+            ));
+            rows.push((
+                "tern GET, one indexed SELECT (404), gen.".to_owned(),
+                "tern GET, one SELECT",
+                &b.one_select,
+            ));
+        }
+        if let Some(r) = &self.nginx {
+            rows.push(("nginx 4 KiB file, wrk".to_owned(), "nginx, wrk", &r.wrk));
+            rows.push((
+                "nginx 4 KiB file, wrk without script".to_owned(),
+                "nginx, wrk without script",
+                &r.wrk_plain,
+            ));
+            rows.push(("nginx 4 KiB file, generator".to_owned(), "nginx, generator", &r.ours));
+        }
+        rows
+    }
+
     fn print(&self) {
         println!(
             "devices             {} registered in {:.2} s ({}; {})",
@@ -1359,6 +1895,23 @@ impl Report {
             self.registration.as_secs_f64(),
             self.backend,
             self.database
+        );
+        let s = &self.sessions;
+        println!(
+            "sessions            {} signed check-ins at once, one per simulated device: {:.3} s ({:.0}/s), \
+             p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; tokens valid {} s{}",
+            s.count,
+            s.elapsed.as_secs_f64(),
+            s.figures.rate,
+            s.figures.p50_ms,
+            s.figures.p99_ms,
+            s.figures.max_ms,
+            self.session_ttl_secs,
+            if self.session_ttl_raised {
+                " (raised from the server's default to outlast this run)"
+            } else {
+                ""
+            }
         );
         println!(
             "load                {} concurrent keep-alive connections, {} s warm-up + {} s measured each",
@@ -1372,54 +1925,66 @@ impl Report {
         } else {
             format!("db pool {}", self.pool_size)
         };
-        let mut threads = format!(
-            "threads             {} CPUs; tern server runtime {} worker(s), {pools}; load generator {} worker(s)",
-            self.cpus, self.server_threads, self.client_threads
+        println!("threads             {} CPUs; {pools}", self.cpus);
+        println!(
+            "  with the generator  tern server runtime {} worker(s), load generator (in-process) {} worker(s)",
+            self.server_threads, self.client_threads
         );
-        if let Some(r) = &self.nginx {
-            threads.push_str(&format!(
-                "; nginx {} workers; wrk {} threads",
-                r.nginx_workers, r.wrk_threads
-            ));
+        if let (Some(_), Some(t)) = (&self.poll_wrk, self.wrk_threads) {
+            println!(
+                "  with wrk            tern server runtime {} worker(s) (restarted on the same database), wrk {t} \
+                 threads (a separate process) on the same {} CPUs",
+                self.wrk_server_threads, self.cpus
+            );
         }
-        println!("{threads}");
+        if let (Some(r), Some(t)) = (&self.nginx, self.wrk_threads) {
+            println!(
+                "  nginx               {} workers; wrk {t} threads; the generator {} worker(s)",
+                r.nginx_workers, self.client_threads
+            );
+        }
+        if self.poll_wrk.is_some() {
+            println!(
+                "wrk script          each thread polls as its share of the devices in turn, and checks every \
+                 answer (200, {NOTHING_NEW}); nginx's \"wrk\" row runs the same kind of script (200, {STATIC_BYTES} bytes)"
+            );
+        }
         println!();
         println!(
-            "{:<34} {:>10} {:>9} {:>9} {:>9} {:>7}",
+            "{:<46} {:>10} {:>9} {:>9} {:>9} {:>7}",
             "", "req/s", "p50 ms", "p99 ms", "max ms", "errors"
         );
-        let row = |label: &str, f: &Figures| {
+        let rows = self.rows();
+        for (label, _, f) in &rows {
             println!(
-                "{:<34} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+                "{:<46} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
                 label, f.rate, f.p50_ms, f.p99_ms, f.max_ms, f.errors
             );
-        };
-        row(&format!("tern check-in ({})", self.backend), &self.tern);
-        if let Some(b) = &self.breakdown {
-            row("tern GET /healthz (no db, no crypto)", &b.healthz);
-            row("tern GET, one indexed SELECT (404)", &b.one_select);
-        }
-        if let Some(r) = &self.nginx {
-            row("nginx 4 KiB file, wrk", &r.wrk);
-            row("nginx 4 KiB file, tern's generator", &r.ours);
         }
         println!();
         let met = |ok: bool| if ok { "met" } else { "NOT MET" };
+        let (primary, p) = self.primary();
+        let on = if primary == "tern_poll_wrk" { "wrk" } else { "generator" };
         match self.ratio() {
-            Some(ratio) => println!(
-                "tern / nginx (wrk)  {ratio:.3}x   goal >= {GOAL_RATIO}x: {}",
-                met(ratio >= GOAL_RATIO)
-            ),
-            None => println!("tern / nginx (wrk)  not measured (--no-reference)"),
+            Some(ratio) => {
+                println!(
+                    "tern poll / nginx, both via wrk (same kind of script)  {ratio:.3}x   goal >= {GOAL_RATIO}x: {}",
+                    met(ratio >= GOAL_RATIO)
+                );
+                if let Some(plain) = self.ratio_plain() {
+                    println!("tern poll / nginx via wrk without script            {plain:.3}x");
+                }
+            }
+            None => println!("tern poll / nginx  not measured (--no-reference)"),
         }
         println!(
-            "tern p99            {:.2} ms   goal <= {GOAL_P99_MS} ms: {}",
-            self.tern.p99_ms,
-            met(self.tern.p99_ms <= GOAL_P99_MS)
+            "tern poll p99 ({on})  {:.2} ms   goal <= {GOAL_P99_MS} ms: {}",
+            p.p99_ms,
+            met(p.p99_ms <= GOAL_P99_MS)
         );
         println!();
         println!("CPU in the measured window, % of one core:");
-        let cpu = |label: &str, f: &Figures| {
+        for (_, label, f) in &rows {
             let parts: Vec<String> = f.cpu.iter().map(|(k, v)| format!("{k} {v:.0}%")).collect();
             let per_req = if f.rate > 0.0 {
                 format!(
@@ -1430,15 +1995,6 @@ impl Report {
                 String::new()
             };
             println!("  {label:<34} {}{per_req}", parts.join(", "));
-        };
-        cpu("tern check-in", &self.tern);
-        if let Some(b) = &self.breakdown {
-            cpu("tern GET /healthz", &b.healthz);
-            cpu("tern GET, one SELECT", &b.one_select);
-        }
-        if let Some(r) = &self.nginx {
-            cpu("nginx, wrk", &r.wrk);
-            cpu("nginx, tern's generator", &r.ours);
         }
         if let Some(b) = &self.breakdown {
             println!();
@@ -1453,16 +2009,7 @@ impl Report {
                 b.fsync_dir.display()
             );
         }
-        let mut errors: Vec<(&str, &Figures)> = vec![("tern check-in", &self.tern)];
-        if let Some(b) = &self.breakdown {
-            errors.push(("tern GET /healthz", &b.healthz));
-            errors.push(("tern GET, one SELECT", &b.one_select));
-        }
-        if let Some(r) = &self.nginx {
-            errors.push(("nginx, wrk", &r.wrk));
-            errors.push(("nginx, tern's generator", &r.ours));
-        }
-        for (label, f) in errors {
+        for (_, label, f) in &rows {
             for (m, n) in f.error_messages.iter().take(10) {
                 println!("error ({label}): {n} x {m}");
             }
@@ -1499,6 +2046,51 @@ Transfer/sec:    434.37MB
         assert!((f.max_ms - 14.80).abs() < 1e-9);
         assert_eq!(f.requests, 1043512);
         assert_eq!(f.errors, 4);
+    }
+
+    /// A scripted run: the script's counts replace wrk's own count of statuses >= 400.
+    #[test]
+    fn reads_the_scripts_check() {
+        let out = WRK.replace("Requests/sec:", "  Non-2xx or 3xx responses: 7\nRequests/sec:")
+            + "tern-check status example: HTTP 401: {\"error\":\"the session token has expired\"}\n\
+             tern-check body example: HTTP 200 without \"checkin\":false: {\"checkin\":true}\n\
+             tern-check: ok 1043500 non-200 7 body 2\n";
+        let f = parse_wrk(&out, BTreeMap::new()).unwrap();
+        assert_eq!(f.errors, 4 + 7 + 2);
+        assert_eq!(
+            f.error_messages
+                .get("non-200 answer, e.g. HTTP 401: {\"error\":\"the session token has expired\"}"),
+            Some(&7)
+        );
+        assert_eq!(
+            f.error_messages
+                .get("unexpected body, e.g. HTTP 200 without \"checkin\":false: {\"checkin\":true}"),
+            Some(&2)
+        );
+        assert!(!f.error_messages.keys().any(|m| m.starts_with("Non-2xx")));
+    }
+
+    #[test]
+    fn wrk_script_spreads_devices_over_threads() {
+        let reqs = vec![
+            WrkRequest {
+                path: "/api/v1/devices/bench-000000/poll".into(),
+                authorization: Some("Bearer v1.bench-000000.99.ab".into()),
+            },
+            WrkRequest {
+                path: "/4k.bin".into(),
+                authorization: None,
+            },
+        ];
+        let script = wrk_script(&reqs, 2, &WrkCheck::Contains(NOTHING_NEW));
+        assert!(script.contains(r#"  { "/api/v1/devices/bench-000000/poll", "Bearer v1.bench-000000.99.ab" },"#));
+        assert!(script.contains(r#"  { "/4k.bin" },"#));
+        assert!(script.contains("local threads_count = 2"));
+        assert!(script.contains(r#"string.find(body, "\"checkin\":false", 1, true)"#));
+        assert!(script.contains(&format!("io.write(string.format(\"{CHECK_LINE} ok %d")));
+        let by_len = wrk_script(&reqs, 1, &WrkCheck::Len(4096));
+        assert!(by_len.contains("#body == 4096"));
+        assert_eq!(lua_str("a\"b\\c\n\u{e9}"), r#""a\"b\\c\010\195\169""#);
     }
 
     #[test]
