@@ -169,8 +169,10 @@ fn transport(cfg: &AgentConfig, server: &ServerConfig) -> Result<tern_client::Ht
     };
     let http =
         tern_client::HttpTransport::with_tls(&tern_client::Limits::default(), ca.as_deref(), identity.as_deref());
-    // The PEM copy holding the private key is not kept beyond the client's construction.
-    drop(identity);
+    // The PEM copy holding the private key is wiped once the client holds its own.
+    if let Some(mut pem) = identity {
+        zeroize::Zeroize::zeroize(&mut pem);
+    }
     Ok(http?)
 }
 

@@ -205,7 +205,7 @@ fn checkin_with_another_devices_key_is_refused() {
         kind: tern_core::director::CHECKIN_TYPE.into(),
         device_id: "key-a".into(),
         nonce: "abcdef".into(),
-        time: tern_core::DateTime::from_unix(4_000_000_000).to_string(),
+        time: tern_agent::remote::now().to_string(),
         phase: "forged".into(),
         slots: vec![],
         deployment: None,
@@ -430,4 +430,107 @@ fn a_dropped_download_resumes_where_it_stopped() {
     assert_eq!(o["outcome"], "installed", "{o}");
     assert_eq!(*proxy.ranges.lock().unwrap(), vec![format!("bytes={half}-")]);
     assert_eq!(dev.drive(&f, &dep, "resume-a"), "succeeded");
+}
+
+/// Regressions from review: a signed hash entry naming an unknown algorithm cannot name a
+/// file on the server; a deployment refused for a device that is not approved leaves
+/// nothing that applies later; a release without a target for a device does not supersede
+/// its queued deployment.
+#[test]
+fn review_regressions() {
+    let f = Fleet::new(None);
+    f.publish("1.0.0", 64);
+    // 1. `"../../keys": "session.key"` among a target's signed hashes.
+    let session_key = std::fs::read(f.path("srv/keys/session.key")).unwrap();
+    f.bundle("1.1.0", 64);
+    let repo = tern_repo::Repository::open(&f.path("repo")).unwrap();
+    let name = tern_core::TargetPath::new("sim/rootfs-1.1.0.img").unwrap();
+    let mut contents = repo
+        .release_contents(&[name], false, tern_agent::remote::now())
+        .unwrap();
+    let mut env: Value = serde_json::from_slice(&contents.targets).unwrap();
+    env["signed"]["targets"]["sim/rootfs-1.1.0.img"]["hashes"]["../../keys"] = "session.key".into();
+    let mut envelope = tern_core::Envelope::new(&env["signed"]).unwrap();
+    envelope
+        .sign(
+            "targets",
+            &tern_fs::load_signing_key(&f.path("keys/targets.pem")).unwrap(),
+        )
+        .unwrap();
+    contents.targets = envelope.to_bytes();
+    let evil = f.path("evil.tern");
+    tern_bundle::write_bundle(&contents, &evil).unwrap();
+    let _ = f.tern(&["release", "upload", &s(&evil)]);
+    assert_eq!(std::fs::read(f.path("srv/keys/session.key")).unwrap(), session_key);
+
+    // 2. A deployment refused for a pending device does not apply once it is approved.
+    let dir = f.path("dev-pending");
+    fleet::run_ok(
+        &[
+            "device",
+            "simulate",
+            "--dir",
+            &s(&dir),
+            "--root",
+            &s(&f.path("repo/metadata/1.root.json")),
+            "--server",
+            &f.server.url,
+            "--device-id",
+            "pending-a",
+            "--director-root",
+            &s(&f.path("srv/keys/director-root.json")),
+            "--slot-mib",
+            "4",
+        ],
+        &[],
+    );
+    let cfg = s(&dir.join("agent.toml"));
+    fleet::run_ok(&["device", "enroll", "--config", &cfg, "--token", &f.enrollment], &[]);
+    let out = f.tern(&["deployment", "create", "--release", "1.0.0", "--device", "pending-a"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 409"), "{:?}", out);
+    f.ok(&["device", "approve", "pending-a"]);
+    let deps = f.api("GET", "/api/v1/deployments", Some(&f.admin), None).body;
+    assert!(deps.as_array().unwrap().is_empty(), "{deps}");
+
+    // 3. A release with nothing for this device type does not cancel its queued deployment.
+    let dep = f.deploy("1.0.0", &["--device", "pending-a"]);
+    let other = f.path("img-cam");
+    std::fs::write(&other, vec![7u8; 4096]).unwrap();
+    fleet::run_ok(
+        &[
+            "repo",
+            "add-target",
+            "--repo",
+            &s(&f.path("repo")),
+            &s(&other),
+            "--name",
+            "cam/fw-9.img",
+            "--release-version",
+            "9.0.0",
+            "--device-type",
+            "camera",
+            "--slot-class",
+            "rootfs",
+            "--key",
+            &s(&f.path("keys/targets.pem")),
+        ],
+        &[],
+    );
+    let cam = f.path("cam.tern");
+    fleet::run_ok(
+        &[
+            "bundle",
+            "create",
+            "--repo",
+            &s(&f.path("repo")),
+            "--target",
+            "cam/fw-9.img",
+            "--out",
+            &s(&cam),
+        ],
+        &[],
+    );
+    f.ok(&["release", "upload", &s(&cam)]);
+    f.deploy("9.0.0", &["--device", "pending-a"]);
+    assert_eq!(f.device_status(&dep, "pending-a"), "queued");
 }

@@ -94,8 +94,8 @@ impl HttpTransport {
         Self::with_tls(limits, None, None)
     }
 
-    /// As [`HttpTransport::new`], also trusting the CA certificates in `ca_pem` (a private
-    /// server CA) and presenting `identity_pem` (a client certificate followed by its
+    /// As [`HttpTransport::new`], trusting only the CA certificates in `ca_pem` (a private
+    /// server CA) when given, and presenting `identity_pem` (a client certificate followed by its
     /// private key, PEM) when the server asks for one (mutual TLS).
     pub fn with_tls(
         limits: &Limits,
@@ -104,11 +104,10 @@ impl HttpTransport {
     ) -> Result<Self, TransportError> {
         let mut builder = reqwest::Client::builder();
         if let Some(pem) = ca_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| TransportError::failed("server CA certificate", error_chain(&e)))?
-            {
-                builder = builder.add_root_certificate(cert);
-            }
+            // Only the configured CA: the platform's roots do not vouch for this server.
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| TransportError::failed("server CA certificate", error_chain(&e)))?;
+            builder = builder.tls_certs_only(certs);
         }
         if let Some(pem) = identity_pem {
             let identity = reqwest::Identity::from_pem(pem)

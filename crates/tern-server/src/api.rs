@@ -126,7 +126,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/director/root.json", get(director_root))
         .route("/repo/metadata/{file}", get(repo_metadata))
         .route("/repo/targets/{*path}", get(repo_target))
-        .route("/api/v1/devices/enroll", post(enroll))
+        .route(
+            "/api/v1/devices/enroll",
+            post(enroll).layer(DefaultBodyLimit::max(64 * 1024)),
+        )
         .route(
             "/api/v1/devices/{id}/checkin",
             post(checkin).layer(DefaultBodyLimit::max(tern_core::director::MAX_CHECKIN_BYTES)),

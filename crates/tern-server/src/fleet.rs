@@ -130,16 +130,13 @@ fn valid_id(what: &str, id: &str) -> R<()> {
 /// certificate (mutual TLS, `peer`) whose common name is its id and whose key is its
 /// device key, it is approved at once.
 pub async fn enroll(state: &AppState, req: EnrollRequest, peer: Option<std::sync::Arc<Vec<u8>>>) -> R<Device> {
-    let actor = format!("device:{}", req.device_id);
+    // An id that is not an id is not copied into the audit log.
+    let who = match valid_id("device id", &req.device_id) {
+        Ok(()) => format!("device:{}", req.device_id),
+        Err(_) => "device:?".to_owned(),
+    };
     let outcome = enroll_inner(state, &req, peer).await;
-    audit(
-        state,
-        &actor,
-        "device.enroll",
-        &format!("device:{}", req.device_id),
-        &outcome,
-    )
-    .await;
+    audit(state, &who, "device.enroll", &who, &outcome).await;
     outcome
 }
 
@@ -395,6 +392,11 @@ pub struct Deployment {
     pub devices: Vec<DeviceDeployment>,
 }
 
+/// Nonces remembered per device against replayed check-ins.
+const RECENT_NONCES: usize = 32;
+/// How far a device's clock may be ahead of the server's, or go back, in seconds.
+const CLOCK_SLACK: i64 = 300;
+
 const TERMINAL: [&str; 4] = ["succeeded", "failed", "rolled-back", "cancelled"];
 
 fn choose_target<'a>(targets: &'a [ReleaseTarget], device_type: &str, hardware: &str) -> Option<&'a ReleaseTarget> {
@@ -428,6 +430,14 @@ async fn create_deployment_inner(state: &AppState, req: &DeploymentRequest, acto
     let release = repo::release(state, &req.release)
         .await?
         .ok_or_else(|| Refusal::NotFound(format!("no release `{}`", req.release)))?;
+    // Every check before anything is written: a refused deployment leaves nothing behind.
+    if kind == "device" {
+        match device(state, &selector).await? {
+            Some(d) if d.status == "approved" => {}
+            Some(d) => return Err(Refusal::Conflict(format!("device `{selector}` is {}", d.status))),
+            None => return Err(Refusal::NotFound(format!("no device `{selector}`"))),
+        }
+    }
     let id = format!("d-{}", random_hex(6));
     let now = unix_now();
     sqlx::query(
@@ -459,13 +469,6 @@ async fn create_deployment_inner(state: &AppState, req: &DeploymentRequest, acto
             .map(|r| r.try_get(0))
             .collect::<std::result::Result<_, _>>()?,
     };
-    if kind == "device" {
-        match device(state, &selector).await? {
-            Some(d) if d.status == "approved" => {}
-            Some(d) => return Err(Refusal::Conflict(format!("device `{selector}` is {}", d.status))),
-            None => return Err(Refusal::NotFound(format!("no device `{selector}`"))),
-        }
-    }
     for dev in ids {
         add_device(state, &id, &release, &dev).await?;
     }
@@ -482,39 +485,42 @@ async fn add_device(state: &AppState, id: &str, release: &repo::Release, device_
         return Ok(());
     };
     let now = unix_now();
+    let chosen = choose_target(&release.targets, &dev.device_type, &dev.hardware);
     let mut tx = state.db.write.begin().await?;
-    sqlx::query(
-        "UPDATE deployment_devices SET status = 'cancelled', reason = $1, updated_at = $2
-         WHERE device_id = $3 AND deployment_id <> $4 AND status IN ('queued', 'downloading')",
-    )
-    .bind(format!("superseded by deployment {id}"))
-    .bind(now)
-    .bind(device_id)
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    let (target, length, hashes, version, status, reason) =
-        match choose_target(&release.targets, &dev.device_type, &dev.hardware) {
-            Some(t) => (
-                t.name.clone(),
-                t.length as i64,
-                serde_json::to_string(&t.hashes).unwrap_or_default(),
-                t.version.clone(),
-                "queued",
-                None,
-            ),
-            None => (
-                String::new(),
-                0,
-                "{}".into(),
-                String::new(),
-                "failed",
-                Some(format!(
-                    "release {} has no target for device type {} hardware {}",
-                    release.name, dev.device_type, dev.hardware
-                )),
-            ),
-        };
+    if chosen.is_some() {
+        // Only a deployment that has something for this device supersedes an older one.
+        sqlx::query(
+            "UPDATE deployment_devices SET status = 'cancelled', reason = $1, updated_at = $2
+             WHERE device_id = $3 AND deployment_id <> $4 AND status IN ('queued', 'downloading')",
+        )
+        .bind(format!("superseded by deployment {id}"))
+        .bind(now)
+        .bind(device_id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let (target, length, hashes, version, status, reason) = match chosen {
+        Some(t) => (
+            t.name.clone(),
+            t.length as i64,
+            serde_json::to_string(&t.hashes).unwrap_or_default(),
+            t.version.clone(),
+            "queued",
+            None,
+        ),
+        None => (
+            String::new(),
+            0,
+            "{}".into(),
+            String::new(),
+            "failed",
+            Some(format!(
+                "release {} has no target for device type {} hardware {}",
+                release.name, dev.device_type, dev.hardware
+            )),
+        ),
+    };
     sqlx::query(
         "INSERT INTO deployment_devices (deployment_id, device_id, target, target_length, target_hashes, version, status, reason, created_at, updated_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) ON CONFLICT DO NOTHING",
@@ -714,34 +720,59 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
         .map_err(|e| Refusal::Unauthorized(format!("check-in is not signed by device `{path_id}`'s key: {e}")))?;
     let time = DateTime::parse(&c.time).map_err(Refusal::BadRequest)?.unix();
     let now = unix_now();
+    // The replay guard: the nonce must not be among the device's last RECENT_NONCES ones, the
+    // device's clock may not run more than CLOCK_SLACK ahead of the server's (one far-future
+    // check-in would otherwise lock the device out), nor go back more than CLOCK_SLACK.
+    if time > now + CLOCK_SLACK {
+        return Err(Refusal::BadRequest(format!(
+            "check-in time {} is {} s ahead of the server's clock",
+            c.time,
+            time - now
+        )));
+    }
+    let row = sqlx::query("SELECT status, last_nonce, last_time FROM devices WHERE id = $1")
+        .bind(path_id)
+        .fetch_one(&state.db.pool)
+        .await?;
+    let status: String = row.try_get(0)?;
+    let recent: String = row.try_get::<Option<String>, _>(1)?.unwrap_or_default();
+    let last_time: Option<i64> = row.try_get(2)?;
+    if status != "approved" {
+        return Err(Refusal::Forbidden(format!("device `{path_id}` is {status}")));
+    }
+    if recent.split(' ').any(|n| n == c.nonce) {
+        return Err(Refusal::Unauthorized(format!(
+            "check-in from `{path_id}` replays a nonce it used before"
+        )));
+    }
+    if last_time.is_some_and(|t| time < t - CLOCK_SLACK) {
+        return Err(Refusal::Unauthorized(format!(
+            "check-in from `{path_id}` goes back in time (a replay, or a clock set back)"
+        )));
+    }
+    let mut window: Vec<&str> = recent.split(' ').filter(|n| !n.is_empty()).collect();
+    window.push(&c.nonce);
+    let skip = window.len().saturating_sub(RECENT_NONCES);
+    let updated = window[skip..].join(" ");
     let slots = serde_json::to_string(&c.slots).unwrap_or_default();
-    // The status check, the replay guard and the heartbeat in one statement: a device not
-    // approved, a nonce equal to the last one, or a device time before the last accepted
-    // one changes nothing.
+    // Compare-and-swap on the nonce window: two check-ins racing see each other.
     let fresh = sqlx::query(
         "UPDATE devices SET last_seen = $1, last_time = $2, last_nonce = $3, phase = $4, slots = $5, refused_order = $6
-         WHERE id = $7 AND status = 'approved' AND (last_nonce IS NULL OR last_nonce <> $3) AND (last_time IS NULL OR last_time <= $2)",
+         WHERE id = $7 AND status = 'approved' AND COALESCE(last_nonce, '') = $8",
     )
     .bind(now)
-    .bind(time)
-    .bind(&c.nonce)
+    .bind(time.max(last_time.unwrap_or(i64::MIN)))
+    .bind(&updated)
     .bind(&c.phase)
     .bind(&slots)
     .bind(&c.refused_order)
     .bind(path_id)
+    .bind(&recent)
     .execute(&state.db.write)
     .await?;
     if fresh.rows_affected() != 1 {
-        let status: String = sqlx::query("SELECT status FROM devices WHERE id = $1")
-            .bind(path_id)
-            .fetch_one(&state.db.pool)
-            .await?
-            .try_get(0)?;
-        if status != "approved" {
-            return Err(Refusal::Forbidden(format!("device `{path_id}` is {status}")));
-        }
-        return Err(Refusal::Unauthorized(format!(
-            "check-in from `{path_id}` replays a nonce or goes back in time"
+        return Err(Refusal::Conflict(format!(
+            "another check-in from `{path_id}` was recorded at the same moment; check in again"
         )));
     }
     if let Some(refused) = &c.refused_order {
@@ -845,6 +876,21 @@ async fn pending_row(state: &AppState, device_id: &str) -> R<Option<PendingRow>>
     }))
 }
 
+/// Whether a deployment's target is a slot image (raw installer, or no manifest).
+async fn installs_into_slot(state: &AppState, deployment: &str, target: &str) -> R<bool> {
+    let row =
+        sqlx::query("SELECT r.targets FROM releases r JOIN deployments d ON d.release_name = r.name WHERE d.id = $1")
+            .bind(deployment)
+            .fetch_optional(&state.db.pool)
+            .await?;
+    let Some(row) = row else { return Ok(true) };
+    let targets: Vec<ReleaseTarget> = serde_json::from_str(&row.try_get::<String, _>(0)?).unwrap_or_default();
+    Ok(targets
+        .iter()
+        .find(|t| t.name == target)
+        .is_none_or(|t| t.installer.is_empty() || t.installer == "raw"))
+}
+
 /// Apply a device's report on a deployment to its row.
 async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &director::DeploymentReport) -> R<()> {
     let row = sqlx::query(
@@ -867,6 +913,9 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
         Stage::Installing => ("installing", None),
         Stage::Rebooting => ("rebooting", None),
         Stage::Trial => ("trial", None),
+        // A file or archive payload is installed in place, not into a slot: its Committed
+        // report is the outcome.
+        Stage::Committed if !installs_into_slot(state, &report.deployment, &target).await? => ("succeeded", None),
         Stage::Committed => match c.booted() {
             Some(b)
                 if b.target.as_deref() == Some(target.as_str()) && b.version.as_deref() == Some(version.as_str()) =>

@@ -36,6 +36,9 @@ pub struct ReleaseTarget {
     pub hardware: Vec<String>,
     /// The manifest's version.
     pub version: String,
+    /// The manifest's installer (raw, file, archive…; empty: no manifest).
+    #[serde(default)]
+    pub installer: String,
 }
 
 /// A release as stored.
@@ -203,13 +206,54 @@ async fn insert_metadata(
 
 /// What a verified bundle brings.
 struct Verified {
+    /// The root version the bundle was verified from.
+    verified_from_root: u64,
     /// New roots after the current one, in order.
     roots: Vec<(u64, Vec<u8>)>,
     /// Targets roles (top-level and delegated) with their versions and bytes.
     roles: Vec<(String, u64, Vec<u8>)>,
     targets: Vec<ReleaseTarget>,
-    /// Stored payload files: (sha256, length).
-    blobs: Vec<(String, u64)>,
+    /// Verified payload files, not yet in the store.
+    blobs: Vec<Blob>,
+}
+
+/// A verified payload waiting in `tmp/`.
+struct Blob {
+    tmp: PathBuf,
+    sha256: String,
+    sha512: Option<String>,
+    length: u64,
+}
+
+/// Move verified payloads into the content-addressed store (fsynced, before the database
+/// names them). Idempotent: a payload already moved by an earlier attempt is skipped.
+fn store_blobs(artifacts: &Path, blobs: &[Blob]) -> Result<()> {
+    for b in blobs {
+        let dest = blob_path(artifacts, "sha256", &b.sha256);
+        let parent = dest.parent().unwrap_or(artifacts);
+        std::fs::create_dir_all(parent).map_err(|e| Error::Io(parent.display().to_string(), e))?;
+        if b.tmp.exists() {
+            std::fs::rename(&b.tmp, &dest).map_err(|e| Error::Io(dest.display().to_string(), e))?;
+            tern_fs::sync_dir(parent)?;
+        }
+        if let Some(h) = &b.sha512 {
+            let other = blob_path(artifacts, "sha512", h);
+            let dir = other.parent().unwrap_or(artifacts);
+            std::fs::create_dir_all(dir).map_err(|e| Error::Io(dir.display().to_string(), e))?;
+            if !other.exists() {
+                std::fs::hard_link(&dest, &other).map_err(|e| Error::Io(other.display().to_string(), e))?;
+                tern_fs::sync_dir(dir)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remove verified payloads a refused upload leaves in `tmp/`.
+fn discard_blobs(blobs: &[Blob]) {
+    for b in blobs {
+        let _ = std::fs::remove_file(&b.tmp);
+    }
 }
 
 fn blob_path(artifacts: &Path, alg: &str, hex: &str) -> PathBuf {
@@ -246,35 +290,37 @@ fn verify_and_store(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime)
             return Err(Error::Invalid(format!("bundle refused: {e}")));
         }
     };
-    // Every payload verified: move them into the content-addressed store.
+    // Every payload verified. They stay in tmp/ until the publication's checks pass
+    // (`store_blobs`); only hashes Tern knows, with well-formed hex, ever name a file.
     let mut blobs = Vec::new();
     let mut targets = Vec::new();
     for (p, tmp) in written {
-        let sha256 = p
-            .hashes
-            .get("sha256")
-            .cloned()
-            .ok_or_else(|| Error::Invalid(format!("target `{}` lists no sha256 hash", p.target)))?;
-        let dest = blob_path(artifacts, "sha256", &sha256);
-        let parent = dest.parent().unwrap_or(artifacts);
-        std::fs::create_dir_all(parent).map_err(|e| Error::Io(parent.display().to_string(), e))?;
-        std::fs::rename(&tmp, &dest).map_err(|e| Error::Io(dest.display().to_string(), e))?;
-        tern_fs::sync_dir(parent)?;
-        for (alg, hex) in &p.hashes {
-            if alg == "sha256" {
-                continue;
-            }
-            let other = blob_path(artifacts, alg, hex);
-            let dir = other.parent().unwrap_or(artifacts);
-            std::fs::create_dir_all(dir).map_err(|e| Error::Io(dir.display().to_string(), e))?;
-            let _ = std::fs::remove_file(&other);
-            std::fs::hard_link(&dest, &other).map_err(|e| Error::Io(other.display().to_string(), e))?;
-            tern_fs::sync_dir(dir)?;
-        }
-        blobs.push((sha256, p.length));
-        let (device_type, hardware, version) = match &p.manifest {
-            Some(m) => (m.device_type.clone(), m.hardware.clone(), m.version.to_string()),
-            None => (String::new(), Vec::new(), String::new()),
+        let well_formed = |alg: &str, len: usize| {
+            p.hashes
+                .get(alg)
+                .filter(|h| h.len() == len && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .map(|h| h.to_ascii_lowercase())
+        };
+        let Some(sha256) = well_formed("sha256", 64) else {
+            let _ = std::fs::remove_file(&tmp);
+            discard_blobs(&blobs);
+            return Err(Error::Invalid(format!("target `{}` lists no sha256 hash", p.target)));
+        };
+        let sha512 = well_formed("sha512", 128);
+        blobs.push(Blob {
+            tmp,
+            sha256,
+            sha512,
+            length: p.length,
+        });
+        let (device_type, hardware, version, installer) = match &p.manifest {
+            Some(m) => (
+                m.device_type.clone(),
+                m.hardware.clone(),
+                m.version.to_string(),
+                format!("{:?}", m.installer).to_lowercase(),
+            ),
+            None => (String::new(), Vec::new(), String::new(), String::new()),
         };
         targets.push(ReleaseTarget {
             name: p.target.clone(),
@@ -283,6 +329,7 @@ fn verify_and_store(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime)
             device_type,
             hardware,
             version,
+            installer,
         });
     }
     // The metadata as the bundle carries it.
@@ -312,6 +359,7 @@ fn verify_and_store(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime)
         roles.push((name.clone(), *v, read_entry(&format!("metadata/{name}.json"))?));
     }
     Ok(Verified {
+        verified_from_root: trusted.version(),
         roots,
         roles,
         targets,
@@ -363,23 +411,29 @@ async fn upload_inner(state: &Arc<AppState>, bundle: &Path, name: Option<&str>, 
     let verified = tokio::task::spawn_blocking(move || verify_and_store(&path, &root, &artifacts, now))
         .await
         .map_err(|e| Error::Refused(format!("verification task: {e}")))??;
-    if let Some((_, bytes)) = verified.roots.last() {
-        let newest = tern_core::trust::load_trusted_root(bytes)?;
-        check_online_roles(&newest, state)?;
-    }
-    let release = release_name(name, &verified.targets)?;
-    for attempt in 0.. {
-        match publish(state, &verified, &release, actor).await {
-            Err(Error::Refused(r)) if r == RETRY && attempt < 20 => continue,
-            Err(Error::Refused(r)) if r == RETRY => {
-                return Err(Error::Refused(
-                    "the repository kept changing during the upload; try again".into(),
-                ))
-            }
-            other => return other,
+    let outcome = async {
+        if let Some((_, bytes)) = verified.roots.last() {
+            let newest = tern_core::trust::load_trusted_root(bytes)?;
+            check_online_roles(&newest, state)?;
         }
+        let release = release_name(name, &verified.targets)?;
+        for attempt in 0.. {
+            match publish(state, &verified, &release, actor).await {
+                Err(Error::Refused(r)) if r == RETRY && attempt < 20 => continue,
+                Err(Error::Refused(r)) if r == RETRY => {
+                    return Err(Error::Refused(
+                        "the repository kept changing during the upload; try again".into(),
+                    ))
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns")
     }
-    unreachable!("the loop returns")
+    .await;
+    // Whatever was refused leaves nothing behind in the store.
+    discard_blobs(&verified.blobs);
+    outcome
 }
 
 const RETRY: &str = "retry: the repository changed";
@@ -419,6 +473,8 @@ async fn publish(state: &AppState, v: &Verified, release: &str, actor: &str) -> 
             "every role in the bundle is already published at that version: nothing new".into(),
         ));
     }
+    // The checks passed: the payloads go into the store before the database names them.
+    store_blobs(&state.cfg.artifact_dir(), &v.blobs)?;
     let now = unix_now();
     let mut tx = state.db.write.begin().await?;
     // The compare-and-swap first: it takes the write lock and detects a concurrent publisher.
@@ -433,6 +489,17 @@ async fn publish(state: &AppState, v: &Verified, release: &str, actor: &str) -> 
             .await?;
     if swapped.rows_affected() != 1 {
         return Err(Error::Refused(RETRY.into()));
+    }
+    // The bundle was verified from the root current when the upload began; if another
+    // upload rotated it since, this one must be verified again from the new root.
+    let root_now: i64 = sqlx::query("SELECT version FROM repo_current WHERE role = 'root'")
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+    if root_now != v.verified_from_root as i64 {
+        return Err(Error::Refused(format!(
+            "the repository's root moved to version {root_now} during the upload; upload the bundle again"
+        )));
     }
     for (version, bytes) in &v.roots {
         let root = Signed::<Root>::parse("root", bytes)?;
@@ -471,12 +538,12 @@ async fn publish(state: &AppState, v: &Verified, release: &str, actor: &str) -> 
         now,
     )
     .await?;
-    for (sha256, length) in &v.blobs {
+    for b in &v.blobs {
         sqlx::query(
             "INSERT INTO blobs (sha256, length, created_at) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING",
         )
-        .bind(sha256)
-        .bind(*length as i64)
+        .bind(&b.sha256)
+        .bind(b.length as i64)
         .bind(now)
         .execute(&mut *tx)
         .await?;

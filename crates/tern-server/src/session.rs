@@ -198,6 +198,16 @@ pub async fn run(state: Arc<AppState>) {
 pub fn load_key(dir: &std::path::Path) -> Result<aws_lc_rs::hmac::Key> {
     use zeroize::Zeroize;
     let path = dir.join("session.key");
+    if let Ok(meta) = std::fs::metadata(&path) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(Error::Config(format!(
+                "{}: readable or writable by group or others (mode {:o}); it must be 0600",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            )));
+        }
+    }
     let mut bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

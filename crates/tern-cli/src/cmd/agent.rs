@@ -421,7 +421,10 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                     match r.poll_once() {
                         Ok(outcome) => {
                             if let tern_agent::remote::PollOutcome::Idle { poll_interval_secs } = &outcome {
-                                interval = std::time::Duration::from_secs((*poll_interval_secs).max(1));
+                                // The interval comes from an unsigned answer: the server may
+                                // shorten the configured one, never lengthen it.
+                                let configured = cfg.server.as_ref().map_or(60, |s| s.poll_interval_secs).max(1);
+                                interval = std::time::Duration::from_secs((*poll_interval_secs).clamp(1, configured));
                             }
                             match a.common.output {
                                 Format::Json => println!("{}", serde_json::to_string(&outcome)?),

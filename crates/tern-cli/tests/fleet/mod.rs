@@ -370,9 +370,12 @@ impl Fleet {
     /// The release engineer adds an image of `mib` MiB for `version` and bundles it (not uploaded).
     pub fn bundle(&self, version: &str, kib: usize) -> PathBuf {
         let img = self.path(&format!("img-{version}"));
+        // Content that differs for every version (seeded by a hash of the whole string).
+        let seed = tern_core::digest::sha256_hex(version.as_bytes());
+        let seed = u32::from_str_radix(&seed[..8], 16).unwrap();
         let mut data = vec![0u8; kib * 1024];
         for (i, b) in data.iter_mut().enumerate() {
-            *b = (i.wrapping_mul(2654435761) >> 13) as u8 ^ version.len() as u8 ^ version.as_bytes()[version.len() - 1];
+            *b = ((i as u32 ^ seed).wrapping_mul(2654435761) >> 13) as u8;
         }
         std::fs::write(&img, &data).unwrap();
         let name = format!("sim/rootfs-{version}.img");
