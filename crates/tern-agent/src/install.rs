@@ -61,6 +61,20 @@ pub enum Origin {
     Network,
 }
 
+/// The device's trust anchor: the newest root it verified, else the shipped one.
+pub fn trust_anchor(cfg: &AgentConfig) -> Result<Vec<u8>> {
+    let newest = cfg.state_dir.join("root.json");
+    let path = if newest.exists() {
+        newest
+    } else {
+        cfg.trusted_root.clone()
+    };
+    std::fs::read(&path).map_err(|e| Error::TrustedRoot {
+        path,
+        reason: e.to_string(),
+    })
+}
+
 /// What an install did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InstallReport {
@@ -207,16 +221,7 @@ impl Agent {
 
     /// The trust anchor: the newest root this device verified, else the shipped one.
     fn trust_anchor(&self) -> Result<Vec<u8>> {
-        let newest = self.cfg.state_dir.join("root.json");
-        let path = if newest.exists() {
-            newest
-        } else {
-            self.cfg.trusted_root.clone()
-        };
-        std::fs::read(&path).map_err(|e| Error::TrustedRoot {
-            path,
-            reason: e.to_string(),
-        })
+        trust_anchor(&self.cfg)
     }
 
     /// Record an error that happened outside an install (a refused order) as the last error.

@@ -475,18 +475,7 @@ impl Remote {
     /// Steps 3 and 4 for a verified order; true when a reboot is needed.
     fn follow(&self, order: &Order, st: &mut RemoteState) -> Result<bool> {
         let tuf_dir = self.cfg.state_dir.join("tuf");
-        let anchor = {
-            let newest = self.cfg.state_dir.join("root.json");
-            let path = if newest.exists() {
-                newest
-            } else {
-                self.cfg.trusted_root.clone()
-            };
-            std::fs::read(&path).map_err(|e| Error::TrustedRoot {
-                path,
-                reason: e.to_string(),
-            })?
-        };
+        let anchor = install::trust_anchor(&self.cfg)?;
         if tern_client::MetadataDir::new(&tuf_dir)
             .read("root", tern_core::metadata::limits::ROOT)?
             .is_none()
