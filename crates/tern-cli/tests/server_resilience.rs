@@ -300,3 +300,45 @@ fn two_servers_share_one_postgres_database() {
     assert!(v0.abs_diff(v1) <= 1, "{v0} vs {v1}");
     drop(second);
 }
+
+/// The lease that lets one process at a time re-sign the timestamp, raced on PostgreSQL:
+/// of many concurrent takers exactly one holds it; the holder renews it; another takes it
+/// only after it lapses.
+#[test]
+fn the_resign_lease_has_one_holder_at_a_time() {
+    let pg = Pg::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let db = tern_server::db::Db::connect(&pg.url, 32).await.unwrap();
+        let mut racers = Vec::new();
+        for i in 0..24 {
+            let db = db.clone();
+            racers.push(tokio::spawn(async move {
+                db.try_lease("race", &format!("p{i}"), 1500).await.unwrap()
+            }));
+        }
+        let mut winners = Vec::new();
+        for (i, r) in racers.into_iter().enumerate() {
+            if r.await.unwrap() {
+                winners.push(format!("p{i}"));
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?} hold the lease at once");
+        let holder = winners[0].clone();
+        assert!(
+            db.try_lease("race", &holder, 1500).await.unwrap(),
+            "the holder cannot renew"
+        );
+        let other = if holder == "p0" { "p1" } else { "p0" };
+        assert!(!db.try_lease("race", other, 1500).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        assert!(
+            db.try_lease("race", other, 1500).await.unwrap(),
+            "a lapsed lease cannot be taken"
+        );
+    });
+}
