@@ -533,4 +533,12 @@ fn review_regressions() {
     f.ok(&["release", "upload", &s(&cam)]);
     f.deploy("9.0.0", &["--device", "pending-a"]);
     assert_eq!(f.device_status(&dep, "pending-a"), "queued");
+
+    // 4. An operator can release a device from a deployment it will never finish; a viewer cannot.
+    let viewer = f.token("viewer");
+    let path = format!("/api/v1/deployments/{dep}/devices/pending-a/abandon");
+    assert_eq!(f.api("POST", &path, Some(&viewer), None).status, 403);
+    f.ok(&["deployment", "abandon", &dep, "--device", "pending-a"]);
+    assert_eq!(f.device_status(&dep, "pending-a"), "cancelled");
+    assert_eq!(f.api("POST", &path, Some(&f.admin), None).status, 409);
 }

@@ -89,7 +89,11 @@ async fn authorize(state: &AppState, headers: &HeaderMap, need: Role, action: &s
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let refuse = |r: Refusal, actor: String| async move {
-        let _ = state.db.audit(&actor, action, "api", "refused", &r.to_string()).await;
+        if actor == "anonymous" {
+            state.audit_refusal(&actor, action, "api", &r.to_string()).await;
+        } else {
+            let _ = state.db.audit(&actor, action, "api", "refused", &r.to_string()).await;
+        }
         Err(r)
     };
     let Some(token) = presented else {
@@ -149,6 +153,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/deployments", get(list_deployments).post(create_deployment))
         .route("/api/v1/deployments/{id}", get(get_deployment))
         .route("/api/v1/deployments/{id}/cancel", post(cancel_deployment))
+        .route(
+            "/api/v1/deployments/{id}/devices/{device}/abandon",
+            post(abandon_device),
+        )
         .route("/api/v1/enrollment-tokens", post(create_enrollment_token))
         .route("/api/v1/audit", get(audit_log))
         .with_state(state)
@@ -525,6 +533,19 @@ async fn cancel_deployment(State(state): St, headers: HeaderMap, Path(id): Path<
     Ok(Json(fleet::cancel_deployment(&state, &id, &actor).await?))
 }
 
+/// Release one device from a deployment whatever its stage (releaser).
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/devices/{device}/abandon",
+    params(("id" = String, Path), ("device" = String, Path)), security(("token" = [])),
+    responses((status = 200, body = fleet::Deployment), (status = 409, body = ErrorBody)))]
+async fn abandon_device(
+    State(state): St,
+    headers: HeaderMap,
+    Path((id, device)): Path<(String, String)>,
+) -> R<Json<fleet::Deployment>> {
+    let actor = authorize(&state, &headers, Role::Releaser, "deployment.abandon-device").await?;
+    Ok(Json(fleet::abandon_device(&state, &id, &device, &actor).await?))
+}
+
 /// A new fleet enrollment token.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TokenResponse {
@@ -580,7 +601,7 @@ async fn audit_log(
     paths(
         repo_metadata, repo_target, enroll, checkin, poll, list_devices, get_device, device_action, list_releases,
         get_release, upload_release, set_root, list_deployments, create_deployment, get_deployment,
-        cancel_deployment, create_enrollment_token, audit_log
+        cancel_deployment, abandon_device, create_enrollment_token, audit_log
     ),
     components(schemas(ErrorBody, ErrorDetail, TokenResponse, PollResponse)),
     modifiers(&BearerAuth)

@@ -136,7 +136,10 @@ pub async fn enroll(state: &AppState, req: EnrollRequest, peer: Option<std::sync
         Err(_) => "device:?".to_owned(),
     };
     let outcome = enroll_inner(state, &req, peer).await;
-    audit(state, &who, "device.enroll", &who, &outcome).await;
+    match &outcome {
+        Err(e) => state.audit_refusal(&who, "device.enroll", &who, &e.to_string()).await,
+        Ok(_) => audit(state, &who, "device.enroll", &who, &outcome).await,
+    }
     outcome
 }
 
@@ -628,6 +631,43 @@ pub async fn deployments(state: &AppState) -> R<Vec<Deployment>> {
     Ok(out)
 }
 
+/// Release one device from a deployment whatever its stage (a device that lost its state
+/// and will never report the outcome would otherwise block later deployments to it). The
+/// device is not told: an install it already made still follows the boot-time procedure.
+pub async fn abandon_device(state: &AppState, id: &str, device_id: &str, actor: &str) -> R<Deployment> {
+    let outcome = async {
+        let done = sqlx::query(
+            "UPDATE deployment_devices SET status = 'cancelled', reason = $1, updated_at = $2
+             WHERE deployment_id = $3 AND device_id = $4 AND status NOT IN ('succeeded', 'failed', 'rolled-back', 'cancelled')",
+        )
+        .bind(format!("abandoned by {actor}"))
+        .bind(unix_now())
+        .bind(id)
+        .bind(device_id)
+        .execute(&state.db.write)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(Refusal::Conflict(format!(
+                "device `{device_id}` has no unfinished place in deployment `{id}`"
+            )));
+        }
+        crate::session::changed(state).await?;
+        deployment(state, id)
+            .await?
+            .ok_or_else(|| Refusal::NotFound(format!("no deployment `{id}`")))
+    }
+    .await;
+    audit(
+        state,
+        actor,
+        "deployment.abandon-device",
+        &format!("deployment:{id} device:{device_id}"),
+        &outcome,
+    )
+    .await;
+    outcome
+}
+
 /// Cancel a deployment: devices that have not begun installing stop; the others finish.
 pub async fn cancel_deployment(state: &AppState, id: &str, actor: &str) -> R<Deployment> {
     let outcome = async {
@@ -680,19 +720,13 @@ pub struct CheckinResponse {
 pub async fn checkin(state: &AppState, path_id: &str, body: &[u8]) -> R<CheckinResponse> {
     let outcome = checkin_inner(state, path_id, body).await;
     if let Err(e) = &outcome {
-        // Refusals are audited; accepted check-ins are not (they are the fleet's heartbeat;
-        // the changes they cause are).
-        let detail = e.to_string();
-        let _ = state
-            .db
-            .audit(
-                &format!("device:{path_id}"),
-                "device.checkin",
-                &format!("device:{path_id}"),
-                "refused",
-                &detail,
-            )
-            .await;
+        // Refusals are audited (within the budget for unauthenticated requests); accepted
+        // check-ins are not (they are the fleet's heartbeat; the changes they cause are).
+        let who = match valid_id("device id", path_id) {
+            Ok(()) => format!("device:{path_id}"),
+            Err(_) => "device:?".to_owned(),
+        };
+        state.audit_refusal(&who, "device.checkin", &who, &e.to_string()).await;
     }
     outcome
 }

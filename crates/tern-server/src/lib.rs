@@ -101,6 +101,55 @@ pub struct AppState {
     pub session_key: aws_lc_rs::hmac::Key,
     /// What polls need to know about the fleet, in memory.
     pub fleet: session::Fleet,
+    /// Refusals of unauthenticated requests audited this second, and those left out.
+    refusal_budget: std::sync::Mutex<(i64, u32, u64)>,
+}
+
+/// Refusals of unauthenticated requests audited one by one per second and process; beyond
+/// that they are counted and summarised, so that a flood cannot fill the database or starve
+/// the (single SQLite) writer.
+const REFUSALS_PER_SECOND: u32 = 50;
+
+impl AppState {
+    /// Audit the refusal of a request whose sender is not authenticated, within the budget.
+    pub async fn audit_refusal(&self, actor: &str, action: &str, subject: &str, detail: &str) {
+        let now = unix_now();
+        let (allowed, summary) = match self.refusal_budget.lock() {
+            Ok(mut b) => {
+                let mut summary = None;
+                if b.0 != now {
+                    if b.2 > 0 {
+                        summary = Some(b.2);
+                    }
+                    *b = (now, 0, 0);
+                }
+                b.1 += 1;
+                let allowed = b.1 <= REFUSALS_PER_SECOND;
+                if !allowed {
+                    b.2 += 1;
+                }
+                (allowed, summary)
+            }
+            Err(_) => (true, None),
+        };
+        if let Some(n) = summary {
+            let _ = self
+                .db
+                .audit(
+                    "server",
+                    "audit.summary",
+                    "refusals",
+                    "refused",
+                    &format!("{n} further refusals of unauthenticated requests in one second, not logged one by one"),
+                )
+                .await;
+        }
+        if allowed {
+            if let Err(e) = self.db.audit(actor, action, subject, "refused", detail).await {
+                eprintln!("tern server: audit write failed: {e}");
+            }
+        }
+    }
 }
 
 /// A running server.
@@ -118,6 +167,7 @@ pub async fn open(cfg: ServerConfig) -> Result<Arc<AppState>> {
     let keys = keys::OnlineKeys::load(&cfg.key_dir())?;
     let instance = format!("{}-{}", std::process::id(), &random_hex(4));
     let session_key = session::load_key(&cfg.key_dir())?;
+    sweep_stale(&cfg.artifact_dir());
     let state = Arc::new(AppState {
         cfg,
         db,
@@ -126,9 +176,32 @@ pub async fn open(cfg: ServerConfig) -> Result<Arc<AppState>> {
         device_keys: Default::default(),
         session_key,
         fleet: Default::default(),
+        refusal_budget: Default::default(),
     });
     state.fleet.refresh(&state, true).await?;
     Ok(state)
+}
+
+/// Remove what uploads killed mid-way left in `uploads/` and `tmp/`: files untouched for a
+/// day (other processes sharing the directory may be uploading right now).
+fn sweep_stale(artifacts: &std::path::Path) {
+    let day = std::time::Duration::from_secs(86_400);
+    for dir in ["uploads", "tmp"] {
+        let Ok(entries) = std::fs::read_dir(artifacts.join(dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > day);
+            if old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Bind, then serve in the background: the timestamp re-signer runs beside the listener.

@@ -314,6 +314,9 @@ pub enum DeploymentCommand {
     Status(DeploymentIdArgs),
     /// Stop a deployment for the devices that have not begun installing.
     Cancel(DeploymentIdArgs),
+    /// Release one device from a deployment whatever its stage (a device that lost its
+    /// state would otherwise block later deployments to it).
+    Abandon(AbandonArgs),
     /// List deployments.
     List(Api),
 }
@@ -343,6 +346,18 @@ pub struct CreateDeploymentArgs {
 pub struct DeploymentIdArgs {
     /// The deployment.
     pub id: String,
+    #[command(flatten)]
+    pub api: Api,
+}
+
+/// `tern deployment abandon`.
+#[derive(Debug, clap::Args)]
+pub struct AbandonArgs {
+    /// The deployment.
+    pub id: String,
+    /// The device.
+    #[arg(long)]
+    pub device: String,
     #[command(flatten)]
     pub api: Api,
 }
@@ -399,6 +414,15 @@ pub fn deployment(cmd: DeploymentCommand) -> anyhow::Result<()> {
                 &a.api,
                 reqwest::Method::POST,
                 &format!("/api/v1/deployments/{}/cancel", a.id),
+                None,
+            )?;
+            print(&a.api, &v, print_deployment)
+        }
+        DeploymentCommand::Abandon(a) => {
+            let v = call(
+                &a.api,
+                reqwest::Method::POST,
+                &format!("/api/v1/deployments/{}/devices/{}/abandon", a.id, a.device),
                 None,
             )?;
             print(&a.api, &v, print_deployment)
