@@ -22,6 +22,7 @@ pub mod error;
 pub mod keys;
 pub mod manifest;
 pub mod metadata;
+pub mod stream_aead;
 pub mod target;
 pub mod timefmt;
 pub mod trust;
