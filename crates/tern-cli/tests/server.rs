@@ -375,38 +375,8 @@ fn release_upload_refusals_change_nothing() {
     assert_eq!(refused, 3);
 
     // The published repository reads with the reference TUF client's CLI shape.
-    let md = f.path("tuf-md");
-    fleet::run_ok(
-        &[
-            "tuf",
-            "--metadata-dir",
-            &s(&md),
-            "init",
-            &s(&f.path("repo/metadata/1.root.json")),
-        ],
-        &[],
-    );
-    fleet::run_ok(
-        &[
-            "tuf",
-            "--metadata-dir",
-            &s(&md),
-            "--metadata-url",
-            &format!("{}/repo/metadata/", f.server.url),
-            "--target-base-url",
-            &format!("{}/repo/targets/", f.server.url),
-            "--target-dir",
-            &s(&f.path("tuf-targets")),
-            "--target-name",
-            "sim/rootfs-1.1.0.img",
-            "download",
-        ],
-        &[],
-    );
-    assert_eq!(
-        std::fs::read(f.path("tuf-targets/sim%2Frootfs-1.1.0.img")).unwrap(),
-        std::fs::read(f.path("img-1.1.0")).unwrap()
-    );
+    let got = f.tuf_download("tuf", "sim/rootfs-1.1.0.img");
+    assert_eq!(std::fs::read(got).unwrap(), std::fs::read(f.path("img-1.1.0")).unwrap());
 }
 
 /// A download cut off mid-way is resumed from where it stopped at the next poll (HTTP Range),

@@ -15,39 +15,12 @@ use fleet::{http, s, tern_bin, try_http, Fleet, Pg, Server};
 /// Every published release is whole: the repository refreshes from the first root and each
 /// release's targets download and verify.
 fn assert_repository_whole(f: &Fleet, round: usize) -> Vec<String> {
-    let md = f.path(&format!("check-{round}/md"));
-    fleet::run_ok(
-        &[
-            "tuf",
-            "--metadata-dir",
-            &s(&md),
-            "init",
-            &s(&f.path("repo/metadata/1.root.json")),
-        ],
-        &[],
-    );
     let releases = f.api("GET", "/api/v1/releases", Some(&f.admin), None).body;
     let mut names = Vec::new();
     for r in releases.as_array().unwrap() {
         names.push(r["name"].as_str().unwrap().to_owned());
         for t in r["targets"].as_array().unwrap() {
-            fleet::run_ok(
-                &[
-                    "tuf",
-                    "--metadata-dir",
-                    &s(&md),
-                    "--metadata-url",
-                    &format!("{}/repo/metadata/", f.server.url),
-                    "--target-base-url",
-                    &format!("{}/repo/targets/", f.server.url),
-                    "--target-dir",
-                    &s(&f.path(&format!("check-{round}/targets"))),
-                    "--target-name",
-                    t["name"].as_str().unwrap(),
-                    "download",
-                ],
-                &[],
-            );
+            f.tuf_download(&format!("check-{round}"), t["name"].as_str().unwrap());
         }
     }
     names

@@ -487,6 +487,43 @@ impl Fleet {
         http(method, &format!("{}{path}", self.server.url), token, body)
     }
 
+    /// Download `target` from the published repository with `tern tuf`, from root version 1,
+    /// keeping the client's metadata in `work/md` and the file in `work/targets`.
+    pub fn tuf_download(&self, work: &str, target: &str) -> PathBuf {
+        let md = s(&self.path(&format!("{work}/md")));
+        if !self.path(&format!("{work}/md/root.json")).exists() {
+            run_ok(
+                &[
+                    "tuf",
+                    "--metadata-dir",
+                    &md,
+                    "init",
+                    &s(&self.path("repo/metadata/1.root.json")),
+                ],
+                &[],
+            );
+        }
+        let dir = self.path(&format!("{work}/targets"));
+        run_ok(
+            &[
+                "tuf",
+                "--metadata-dir",
+                &md,
+                "--metadata-url",
+                &format!("{}/repo/metadata/", self.server.url),
+                "--target-base-url",
+                &format!("{}/repo/targets/", self.server.url),
+                "--target-dir",
+                &s(&dir),
+                "--target-name",
+                target,
+                "download",
+            ],
+            &[],
+        );
+        dir.join(target.replace('/', "%2F"))
+    }
+
     pub fn audit(&self) -> Vec<Value> {
         let a = self.api("GET", "/api/v1/audit?limit=10000", Some(&self.admin), None);
         assert_eq!(a.status, 200);
