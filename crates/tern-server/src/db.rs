@@ -113,6 +113,25 @@ impl Db {
         Ok(())
     }
 
+    /// Audit an operation's outcome: `ok` with `detail` of the value, or `refused` with the
+    /// error. A failed audit write is reported on stderr; the operation's own result stands.
+    pub async fn audit_result<T, E: std::fmt::Display>(
+        &self,
+        actor: &str,
+        action: &str,
+        subject: &str,
+        result: &std::result::Result<T, E>,
+        detail: impl FnOnce(&T) -> String,
+    ) {
+        let (outcome, text) = match result {
+            Ok(v) => ("ok", detail(v)),
+            Err(e) => ("refused", e.to_string()),
+        };
+        if let Err(e) = self.audit(actor, action, subject, outcome, &text).await {
+            eprintln!("tern server: audit write failed: {e}");
+        }
+    }
+
     /// The newest `limit` audit entries, newest first.
     pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>> {
         let rows = sqlx::query(

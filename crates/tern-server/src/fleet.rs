@@ -233,13 +233,10 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest, peer: Option<std::s
 }
 
 async fn audit<T>(state: &AppState, actor: &str, action: &str, subject: &str, outcome: &R<T>) {
-    let (o, detail) = match outcome {
-        Ok(_) => ("ok", String::new()),
-        Err(e) => ("refused", e.to_string()),
-    };
-    if let Err(e) = state.db.audit(actor, action, subject, o, &detail).await {
-        eprintln!("tern server: audit write failed: {e}");
-    }
+    state
+        .db
+        .audit_result(actor, action, subject, outcome, |_| String::new())
+        .await;
 }
 
 fn device_from_row(r: &sqlx::any::AnyRow) -> R<Device> {

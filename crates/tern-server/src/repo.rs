@@ -165,20 +165,13 @@ pub async fn set_root(state: &AppState, bytes: &[u8], actor: &str) -> Result<u64
         Ok(root.version())
     }
     .await;
-    audit_outcome(state, actor, "repository.set-root", "root", &outcome).await;
+    state
+        .db
+        .audit_result(actor, "repository.set-root", "root", &outcome, |v| {
+            format!("root version {v}")
+        })
+        .await;
     outcome
-}
-
-async fn audit_outcome<T: std::fmt::Debug>(state: &AppState, actor: &str, action: &str, subject: &str, r: &Result<T>) {
-    let (outcome, detail) = match r {
-        Ok(v) => ("ok", format!("{v:?}")),
-        Err(e) => ("refused", e.to_string()),
-    };
-    // The audit log must not lose a refusal silently; if the database is gone the caller's
-    // own error says so.
-    if let Err(e) = state.db.audit(actor, action, subject, outcome, &detail).await {
-        eprintln!("tern server: audit write failed: {e}");
-    }
 }
 
 async fn insert_metadata(
@@ -260,8 +253,9 @@ fn blob_path(artifacts: &Path, alg: &str, hex: &str) -> PathBuf {
     artifacts.join("blobs").join(alg).join(hex)
 }
 
-/// Verify the bundle against `root` and store its payloads (blocking work).
-fn verify_and_store(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime) -> Result<Verified> {
+/// Verify the bundle against `root`, leaving its payloads in `tmp/` (blocking work). On any
+/// error nothing is left behind.
+fn verify_bundle(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime) -> Result<Verified> {
     let tmp_dir = artifacts.join("tmp");
     std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::Io(tmp_dir.display().to_string(), e))?;
     let file = std::fs::File::open(bundle).map_err(|e| Error::Io(bundle.display().to_string(), e))?;
@@ -332,6 +326,27 @@ fn verify_and_store(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime)
             installer,
         });
     }
+    match bundle_metadata(bundle, root, &report) {
+        Ok((verified_from_root, roots, roles)) => Ok(Verified {
+            verified_from_root,
+            roots,
+            roles,
+            targets,
+            blobs,
+        }),
+        Err(e) => {
+            discard_blobs(&blobs);
+            Err(e)
+        }
+    }
+}
+
+/// New roots and role versions as the verified bundle carries them.
+type BundleMetadata = (u64, Vec<(u64, Vec<u8>)>, Vec<(String, u64, Vec<u8>)>);
+
+/// The verified bundle's metadata: the root version it was verified from, its newer roots,
+/// and its targets roles with their bytes.
+fn bundle_metadata(bundle: &Path, root: &[u8], report: &tern_bundle::VerifyReport) -> Result<BundleMetadata> {
     // The metadata as the bundle carries it.
     let index = tern_bundle::BundleIndex::open(bundle).map_err(|e| Error::Invalid(format!("bundle: {e}")))?;
     let read_entry = |name: &str| -> Result<Vec<u8>> {
@@ -358,13 +373,7 @@ fn verify_and_store(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime)
     for (name, v) in &report.delegated {
         roles.push((name.clone(), *v, read_entry(&format!("metadata/{name}.json"))?));
     }
-    Ok(Verified {
-        verified_from_root: trusted.version(),
-        roots,
-        roles,
-        targets,
-        blobs,
-    })
+    Ok((trusted.version(), roots, roles))
 }
 
 /// The release name: given, or the one version every payload's manifest carries.
@@ -393,11 +402,12 @@ pub async fn upload(state: &Arc<AppState>, bundle: &Path, name: Option<&str>, ac
         Ok(r) => format!("release:{}", r.name),
         Err(_) => format!("release:{}", name.unwrap_or("?")),
     };
-    let summary = match &outcome {
-        Ok(r) => Ok(format!("{} targets", r.targets.len())),
-        Err(e) => Err(Error::Refused(e.to_string())),
-    };
-    audit_outcome(state, actor, "release.upload", &subject, &summary).await;
+    state
+        .db
+        .audit_result(actor, "release.upload", &subject, &outcome, |r| {
+            format!("{} targets", r.targets.len())
+        })
+        .await;
     outcome
 }
 
@@ -408,7 +418,7 @@ async fn upload_inner(state: &Arc<AppState>, bundle: &Path, name: Option<&str>, 
     let artifacts = state.cfg.artifact_dir();
     let path = bundle.to_owned();
     let now = DateTime::from_unix(unix_now());
-    let verified = tokio::task::spawn_blocking(move || verify_and_store(&path, &root, &artifacts, now))
+    let verified = tokio::task::spawn_blocking(move || verify_bundle(&path, &root, &artifacts, now))
         .await
         .map_err(|e| Error::Refused(format!("verification task: {e}")))??;
     let outcome = async {
