@@ -41,6 +41,11 @@
 //! ca_cert = "server-ca.pem"           # optional: a private CA for the server's certificate
 //! client_cert = "device.crt"          # optional: mutual TLS with a device CA certificate
 //! poll_interval_secs = 300            # until the server says otherwise
+//!
+//! [encryption]                        # optional: keys that open encrypted payloads
+//! key = "state/encryption.pem"        # default: STATE_DIR/encryption.pem (X25519, 0600;
+//!                                     #   made by `tern device enroll` or `tern device key export`)
+//! group_keys = ["/etc/tern/group-sensors.pem"]  # group keys this device was provisioned with
 //! ```
 //!
 //! Unknown keys are errors (a typo must not silently fall back to a default); every error
@@ -190,6 +195,17 @@ impl ServerConfig {
     }
 }
 
+/// The device's key store for encrypted payloads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// The device's own X25519 key (default `STATE_DIR/encryption.pem`).
+    pub key: Option<PathBuf>,
+    /// Group keys (X25519, 0600) shared by the devices of a group.
+    #[serde(default)]
+    pub group_keys: Vec<PathBuf>,
+}
+
 fn default_poll() -> u64 {
     300
 }
@@ -231,6 +247,9 @@ pub struct AgentConfig {
     pub hooks: HooksConfig,
     /// The server.
     pub server: Option<ServerConfig>,
+    /// Keys for encrypted payloads.
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
 }
 
 fn line_of(text: &str, needle: &str) -> usize {
@@ -251,6 +270,14 @@ fn valid_bootname(s: &str) -> bool {
 }
 
 impl AgentConfig {
+    /// The device's own encryption key file in effect.
+    pub fn encryption_key_path(&self) -> PathBuf {
+        self.encryption
+            .key
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("encryption.pem"))
+    }
+
     /// Read and check a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
@@ -336,6 +363,12 @@ impl AgentConfig {
         }
         for s in &mut cfg.slots {
             resolve(&mut s.device);
+        }
+        if let Some(k) = cfg.encryption.key.as_mut() {
+            resolve(k);
+        }
+        for k in &mut cfg.encryption.group_keys {
+            resolve(k);
         }
         if let Some(server) = cfg.server.as_mut() {
             resolve(&mut server.director_root);

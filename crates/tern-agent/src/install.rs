@@ -7,13 +7,16 @@
 //!    verified, else the shipped one): root chain, targets and delegations, and snapshot and
 //!    timestamp as the offline policy requires.
 //! 3. For the payload: check the manifest's device type and hardware revision, and that
-//!    its version is not below the rollback floor.
+//!    its version is not below the rollback floor. An encrypted payload: unwrap its data
+//!    key with one of the device's keys and check it against the signed commitment; a
+//!    device that is not a recipient stops here, before any slot is touched.
 //! 4. Choose the inactive slot of the payload's class (never the booted one); its device
 //!    must exist.
 //! 5. Run the pre-install hook.
 //! 6. Mark the slot non-bootable (`mark_bad`), then record it as being written.
-//! 7. Stream the payload into it, decompressing zstd on the fly, hashing the signed bytes
-//!    and the written image; fsync.
+//! 7. Stream the payload into it, hashing the signed (cipher)text as it arrives,
+//!    decrypting record by record (each record's tag verified before its plaintext goes
+//!    on), decompressing zstd on the fly and hashing the written image; fsync.
 //! 8. Compare the payload's full length and hashes (only now is the bundle verified).
 //! 9. Record the slot: version, image hash and length, install time.
 //! 10. Run the post-install hook.
@@ -514,20 +517,18 @@ impl Agent {
                 });
             }
         }
+        let data_key = crate::keystore::data_key(&self.cfg, payload)?;
         let record = AppRecord {
             target: payload.target.clone(),
             version: m.version.clone(),
             destination: dest.clone(),
             installed_at: now_unix(now),
         };
-        let mut input: Box<dyn Read + '_> = match m.compression {
-            Compression::None => Box::new(data),
-            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(data).map_err(Error::io(&dest))?),
-        };
+        let mut input = plaintext(data, &payload.target, data_key.as_ref(), m.compression)?;
         match m.installer {
             Installer::File => {
                 let mut tmp = tern_fs::AtomicFile::create(&dest, 0o644)?;
-                copy(&mut input, tmp.file()).map_err(Error::io(&dest))?;
+                copy(&mut input, tmp.file()).map_err(|e| read_error(&payload.target, &dest, e))?;
                 Ok(Staged::File { tmp, record })
             }
             Installer::Archive => {
@@ -618,6 +619,7 @@ impl Agent {
         }
         // 4. Only a class holding the booted slot is A/B here; the booted slot must be known,
         // committed, and is never the one written.
+        let data_key = crate::keystore::data_key(&self.cfg, payload)?;
         let class = m.slot_class.clone().ok_or_else(|| unsupported("no slot class"))?;
         let running = self.cfg.slot_by_bootname(booted).cloned().ok_or_else(|| Error::State {
             path: self.store.path(),
@@ -675,7 +677,15 @@ impl Agent {
         self.save()?;
         // 7.
         let signed_sha256 = !release.payload_sha256.is_empty();
-        let (written, image_sha256) = stream_into(&slot.device, data, m.compression, signed_sha256, progress)?;
+        let (written, image_sha256) = stream_into(
+            &slot.device,
+            data,
+            &payload.target,
+            data_key.as_ref(),
+            m.compression,
+            signed_sha256,
+            progress,
+        )?;
         let sha256 = image_sha256.unwrap_or_else(|| release.payload_sha256.clone());
         Ok((release, slot, written, sha256))
     }
@@ -963,26 +973,70 @@ fn apply(s: Staged) -> Result<AppRecord> {
     }
 }
 
-/// Step 7: write `data` into `device` from offset 0, decompressing as declared; returns the
-/// image length and its SHA-256 (`None` for an uncompressed payload: the image is then the
-/// signed payload itself, whose hashes the bundle reader checks).
+/// The payload's plaintext: `data` decrypted with `key` (each record released only after
+/// its tag verified) and decompressed, as the manifest declares.
+fn plaintext<'a>(
+    data: &'a mut dyn Read,
+    target: &str,
+    key: Option<&tern_core::keywrap::DataKey>,
+    compression: Compression,
+) -> Result<Box<dyn Read + 'a>> {
+    let decrypted: Box<dyn Read + 'a> = match key {
+        None => Box::new(data),
+        Some(k) => {
+            Box::new(
+                tern_core::stream_aead::Decryptor::new(data, k.as_bytes()).map_err(|e| Error::Decryption {
+                    target: target.to_owned(),
+                    reason: e.to_string(),
+                })?,
+            )
+        }
+    };
+    Ok(match compression {
+        Compression::None => decrypted,
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(decrypted).map_err(|e| Error::Unsupported {
+                target: target.to_owned(),
+                reason: format!("zstd: {e}"),
+            })?,
+        ),
+    })
+}
+
+/// An error while reading a payload: a record that failed authentication is a decryption
+/// error of the payload, anything else an I/O error at `path`.
+fn read_error(target: &str, path: &Path, e: std::io::Error) -> Error {
+    match e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<tern_core::stream_aead::StreamError>())
+    {
+        Some(s) => Error::Decryption {
+            target: target.to_owned(),
+            reason: s.to_string(),
+        },
+        None => Error::io(path)(e),
+    }
+}
+
+/// Step 7: write `data` into `device` from offset 0, decrypting and decompressing as
+/// declared; returns the image length and its SHA-256 (`None` for a plain payload: the
+/// image is then the signed payload itself, whose hashes the bundle reader checks).
 ///
-/// Reading (and the bundle reader's hashing) happens on this thread, writing on another,
-/// with a few 1 MiB buffers between them: hashing and writing overlap, memory stays flat.
+/// Reading (the bundle reader's hashing, decryption, decompression) happens on this
+/// thread; writing, and hashing the image when it differs from the signed bytes, on
+/// another, with a few 1 MiB buffers between them: the work overlaps, memory stays flat.
 fn stream_into(
     device: &Path,
     data: &mut dyn Read,
+    target: &str,
+    key: Option<&tern_core::keywrap::DataKey>,
     compression: Compression,
     signed_sha256: bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(u64, Option<String>)> {
     let f = OpenOptions::new().write(true).open(device).map_err(Error::io(device))?;
-    let need = compression != Compression::None || !signed_sha256;
-    let mut digest = need.then(|| Digester::new(&[HashAlgorithm::Sha256]));
-    let mut source: Box<dyn Read + '_> = match compression {
-        Compression::None => Box::new(data),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(data).map_err(Error::io(device))?),
-    };
+    let need = compression != Compression::None || key.is_some() || !signed_sha256;
+    let mut source = plaintext(data, target, key, compression)?;
     let (written, result) = std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
@@ -997,10 +1051,14 @@ fn stream_into(
             }
             Ok(())
         });
-        let writer = scope.spawn(move || -> std::io::Result<()> {
+        let writer = scope.spawn(move || -> std::io::Result<Option<String>> {
             let mut f = f;
+            let mut digest = need.then(|| Digester::new(&[HashAlgorithm::Sha256]));
             let mut unsynced = 0usize;
             for buf in rx {
+                if let Some(d) = digest.as_mut() {
+                    d.update(&buf);
+                }
                 f.write_all(&buf)?;
                 unsynced += buf.len();
                 if unsynced >= SYNC_EVERY {
@@ -1011,7 +1069,8 @@ fn stream_into(
                 let _ = back_tx.try_send(buf);
             }
             drop(sync_tx);
-            f.sync_all()
+            f.sync_all()?;
+            Ok(digest.map(|d| d.finish().1.get("sha256").cloned().unwrap_or_default()))
         });
         let mut total = 0u64;
         let read = (|| -> std::io::Result<()> {
@@ -1023,9 +1082,6 @@ fn stream_into(
                     return Ok(());
                 }
                 buf.truncate(n);
-                if let Some(d) = digest.as_mut() {
-                    d.update(&buf);
-                }
                 progress(n as u64);
                 total += n as u64;
                 if tx.send(buf).is_err() {
@@ -1041,13 +1097,16 @@ fn stream_into(
         let synced = syncer
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")));
-        (total, read.and(wrote).and(synced))
+        (
+            total,
+            read.map_err(|e| read_error(target, device, e)).and_then(|()| {
+                synced.map_err(Error::io(device))?;
+                wrote.map_err(Error::io(device))
+            }),
+        )
     });
-    result.map_err(Error::io(device))?;
-    Ok((
-        written,
-        digest.map(|d| d.finish().1.get("sha256").cloned().unwrap_or_default()),
-    ))
+    let image_sha256 = result?;
+    Ok((written, image_sha256))
 }
 
 /// Fill `buf` as far as the source allows (short only at the end).

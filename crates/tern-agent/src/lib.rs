@@ -19,6 +19,7 @@ pub mod bootloader;
 pub mod config;
 pub mod hooks;
 pub mod install;
+pub mod keystore;
 pub mod remote;
 pub mod source;
 pub mod state;
@@ -157,6 +158,26 @@ pub enum Error {
     /// The TUF client refused the repository or a download.
     #[error(transparent)]
     Client(#[from] tern_client::Error),
+    /// An encrypted payload's data key is wrapped for none of this device's keys.
+    #[error(
+        "payload `{target}` is encrypted, and this device is not one of its recipients (its keys: {kids}); \
+         the release engineer can add it with `tern bundle add-recipients`"
+    )]
+    NotRecipient {
+        /// The payload.
+        target: String,
+        /// Key ids of the device's keys.
+        kids: String,
+    },
+    /// An encrypted payload did not decrypt: a wrapped key for this device that does not
+    /// open or does not match the signed commitment, or a record that fails authentication.
+    #[error("payload `{target}`: {reason}")]
+    Decryption {
+        /// The payload.
+        target: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -182,6 +203,8 @@ impl Error {
             Error::Server { .. } => "Server",
             Error::Order(r) => r.kind(),
             Error::Client(_) => "Client",
+            Error::NotRecipient { .. } => "NotRecipient",
+            Error::Decryption { .. } => "Decryption",
         }
     }
 

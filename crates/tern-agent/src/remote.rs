@@ -198,6 +198,7 @@ pub fn enroll(cfg: &AgentConfig, token: Option<&str>) -> Result<serde_json::Valu
         tern_fs::generate_key_files(tern_core::KeyAlgorithm::Ed25519, &files)?;
     }
     let key = tern_fs::load_signing_key(&key_path)?;
+    let encryption_key = crate::keystore::ensure_device_key(cfg)?;
     let http = transport(cfg, &server)?;
     let url = format!("{}/api/v1/devices/enroll", server.url.trim_end_matches('/'));
     let body = serde_json::json!({
@@ -206,6 +207,7 @@ pub fn enroll(cfg: &AgentConfig, token: Option<&str>) -> Result<serde_json::Valu
         "device_type": cfg.device_type,
         "hardware": cfg.hardware_revision,
         "tags": server.tags,
+        "encryption_key": encryption_key.to_value(),
         "enrollment_token": token,
     });
     let (status, resp) = http
@@ -472,6 +474,45 @@ impl Remote {
         })
     }
 
+    /// The wrapped data keys the server holds for this device's keys
+    /// (`GET /repo/recipients/SHA256/KID`, one request per key; 404: none for that key).
+    fn recipients(
+        &self,
+        target: &str,
+        hashes: &std::collections::BTreeMap<String, String>,
+        m: &tern_core::manifest::Manifest,
+    ) -> Result<Option<Arc<tern_core::keywrap::Recipients>>> {
+        let Some(sha256) = hashes.get("sha256") else {
+            return Ok(None);
+        };
+        let mut all: Option<tern_core::keywrap::Recipients> = None;
+        for key in crate::keystore::keys(&self.cfg)? {
+            let url = format!("{}/repo/recipients/{sha256}/{}", self.base(), key.public().kid());
+            let (status, body) = self
+                .http
+                .get(&url, MAX_RESPONSE_BYTES)
+                .map_err(|e| server_err(&url, e))?;
+            match status {
+                200 => {}
+                404 => continue,
+                other => return Err(server_err(&url, format!("HTTP {other}: {}", server_message(&body)))),
+            }
+            let doc = tern_bundle::parse_recipients(sha256, &body, m).map_err(|e| Error::Decryption {
+                target: target.to_owned(),
+                reason: format!("the server's wrapped keys: {e}"),
+            })?;
+            match all.as_mut() {
+                None => all = Some(doc),
+                Some(a) => {
+                    for e in doc.recipients {
+                        a.add(e);
+                    }
+                }
+            }
+        }
+        Ok(all.map(Arc::new))
+    }
+
     /// Steps 3 and 4 for a verified order; true when a reboot is needed.
     fn follow(&self, order: &Order, st: &mut RemoteState) -> Result<bool> {
         let tuf_dir = self.cfg.state_dir.join("tuf");
@@ -500,6 +541,34 @@ impl Remote {
             infos.push(info);
         }
         let root = Arc::new(updater.trusted().root().envelope.to_bytes());
+        // What is to be installed, with the wrapped data keys of encrypted payloads: a
+        // device that is not a recipient stops here, before downloading or touching a slot.
+        let mut verified = Vec::new();
+        for info in &infos {
+            let target = info.path.to_string();
+            let manifest =
+                tern_core::manifest::Manifest::from_custom(&target, info.file.custom.as_ref()).map_err(|e| {
+                    Error::Unsupported {
+                        target: target.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            let recipients = match &manifest {
+                Some(m) if m.encryption.is_some() => self.recipients(&target, &info.file.hashes, m)?,
+                _ => None,
+            };
+            let payload = tern_bundle::VerifiedPayload {
+                target,
+                length: info.file.length,
+                hashes: info.file.hashes.clone(),
+                role: info.role.clone(),
+                manifest,
+                recipients,
+                root: root.clone(),
+            };
+            crate::keystore::data_key(&self.cfg, &payload)?;
+            verified.push(payload);
+        }
         // The order checks out: the server hears at once that the download began.
         let total = infos.iter().map(|i| i.file.length).sum();
         if self.checkin(st, Some(Progress { done: 0, total })).is_ok() {
@@ -508,7 +577,7 @@ impl Remote {
         let downloads = self.cfg.state_dir.join("downloads");
         let mut payloads = Vec::new();
         let mut last = Instant::now();
-        for info in &infos {
+        for (info, payload) in infos.iter().zip(verified) {
             let mut progress = |done: u64, total: u64| {
                 if last.elapsed() >= PROGRESS_EVERY {
                     last = Instant::now();
@@ -516,22 +585,7 @@ impl Remote {
                 }
             };
             let path = updater.download_target_progress(info, &downloads, &targets_base, &mut progress)?;
-            let manifest = tern_core::manifest::Manifest::from_custom(info.path.as_str(), info.file.custom.as_ref())
-                .map_err(|e| Error::Unsupported {
-                    target: info.path.to_string(),
-                    reason: e.to_string(),
-                })?;
-            payloads.push((
-                tern_bundle::VerifiedPayload {
-                    target: info.path.to_string(),
-                    length: info.file.length,
-                    hashes: info.file.hashes.clone(),
-                    role: info.role.clone(),
-                    manifest,
-                    root: root.clone(),
-                },
-                path,
-            ));
+            payloads.push((payload, path));
         }
         if let Some(d) = st.deployment.as_mut() {
             d.stage = Stage::Installing;

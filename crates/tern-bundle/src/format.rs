@@ -42,6 +42,9 @@ pub enum EntryKind {
     Role(String),
     /// `payloads/PATH`.
     Payload(String),
+    /// `recipients/SHA256.json`: the wrapped data keys of the encrypted payload with that
+    /// SHA-256 (not signed; `tern_core::keywrap`).
+    Recipients(String),
 }
 
 /// Delegated role names that are safe as file names everywhere Tern writes them.
@@ -70,6 +73,13 @@ pub fn classify(name: &str) -> Result<EntryKind> {
     };
     if name == HEADER {
         return Ok(EntryKind::Header);
+    }
+    if let Some(file) = name.strip_prefix("recipients/") {
+        let sha256 = file
+            .strip_suffix(".json")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+            .ok_or_else(|| bad("recipients entries are named recipients/SHA256.json"))?;
+        return Ok(EntryKind::Recipients(sha256.to_owned()));
     }
     if let Some(rest) = name.strip_prefix("payloads/") {
         return Ok(EntryKind::Payload(rest.to_owned()));

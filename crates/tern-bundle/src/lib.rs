@@ -25,8 +25,10 @@ mod write;
 
 pub use format::{check_role_name, BundleHeader, FORMAT, FORMAT_VERSION, MAX_METADATA_ENTRY, MAX_METADATA_TOTAL};
 pub use index::BundleIndex;
-pub use read::{inspect, read_bundle, verify_bundle, Inspection, PayloadInfo, VerifiedPayload, VerifyReport};
-pub use write::{write_bundle, Payload, ReleaseContents};
+pub use read::{
+    inspect, parse_recipients, read_bundle, verify_bundle, Inspection, PayloadInfo, VerifiedPayload, VerifyReport,
+};
+pub use write::{replace_recipients, write_bundle, Payload, ReleaseContents};
 
 use std::path::PathBuf;
 

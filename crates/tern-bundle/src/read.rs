@@ -5,6 +5,7 @@ use std::io::{self, Read};
 
 use serde::Serialize;
 use tern_core::digest::MultiHasher;
+use tern_core::keywrap::Recipients;
 use tern_core::manifest::Manifest;
 use tern_core::metadata::{Envelope, Root, Signed, Targets};
 use tern_core::trust::{self, Freshness, MetadataSource, TrustedRepository};
@@ -31,6 +32,10 @@ pub struct VerifiedPayload {
     pub role: String,
     /// Tern's manifest, if the target carries one.
     pub manifest: Option<Manifest>,
+    /// For an encrypted payload, the wrapped data keys that came with it (unsigned: a key is
+    /// accepted only if it matches the manifest's signed commitment).
+    #[serde(skip)]
+    pub recipients: Option<std::sync::Arc<Recipients>>,
     /// The newest root the bundle's chain verified: a device persists it as its trust anchor
     /// as soon as it is verified (spec §5.3.8), whatever then happens to the payload.
     #[serde(skip)]
@@ -78,7 +83,7 @@ fn read_small(entry: &mut impl Read, name: &str, kind: &EntryKind, size: u64) ->
         EntryKind::Header => crate::format::MAX_HEADER,
         EntryKind::Root(_) => tern_core::metadata::limits::ROOT,
         EntryKind::Role(r) => tern_core::metadata::limits::for_role(r),
-        EntryKind::Payload(_) => MAX_METADATA_ENTRY,
+        EntryKind::Payload(_) | EntryKind::Recipients(_) => MAX_METADATA_ENTRY,
     };
     if size > limit {
         return Err(Error::Format {
@@ -161,6 +166,7 @@ struct Front {
     header: Option<BundleHeader>,
     roots: BTreeMap<u64, Vec<u8>>,
     roles: BTreeMap<String, Vec<u8>>,
+    recipients: BTreeMap<String, Vec<u8>>,
     total: u64,
 }
 
@@ -192,6 +198,7 @@ impl Front {
             }
             EntryKind::Root(v) => self.roots.insert(v, bytes).is_some(),
             EntryKind::Role(r) => self.roles.insert(r, bytes).is_some(),
+            EntryKind::Recipients(h) => self.recipients.insert(h, bytes).is_some(),
             EntryKind::Payload(_) => false,
         };
         if dup {
@@ -249,6 +256,7 @@ struct Verified {
     header: BundleHeader,
     repo: TrustedRepository,
     roles: BTreeMap<String, Vec<u8>>,
+    recipients: BTreeMap<String, Vec<u8>>,
 }
 
 fn establish_trust(front: Front, trusted_root: &[u8], now: DateTime, freshness: Freshness) -> Result<Verified> {
@@ -263,7 +271,29 @@ fn establish_trust(front: Front, trusted_root: &[u8], now: DateTime, freshness: 
         header,
         repo,
         roles: front.roles,
+        recipients: front.recipients,
     })
+}
+
+/// Parse the recipients document of the encrypted payload with `sha256`: it must name that
+/// payload and the key its signed manifest commits to.
+pub fn parse_recipients(sha256: &str, bytes: &[u8], m: &Manifest) -> Result<Recipients> {
+    let entry = format!("recipients/{sha256}.json");
+    let bad = |reason: String| Error::Format {
+        entry: entry.clone(),
+        reason,
+    };
+    let doc = Recipients::parse(bytes).map_err(|e| bad(e.to_string()))?;
+    if doc.sha256 != sha256 {
+        return Err(bad(format!("names payload {} instead", doc.sha256)));
+    }
+    let signed = m.encryption.as_ref().map(|e| e.key_commitment.as_str()).unwrap_or("");
+    if doc.key_commitment != signed {
+        return Err(bad(
+            "its key commitment is not the one the signed manifest carries".into()
+        ));
+    }
+    Ok(doc)
 }
 
 /// Verify a bundle front to back and hand every payload's bytes to `sink` as they stream.
@@ -337,12 +367,20 @@ pub fn read_bundle<R: Read>(
                 found: size,
             }));
         }
+        let recipients = match (&manifest, found.file.hashes.get("sha256")) {
+            (Some(m), Some(sha256)) if m.encryption.is_some() => match v.recipients.get(sha256) {
+                Some(bytes) => Some(std::sync::Arc::new(parse_recipients(sha256, bytes, m)?)),
+                None => None,
+            },
+            _ => None,
+        };
         let info = VerifiedPayload {
             target: target.clone(),
             length: found.file.length,
             hashes: found.file.hashes.clone(),
             role: found.role.clone(),
             manifest,
+            recipients,
             root: v.root.clone(),
         };
         let mut hashing = HashingReader {
@@ -439,6 +477,8 @@ pub struct PayloadInfo {
     pub listed: Option<tern_core::TargetFile>,
     /// Tern's manifest from that listing.
     pub manifest: Option<Manifest>,
+    /// Key ids of the recipients an encrypted payload's wrapped keys name.
+    pub recipients: Vec<String>,
 }
 
 /// The result of [`inspect`]: what a bundle says it holds. Nothing here is verified.
@@ -452,6 +492,9 @@ pub struct Inspection {
     pub roles: BTreeMap<String, (u64, String)>,
     /// Payloads in entry order.
     pub payloads: Vec<PayloadInfo>,
+    /// The recipients documents carried, by payload SHA-256 (unparsed).
+    #[serde(skip)]
+    pub recipient_docs: BTreeMap<String, Vec<u8>>,
 }
 
 /// List a bundle's contents without verifying anything (`tern bundle inspect`).
@@ -500,11 +543,19 @@ pub fn inspect<R: Read + io::Seek>(reader: R) -> Result<Inspection> {
             let manifest = l
                 .as_ref()
                 .and_then(|f| Manifest::from_custom(&target, f.custom.as_ref()).ok().flatten());
+            let recipients = l
+                .as_ref()
+                .and_then(|f| f.hashes.get("sha256"))
+                .and_then(|h| front.recipients.get(h))
+                .and_then(|b| Recipients::parse(b).ok())
+                .map(|d| d.recipients.into_iter().map(|e| e.kid).collect())
+                .unwrap_or_default();
             PayloadInfo {
                 target,
                 size,
                 listed: l,
                 manifest,
+                recipients,
             }
         })
         .collect();
@@ -513,5 +564,6 @@ pub fn inspect<R: Read + io::Seek>(reader: R) -> Result<Inspection> {
         root_versions: front.roots.keys().copied().collect(),
         roles,
         payloads,
+        recipient_docs: front.recipients,
     })
 }

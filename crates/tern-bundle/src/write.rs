@@ -1,5 +1,6 @@
 //! Writing bundles.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tern_core::TargetPath;
 use tern_fs::AtomicFile;
 
-use crate::format::{BundleHeader, FORMAT, FORMAT_VERSION, HEADER};
+use crate::format::{classify, BundleHeader, EntryKind, FORMAT, FORMAT_VERSION, HEADER};
 use crate::{Error, Result};
 
 /// One payload: the target path it is listed under and the file holding its bytes.
@@ -34,6 +35,9 @@ pub struct ReleaseContents {
     pub delegated: Vec<(String, Vec<u8>)>,
     /// The payloads.
     pub payloads: Vec<Payload>,
+    /// `(sha256, recipients document)` of each encrypted payload: the wrapped data keys,
+    /// not signed (`tern_core::keywrap`).
+    pub recipients: Vec<(String, Vec<u8>)>,
 }
 
 fn header(size: u64) -> tar::Header {
@@ -82,6 +86,9 @@ pub fn write_bundle(contents: &ReleaseContents, out: &Path) -> Result<u64> {
         for (role, bytes) in &contents.delegated {
             add(&format!("metadata/{role}.json"), bytes)?;
         }
+        for (sha256, bytes) in &contents.recipients {
+            add(&format!("recipients/{sha256}.json"), bytes)?;
+        }
         for p in &contents.payloads {
             let f = File::open(&p.source).map_err(|source| Error::Io {
                 path: p.source.clone(),
@@ -97,6 +104,68 @@ pub fn write_bundle(contents: &ReleaseContents, out: &Path) -> Result<u64> {
             builder
                 .append_data(&mut header(len), format!("payloads/{}", p.target), f.take(len))
                 .map_err(io)?;
+        }
+        let mut w = builder.into_inner().map_err(io)?;
+        w.flush().map_err(io)?;
+    }
+    let size = atomic.file().metadata().map_err(io)?.len();
+    atomic.commit()?;
+    Ok(size)
+}
+
+/// Rewrite the bundle `input` as `out` (atomically) with `docs` (payload SHA-256 →
+/// recipients document) in place of the recipients entries it carries: every other entry
+/// is copied as it is, so nothing signed changes and no payload is re-encrypted
+/// (`tern bundle add-recipients`).
+pub fn replace_recipients(input: &Path, out: &Path, docs: &BTreeMap<String, Vec<u8>>) -> Result<u64> {
+    let f = File::open(input).map_err(|source| Error::Io {
+        path: input.to_owned(),
+        source,
+    })?;
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, f));
+    let mut atomic = AtomicFile::create(out, 0o644)?;
+    let tmp = atomic.temp_path().to_owned();
+    let io = |source: std::io::Error| Error::Io {
+        path: tmp.clone(),
+        source,
+    };
+    {
+        let mut builder = tar::Builder::new(BufWriter::with_capacity(1 << 20, atomic.file()));
+        let mut docs_written = false;
+        let entries = archive.entries().map_err(|source| Error::Io {
+            path: input.to_owned(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| Error::Io {
+                path: input.to_owned(),
+                source,
+            })?;
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let kind = classify(&name)?;
+            if matches!(&kind, EntryKind::Recipients(h) if docs.contains_key(h)) {
+                continue;
+            }
+            if matches!(kind, EntryKind::Payload(_)) && !docs_written {
+                for (sha256, bytes) in docs {
+                    builder
+                        .append_data(
+                            &mut header(bytes.len() as u64),
+                            format!("recipients/{sha256}.json"),
+                            &bytes[..],
+                        )
+                        .map_err(io)?;
+                }
+                docs_written = true;
+            }
+            let size = entry.size();
+            builder.append_data(&mut header(size), &name, entry).map_err(io)?;
+        }
+        if !docs_written {
+            return Err(Error::Format {
+                entry: input.display().to_string(),
+                reason: "the bundle has no payload".into(),
+            });
         }
         let mut w = builder.into_inner().map_err(io)?;
         w.flush().map_err(io)?;

@@ -75,6 +75,9 @@ fn main() -> ExitCode {
         Command::Device(cmd::agent::DeviceCommand::Approve(a)) => cmd::server::device_action("approve", a),
         Command::Device(cmd::agent::DeviceCommand::Reject(a)) => cmd::server::device_action("reject", a),
         Command::Device(cmd::agent::DeviceCommand::Decommission(a)) => cmd::server::device_action("decommission", a),
+        Command::Device(cmd::agent::DeviceCommand::Key(cmd::agent::DeviceKeyCommand::Export(a))) => {
+            cmd::encrypt::key_export(a)
+        }
         Command::Server(c) => cmd::server::run(c),
         Command::Release(c) => cmd::server::release(c),
         Command::Deployment(c) => cmd::server::deployment(c),

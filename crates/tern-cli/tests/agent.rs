@@ -94,6 +94,19 @@ impl Releases {
         size: usize,
         zstd: bool,
     ) -> (PathBuf, Vec<u8>) {
+        self.bundle_with(version, device_type, hardware, size, zstd, &[])
+    }
+
+    /// The same, with more `repo add-target` arguments (`--encrypt-for`…).
+    fn bundle_with(
+        &self,
+        version: &str,
+        device_type: &str,
+        hardware: &[&str],
+        size: usize,
+        zstd: bool,
+        extra: &[&str],
+    ) -> (PathBuf, Vec<u8>) {
         let image: Vec<u8> = (0..size).map(|i| ((i * 7 + version.len()) % 251) as u8).collect();
         let img = self.p(&format!("rootfs-{version}-{device_type}.img"));
         fs::write(&img, &image).unwrap();
@@ -124,6 +137,7 @@ impl Releases {
         if zstd {
             args.extend(["--compression".into(), "zstd".into()]);
         }
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         ok(&["repo", "refresh", "--repo", &self.p("repo"), "--key", &self.key()]);
         let out = self.dir.path().join(format!("{name}.tern"));
@@ -684,4 +698,295 @@ fn a_bundle_fetched_over_the_network_must_carry_freshness() {
     let out = dev.install(Path::new(&format!("{}/fresh.tern", server.base)));
     assert!(out.contains("installed"), "{out}");
     assert_eq!(dev.reboot()["boot_step"]["outcome"], "committed");
+}
+
+/// An encrypted bundle for `recipients` (key files), with the release engineer's own
+/// encryption key `eng.pem` among them.
+fn encrypted_bundle(rel: &Releases, version: &str, size: usize, zstd: bool, recipients: &[&str]) -> (PathBuf, Vec<u8>) {
+    if !Path::new(&rel.p("eng.pem")).exists() {
+        ok(&["key", "generate", "--type", "x25519", "--out", &rel.p("eng")]);
+    }
+    let eng = rel.p("eng.pub.json");
+    let mut extra = vec!["--encrypt-for", eng.as_str()];
+    for r in recipients {
+        extra.extend(["--encrypt-for", r]);
+    }
+    rel.bundle_with(version, "tern-sim", &[], size, zstd, &extra)
+}
+
+impl Device {
+    /// `tern device key export` into a file, for `--encrypt-for`.
+    fn export_key(&self) -> String {
+        let out = self.path("export.json");
+        fs::write(&out, ok(&["device", "key", "export", "--config", &self.config()])).unwrap();
+        s(&out)
+    }
+}
+
+#[test]
+fn an_encrypted_release_installs_on_its_recipients_only_and_recipients_can_be_added() {
+    let rel = Releases::new();
+    let alice = Device::new(&rel.root());
+    let bob = Device::new(&rel.root());
+    // A group key, provisioned to carol's device.
+    ok(&["key", "generate", "--type", "x25519", "--out", &rel.p("group")]);
+    let carol = Device::new(&rel.root());
+    fs::copy(rel.p("group.pem"), carol.path("group.pem")).unwrap();
+    let mut cfg = fs::read_to_string(carol.path("agent.toml")).unwrap();
+    cfg.push_str("\n[encryption]\ngroup_keys = [\"group.pem\"]\n");
+    fs::write(carol.path("agent.toml"), cfg).unwrap();
+
+    let (bundle, image) = encrypted_bundle(
+        &rel,
+        "1.0.0",
+        300_000,
+        true,
+        &[&alice.export_key(), &rel.p("group.pub.json")],
+    );
+    // The bundle holds ciphertext only: no 64-byte run of the image appears in it.
+    let bytes = fs::read(&bundle).unwrap();
+    assert!(!bytes.windows(64).any(|w| w == &image[1000..1064]));
+    let inspect = ok(&["bundle", "inspect", &s(&bundle)]);
+    assert!(
+        inspect.contains("encrypted tern-stream-aes256gcm-v1") && inspect.contains("3 recipient(s)"),
+        "{inspect}"
+    );
+
+    // A recipient by its device key, and one by its group key.
+    for dev in [&alice, &carol] {
+        dev.install(&bundle);
+        assert_eq!(dev.reboot()["booted"], "B");
+        ok(&["agent", "run", "--config", &dev.config(), "--once"]);
+        assert_eq!(dev.status()["state"]["state"], "committed");
+        assert_eq!(slot_content(dev, "slot-b.img", image.len()), image);
+    }
+
+    // Not a recipient: refused before any slot is touched.
+    let before = bob.snapshot();
+    let err = fails(
+        &["install", &s(&bundle), "--config", &bob.config()],
+        "is encrypted, and this device is not one of its recipients",
+    );
+    assert!(err.contains("add-recipients"), "{err}");
+    assert_eq!(bob.snapshot(), before);
+    assert_eq!(bob.log(), ["mark-bad B"], "only provisioning touched the bootloader");
+
+    // The release engineer adds bob without re-encrypting or re-signing: the metadata and the
+    // payload entry are byte for byte what they were.
+    let bob_key = bob.export_key();
+    fails(
+        &[
+            "bundle",
+            "add-recipients",
+            &s(&bundle),
+            "--identity",
+            &bob.path("state/encryption.pem").display().to_string(),
+            "--encrypt-for",
+            &bob_key,
+        ],
+        "is not one of its recipients",
+    );
+    let wider = rel.p("wider.tern");
+    ok(&[
+        "bundle",
+        "add-recipients",
+        &s(&bundle),
+        "--identity",
+        &rel.p("eng.pem"),
+        "--encrypt-for",
+        &bob_key,
+        "--out",
+        &wider,
+    ]);
+    let entries = |p: &str| -> Vec<(String, Vec<u8>)> {
+        let mut a = tar::Archive::new(fs::File::open(p).unwrap());
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = e.path().unwrap().display().to_string();
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut e, &mut b).unwrap();
+                (name, b)
+            })
+            .collect()
+    };
+    let (old, new) = (entries(&s(&bundle)), entries(&wider));
+    let keep = |v: &[(String, Vec<u8>)]| {
+        v.iter()
+            .filter(|(n, _)| !n.starts_with("recipients/"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keep(&old), keep(&new));
+    bob.install(Path::new(&wider));
+    assert_eq!(bob.reboot()["booted"], "B");
+    assert_eq!(slot_content(&bob, "slot-b.img", image.len()), image);
+}
+
+/// The encrypted payload of `bundle` (its only payload).
+fn payload_of(bundle: &Path) -> (String, Vec<u8>) {
+    let mut a = tar::Archive::new(fs::File::open(bundle).unwrap());
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        if let Some(t) = name.strip_prefix("payloads/") {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut b).unwrap();
+            return (t.to_owned(), b);
+        }
+    }
+    panic!("no payload");
+}
+
+#[test]
+fn tampered_records_are_caught_before_the_slot_becomes_bootable() {
+    // Each tampered ciphertext is re-signed by the targets key, so the signed hashes match
+    // and only record authentication stands between it and the slot: what a thief of the
+    // targets key (but not of the data key) could publish.
+    const HEADER: usize = 16;
+    const RECORD: usize = 65536 + 16;
+    let rel = Releases::new();
+    let dev0 = Device::new(&rel.root());
+    let key = dev0.export_key();
+    let (bundle, _) = encrypted_bundle(&rel, "1.0.0", 400_000, false, &[&key]);
+    let (target, ct) = payload_of(&bundle);
+    assert!(ct.len() > HEADER + 6 * RECORD, "at least 7 records");
+    let repo = rel.p("repo");
+    let targets: Value = serde_json::from_str(
+        &fs::read_to_string(format!("{repo}/metadata/targets.json"))
+            .unwrap_or_else(|_| fs::read_to_string(format!("{repo}/metadata/2.targets.json")).unwrap()),
+    )
+    .unwrap();
+    let listed = &targets["signed"]["targets"][&target];
+    let custom = listed["custom"].to_string();
+    let doc_path = format!(
+        "{repo}/recipients/{}.json",
+        listed["hashes"]["sha256"].as_str().unwrap()
+    );
+    let doc: Value = serde_json::from_str(&fs::read_to_string(doc_path).unwrap()).unwrap();
+    let record = |i: usize| HEADER + i * RECORD..HEADER + (i + 1) * RECORD;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "bit flipped in the first record",
+            {
+                let mut c = ct.clone();
+                c[HEADER + 5] ^= 1;
+                c
+            },
+            "record 0: authentication failed",
+        ),
+        (
+            "bit flipped in a middle record",
+            {
+                let mut c = ct.clone();
+                c[record(3).start + 100] ^= 0x80;
+                c
+            },
+            "record 3: authentication failed",
+        ),
+        (
+            "bit flipped in the last record's tag",
+            {
+                let mut c = ct.clone();
+                let n = c.len();
+                c[n - 1] ^= 1;
+                c
+            },
+            "authentication failed",
+        ),
+        (
+            "bit flipped in the header",
+            {
+                let mut c = ct.clone();
+                c[12] ^= 1;
+                c
+            },
+            "header",
+        ),
+        (
+            "a record dropped",
+            {
+                let mut c = ct.clone();
+                c.drain(record(2));
+                c
+            },
+            "record 2: authentication failed",
+        ),
+        (
+            "two records swapped",
+            {
+                let mut c = ct.clone();
+                let (a, b) = (c[record(1)].to_vec(), c[record(2)].to_vec());
+                c[record(1)].copy_from_slice(&b);
+                c[record(2)].copy_from_slice(&a);
+                c
+            },
+            "record 1: authentication failed",
+        ),
+        (
+            "the last record truncated",
+            {
+                let mut c = ct.clone();
+                c.truncate(c.len() - 10);
+                c
+            },
+            "authentication failed",
+        ),
+        (
+            "cut at a record boundary",
+            {
+                let mut c = ct.clone();
+                c.truncate(record(4).start);
+                c
+            },
+            "record 3: authentication failed",
+        ),
+    ];
+    for (i, (what, bad, expect)) in cases.into_iter().enumerate() {
+        let file = rel.p(&format!("bad-{i}.bin"));
+        fs::write(&file, &bad).unwrap();
+        let name = format!("bad-{i}.img");
+        ok(&[
+            "repo",
+            "add-target",
+            "--repo",
+            &repo,
+            &file,
+            "--name",
+            &name,
+            "--custom",
+            &custom,
+            "--key",
+            &rel.key(),
+        ]);
+        // The same wrapped key, filed under the tampered payload's hash.
+        let sha = tern_sha256(&bad);
+        let mut d = doc.clone();
+        d["sha256"] = sha.clone().into();
+        fs::write(format!("{repo}/recipients/{sha}.json"), d.to_string()).unwrap();
+        ok(&["repo", "refresh", "--repo", &repo, "--key", &rel.key()]);
+        let b = rel.p(&format!("bad-{i}.tern"));
+        ok(&["bundle", "create", "--repo", &repo, "--target", &name, "--out", &b]);
+        let dev = Device::new(&rel.root());
+        fs::copy(dev0.path("state/encryption.pem"), dev.path("state/encryption.pem")).unwrap();
+        let slot_a = fs::read(dev.path("slot-a.img")).unwrap();
+        let err = fails(&["install", &b, "--config", &dev.config()], "");
+        assert!(err.contains(expect), "{what}: {err}");
+        let st = dev.status();
+        assert_eq!(st["primary"], "A", "{what}");
+        assert_eq!(st["slots"][1]["attempts"], 0, "{what}");
+        assert_eq!(st["slots"][1]["record"]["status"], "bad", "{what}");
+        assert_eq!(fs::read(dev.path("slot-a.img")).unwrap(), slot_a, "{what}");
+        assert!(
+            !dev.log().iter().any(|l| l.starts_with("set-primary")),
+            "{what}: {:?}",
+            dev.log()
+        );
+        assert_eq!(dev.reboot()["booted"], "A", "{what}");
+    }
+}
+
+fn tern_sha256(b: &[u8]) -> String {
+    tern_core::digest::sha256_hex(b)
 }

@@ -159,6 +159,11 @@ impl HttpTransport {
         self.exchange(req, url, limit)
     }
 
+    /// GET, as [`HttpTransport::post_json`].
+    pub fn get(&self, url: &str, limit: u64) -> Result<(u16, Vec<u8>), TransportError> {
+        self.exchange(self.client.get(url), url, limit)
+    }
+
     /// GET with `Authorization: Bearer TOKEN`, as [`HttpTransport::post_json`].
     pub fn get_bearer(&self, url: &str, token: &str, limit: u64) -> Result<(u16, Vec<u8>), TransportError> {
         let req = self.client.get(url).bearer_auth(token);

@@ -20,6 +20,7 @@ pub mod digest;
 pub mod director;
 pub mod error;
 pub mod keys;
+pub mod keywrap;
 pub mod manifest;
 pub mod metadata;
 pub mod stream_aead;

@@ -53,6 +53,59 @@ impl std::fmt::Display for Compression {
     }
 }
 
+/// The payload encryption scheme: [`crate::stream_aead`] records.
+pub const ENCRYPTION_SCHEME: &str = "tern-stream-aes256gcm-v1";
+
+/// How an encrypted payload is encrypted (signed, in the manifest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    /// Always [`ENCRYPTION_SCHEME`].
+    pub scheme: String,
+    /// Plaintext bytes per record (a power of two, 1 KiB to 16 MiB).
+    pub record_size: u32,
+    /// How the data key is wrapped per recipient: [`crate::keywrap::KEY_SCHEME`].
+    pub key_wrap: String,
+    /// HMAC-SHA-256 of a fixed label under the data key, hex: which key opens the payload
+    /// ([`crate::keywrap::DataKey::commitment`]).
+    pub key_commitment: String,
+    /// Length of the plaintext (before decompression, when compressed).
+    pub plaintext_length: u64,
+}
+
+impl Encryption {
+    /// Field rules.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.scheme != ENCRYPTION_SCHEME {
+            return Err(format!("scheme `{}` is not `{ENCRYPTION_SCHEME}`", self.scheme));
+        }
+        if self.key_wrap != crate::keywrap::KEY_SCHEME {
+            return Err(format!(
+                "key_wrap `{}` is not `{}`",
+                self.key_wrap,
+                crate::keywrap::KEY_SCHEME
+            ));
+        }
+        let log2 = self.record_size.trailing_zeros();
+        if !self.record_size.is_power_of_two() || !crate::stream_aead::LOG2_RECORD_RANGE.contains(&(log2 as u8)) {
+            return Err(format!(
+                "record_size {} is not a power of two from 1 KiB to 16 MiB",
+                self.record_size
+            ));
+        }
+        let c = &self.key_commitment;
+        if c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            return Err("key_commitment must be 64 lowercase hex digits".into());
+        }
+        Ok(())
+    }
+
+    /// The ciphertext length these parameters give.
+    pub fn ciphertext_length(&self) -> u64 {
+        crate::stream_aead::ciphertext_len(self.plaintext_length, self.record_size.trailing_zeros() as u8)
+    }
+}
+
 /// The manifest of one payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -74,9 +127,10 @@ pub struct Manifest {
     /// Compression of the payload bytes.
     #[serde(default)]
     pub compression: Compression,
-    /// Encryption parameters (recipients, record size) when the payload is encrypted.
+    /// How the payload is encrypted, when it is: the bytes the metadata lists are then the
+    /// ciphertext, and the plaintext is what compression (if any) applies to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encryption: Option<Value>,
+    pub encryption: Option<Encryption>,
     /// SHA-256 of the base image when the payload is a delta.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_base: Option<String>,
@@ -108,6 +162,9 @@ impl Manifest {
             .map_err(|e| field("version", format!("`{}` is not SemVer: {e}", self.version)))?;
         if self.device_type.is_empty() {
             return Err(field("device_type", "empty".into()));
+        }
+        if let Some(e) = &self.encryption {
+            e.validate().map_err(|r| field("encryption", r))?;
         }
         match self.installer {
             Installer::Raw if self.slot_class.is_none() => {

@@ -21,7 +21,7 @@
 //! This module is the record layer only: pure functions over byte slices and a streaming
 //! adapter over any `Read`, no files.
 
-use std::io::Read;
+use std::io::{Read, Write};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
@@ -158,6 +158,69 @@ impl Sealer {
     }
 }
 
+/// A writer of ciphertext over a writer: plaintext in, the header and sealed records out.
+/// A record is sealed once the byte after it arrives (so the last one is known);
+/// [`finish`](Self::finish) seals the last record and must be called.
+pub struct Encryptor<W: Write> {
+    inner: W,
+    sealer: Sealer,
+    pending: Vec<u8>,
+    plain_len: u64,
+}
+
+impl<W: Write> Encryptor<W> {
+    /// Write the header; records of 2^`log2_record` bytes under `data_key`.
+    pub fn new(mut inner: W, data_key: &[u8], log2_record: u8) -> std::io::Result<Self> {
+        let sealer = Sealer::new(data_key, log2_record).map_err(std::io::Error::other)?;
+        inner.write_all(&sealer.header())?;
+        let record = sealer.record_size();
+        Ok(Encryptor {
+            inner,
+            sealer,
+            pending: Vec::with_capacity(record + TAG_LEN + 1),
+            plain_len: 0,
+        })
+    }
+
+    fn seal_front(&mut self, last: bool) -> std::io::Result<()> {
+        let record = self.sealer.record_size();
+        let take = self.pending.len().min(record);
+        let rest = self.pending.split_off(take);
+        self.sealer
+            .seal(&mut self.pending, last)
+            .map_err(std::io::Error::other)?;
+        self.inner.write_all(&self.pending)?;
+        self.pending.clear();
+        self.pending.extend_from_slice(&rest);
+        Ok(())
+    }
+
+    /// Seal the last record; returns the inner writer and the plaintext length.
+    pub fn finish(mut self) -> std::io::Result<(W, u64)> {
+        self.seal_front(true)?;
+        self.inner.flush()?;
+        Ok((self.inner, self.plain_len))
+    }
+}
+
+impl<W: Write> Write for Encryptor<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let record = self.sealer.record_size();
+        // Up to one byte past a full record, so the record is known not to be the last.
+        let room = record + 1 - self.pending.len();
+        let n = buf.len().min(room);
+        self.pending.extend_from_slice(&buf[..n]);
+        self.plain_len += n as u64;
+        if self.pending.len() > record {
+            self.seal_front(false)?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Encrypt a whole payload held in memory (tests, small payloads).
 pub fn seal_all(data_key: &[u8], log2_record: u8, plain: &[u8]) -> Result<Vec<u8>, StreamError> {
     let mut s = Sealer::new(data_key, log2_record)?;
@@ -288,6 +351,21 @@ impl<R: Read> Read for Decryptor<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_streaming_encryptor_writes_what_seal_all_does() {
+        for len in [0, 1, REC - 1, REC, REC + 1, 3 * REC, 3 * REC + 7] {
+            let p = plain(len);
+            let mut e = Encryptor::new(Vec::new(), &KEY, LOG2).unwrap();
+            for chunk in p.chunks(333) {
+                e.write_all(chunk).unwrap();
+            }
+            let (ct, n) = e.finish().unwrap();
+            assert_eq!(n, len as u64);
+            assert_eq!(ct, seal_all(&KEY, LOG2, &p).unwrap(), "length {len}");
+            assert_eq!(ct.len() as u64, ciphertext_len(len as u64, LOG2));
+        }
+    }
 
     const KEY: [u8; 32] = [0x42; 32];
     const LOG2: u8 = 10;

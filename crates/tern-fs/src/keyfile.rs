@@ -5,6 +5,7 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use tern_core::keywrap::{RecipientKey, RecipientSecret, WrapError};
 use tern_core::{KeyAlgorithm, PublicKey, SigningKey};
 use zeroize::Zeroizing;
 
@@ -54,8 +55,8 @@ fn read_open(path: &Path, f: File) -> Result<Zeroizing<Vec<u8>>> {
     Ok(buf)
 }
 
-/// Load a private key, refusing a file that group or others may read or write.
-pub fn load_signing_key(path: &Path) -> Result<SigningKey> {
+/// Read a private key file, refusing one that group or others may read or write.
+fn read_private(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     // One open, and the checks on what was opened: no window to swap the file in between.
     let f = File::open(path).map_err(io_err(path))?;
     let mode = f.metadata().map_err(io_err(path))?.permissions().mode() & 0o7777;
@@ -65,7 +66,12 @@ pub fn load_signing_key(path: &Path) -> Result<SigningKey> {
             mode,
         });
     }
-    let pem = read_open(path, f)?;
+    read_open(path, f)
+}
+
+/// Load a private key, refusing a file that group or others may read or write.
+pub fn load_signing_key(path: &Path) -> Result<SigningKey> {
+    let pem = read_private(path)?;
     SigningKey::from_pkcs8_pem(&pem).map_err(|source| Error::Key {
         path: path.to_owned(),
         source: Box::new(source),
@@ -92,6 +98,55 @@ pub fn load_public_key(path: &Path) -> Result<PublicKey> {
         path: path.to_owned(),
         source: Box::new(source),
     })
+}
+
+fn wrap_err(path: &Path) -> impl FnOnce(WrapError) -> Error + '_ {
+    move |source| Error::EncryptionKey {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Load an X25519 private key (a device's or a group's encryption key), refusing a file
+/// that group or others may read or write.
+pub fn load_recipient_secret(path: &Path) -> Result<RecipientSecret> {
+    let pem = read_private(path)?;
+    RecipientSecret::from_pkcs8_pem(&pem).map_err(wrap_err(path))
+}
+
+/// Load a recipient's public key: Tern's JSON form (also inside `tern device key export`'s
+/// output, under `encryption_key`), a SubjectPublicKeyInfo PEM, or the private key file.
+pub fn load_recipient_key(path: &Path) -> Result<RecipientKey> {
+    let bytes = read_bounded(path)?;
+    if bytes.starts_with(b"-----BEGIN PUBLIC KEY") {
+        return RecipientKey::from_spki_pem(&bytes).map_err(wrap_err(path));
+    }
+    if bytes.starts_with(b"-----BEGIN") {
+        return Ok(load_recipient_secret(path)?.public().clone());
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| wrap_err(path)(WrapError::Key(format!("not JSON: {e}"))))?;
+    let value = value.get("encryption_key").unwrap_or(&value);
+    RecipientKey::from_value(value).map_err(wrap_err(path))
+}
+
+/// Generate an X25519 key pair: the private key (PKCS#8 PEM, 0600) and the public key
+/// (JSON); neither may exist. On failure neither is left behind.
+pub fn generate_recipient_files(files: &KeyFiles) -> Result<RecipientKey> {
+    for p in [&files.private, &files.public] {
+        if p.symlink_metadata().is_ok() {
+            return Err(Error::Exists { path: p.clone() });
+        }
+    }
+    let (key, pem) = RecipientSecret::generate().map_err(wrap_err(&files.private))?;
+    let mut public = serde_json::to_vec_pretty(&key.public().to_value()).unwrap_or_default();
+    public.push(b'\n');
+    create_new(&files.private, pem.as_bytes(), 0o600)?;
+    if let Err(e) = create_new(&files.public, &public, 0o644) {
+        let _ = fs::remove_file(&files.private);
+        return Err(e);
+    }
+    Ok(key.public().clone())
 }
 
 /// The two files `tern key generate` writes.
@@ -161,6 +216,32 @@ mod tests {
         assert!(matches!(
             load_signing_key(&files.private),
             Err(Error::TooOpen { mode: 0o640, .. })
+        ));
+    }
+
+    #[test]
+    fn encryption_keys_load_in_every_form_and_wide_modes_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let files = KeyFiles::for_prefix(&d.path().join("group"));
+        let public = generate_recipient_files(&files).unwrap();
+        assert_eq!(load_recipient_secret(&files.private).unwrap().public(), &public);
+        assert_eq!(load_recipient_key(&files.public).unwrap(), public);
+        assert_eq!(load_recipient_key(&files.private).unwrap(), public);
+        let export = d.path().join("export.json");
+        fs::write(
+            &export,
+            serde_json::json!({"device_id": "d", "encryption_key": public.to_value()}).to_string(),
+        )
+        .unwrap();
+        assert_eq!(load_recipient_key(&export).unwrap(), public);
+        assert!(matches!(
+            load_recipient_key(&d.path().join("group.pem").with_extension("nope")),
+            Err(Error::Io { .. })
+        ));
+        fs::set_permissions(&files.private, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            load_recipient_secret(&files.private),
+            Err(Error::TooOpen { mode: 0o644, .. })
         ));
     }
 }

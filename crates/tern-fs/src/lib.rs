@@ -15,7 +15,10 @@ mod atomic;
 mod keyfile;
 
 pub use atomic::{atomic_write, create_new, sync_dir, AtomicFile};
-pub use keyfile::{generate_key_files, load_public_key, load_signing_key, FileKeySource, KeyFiles, KeySource};
+pub use keyfile::{
+    generate_key_files, generate_recipient_files, load_public_key, load_recipient_key, load_recipient_secret,
+    load_signing_key, FileKeySource, KeyFiles, KeySource,
+};
 
 use std::path::PathBuf;
 
@@ -52,6 +55,14 @@ pub enum Error {
         path: PathBuf,
         /// Why.
         source: Box<tern_core::Error>,
+    },
+    /// An encryption (X25519) key file's content was refused.
+    #[error("{path}")]
+    EncryptionKey {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: tern_core::keywrap::WrapError,
     },
     /// A file is larger than a key file can be.
     #[error("{path}: {size} bytes is too large for a key file")]

@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tern_bundle::{Payload, ReleaseContents};
 use tern_core::digest::{Digester, HashAlgorithm};
-use tern_core::manifest::Compression;
+use tern_core::keywrap::{self, DataKey, RecipientKey, Recipients};
+use tern_core::manifest::{Compression, Encryption, ENCRYPTION_SCHEME};
 use tern_core::metadata::{
     Common, DelegatedRole, Delegations, Envelope, MetaFile, RoleKeys, Root, Signed, Snapshot, SuccinctRoles,
     TargetFile, Targets, Timestamp,
 };
+use tern_core::stream_aead::{Encryptor, DEFAULT_LOG2_RECORD};
 use tern_core::trust::{Freshness, MetadataSource, TrustedRepository};
 use tern_core::{DateTime, KeyId, PublicKey, SigningKey, TargetPath};
 
@@ -35,6 +37,8 @@ pub struct AddTarget {
     pub hashes: Vec<HashAlgorithm>,
     /// Compress the file on its way into the repository.
     pub compression: Compression,
+    /// Encrypt it (after compressing) for these recipients; empty: store it as it is.
+    pub encrypt_for: Vec<RecipientKey>,
 }
 
 /// `tern repo delegate`.
@@ -288,29 +292,45 @@ impl Repository {
             path: add.source.clone(),
             source,
         })?;
+        let key = if add.encrypt_for.is_empty() {
+            None
+        } else {
+            if add.custom.as_ref().and_then(|c| c.get("tern")).is_none() {
+                return Err(Error::Invalid {
+                    what: format!("target `{}`", add.name),
+                    reason: "an encrypted payload needs Tern's manifest (--release-version): it tells the agent how to decrypt".into(),
+                });
+            }
+            Some(DataKey::generate().map_err(|e| Error::Invalid {
+                what: "data key".into(),
+                reason: e.to_string(),
+            })?)
+        };
         let mut out = tern_fs::AtomicFile::create(&dest_dir.join(format!("{base}.incoming")), 0o644)?;
         let tmp = out.temp_path().to_owned();
         let io = |source: std::io::Error| Error::Io {
             path: tmp.clone(),
             source,
         };
-        let digester = {
+        let (digester, plaintext_length) = {
             let mut w = DigestWriter {
                 inner: BufWriter::with_capacity(1 << 20, out.file()),
                 digester: Digester::new(&algs),
             };
-            match add.compression {
-                Compression::None => {
-                    copy(&mut input, &mut w).map_err(io)?;
+            // Compress, then encrypt: ciphertext does not compress.
+            let plain = match &key {
+                None => {
+                    compress(&mut input, &mut w, add.compression).map_err(io)?;
+                    None
                 }
-                Compression::Zstd => {
-                    let mut enc = zstd::stream::write::Encoder::new(&mut w, 3).map_err(io)?;
-                    copy(&mut input, &mut enc).map_err(io)?;
-                    enc.finish().map_err(io)?;
+                Some(k) => {
+                    let mut e = Encryptor::new(&mut w, k.as_bytes(), DEFAULT_LOG2_RECORD).map_err(io)?;
+                    compress(&mut input, &mut e, add.compression).map_err(io)?;
+                    Some(e.finish().map_err(io)?.1)
                 }
-            }
+            };
             w.inner.flush().map_err(io)?;
-            w.digester
+            (w.digester, plain)
         };
         let (length, hashes) = digester.finish();
         let names: Vec<PathBuf> = algs
@@ -326,12 +346,53 @@ impl Repository {
                 })?;
             }
         }
+        let mut custom = add.custom.clone();
+        if let (Some(k), Some(plaintext_length)) = (&key, plaintext_length) {
+            // Encrypt, then sign: the manifest (signed with the targets) commits to the key,
+            // the listed length and hashes are the ciphertext's.
+            let encryption = Encryption {
+                scheme: ENCRYPTION_SCHEME.into(),
+                record_size: 1 << DEFAULT_LOG2_RECORD,
+                key_wrap: keywrap::KEY_SCHEME.into(),
+                key_commitment: k.commitment(),
+                plaintext_length,
+            };
+            if let Some(tern) = custom.as_mut().and_then(|c| c.get_mut("tern")) {
+                tern["encryption"] = serde_json::to_value(&encryption).unwrap_or_default();
+            }
+            let mut doc = Recipients::new(&hashes["sha256"], &encryption.key_commitment);
+            for r in &add.encrypt_for {
+                doc.add(keywrap::wrap(k, r).map_err(|e| Error::Invalid {
+                    what: format!("recipient {}", r.kid()),
+                    reason: e.to_string(),
+                })?);
+            }
+            self.write_recipients(&doc)?;
+        }
         Ok(TargetFile {
             length,
             hashes,
-            custom: add.custom.clone(),
+            custom,
             unrecognized: BTreeMap::new(),
         })
+    }
+
+    /// `recipients/SHA256.json`: the wrapped data keys of the encrypted payload with that hash.
+    pub fn recipients_path(&self, sha256: &str) -> PathBuf {
+        self.dir.join("recipients").join(format!("{sha256}.json"))
+    }
+
+    /// Replace a payload's recipients document (not signed: see `tern_core::keywrap`).
+    pub fn write_recipients(&self, doc: &Recipients) -> Result<()> {
+        let path = self.recipients_path(&doc.sha256);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|source| Error::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        tern_fs::atomic_write(&path, &doc.to_bytes(), 0o644)?;
+        Ok(())
     }
 
     /// Stop listing a target. Its file stays: older snapshots may still name it.
@@ -800,12 +861,19 @@ impl Repository {
         };
         let mut trusted = TrustedRepository::load(&first, &mut source, now, freshness)?;
         let mut payloads = Vec::new();
+        let mut recipients = Vec::new();
         for t in targets {
             let found = trusted.find_target(&mut source, t.as_str())?;
             let sha256 = found.file.hashes.get("sha256").ok_or_else(|| Error::Invalid {
                 what: format!("target `{t}`"),
                 reason: "lists no sha256 hash".into(),
             })?;
+            let encrypted = tern_core::manifest::Manifest::from_custom(t.as_str(), found.file.custom.as_ref())?
+                .is_some_and(|m| m.encryption.is_some());
+            if encrypted {
+                let path = self.recipients_path(sha256);
+                recipients.push((sha256.clone(), self.read_bytes(&path)?));
+            }
             payloads.push(Payload {
                 target: t.clone(),
                 source: self.targets_dir().join(t.with_hash_prefix(sha256)),
@@ -832,6 +900,7 @@ impl Repository {
             targets: read_versioned("targets", trusted.targets().version())?,
             delegated,
             payloads,
+            recipients,
         })
     }
 }
@@ -901,6 +970,20 @@ impl<W: Write> Write for DigestWriter<W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
+}
+
+fn compress(input: &mut impl Read, out: &mut impl Write, compression: Compression) -> std::io::Result<()> {
+    match compression {
+        Compression::None => {
+            copy(input, out)?;
+        }
+        Compression::Zstd => {
+            let mut enc = zstd::stream::write::Encoder::new(out, 3)?;
+            copy(input, &mut enc)?;
+            enc.finish()?;
+        }
+    }
+    Ok(())
 }
 
 fn copy(input: &mut impl Read, out: &mut impl Write) -> std::io::Result<u64> {

@@ -83,6 +83,7 @@ impl Fixture {
                     custom: None,
                     hashes: vec![HashAlgorithm::Sha256],
                     compression: Compression::None,
+                    encrypt_for: Vec::new(),
                 },
                 &self.signers,
                 at,

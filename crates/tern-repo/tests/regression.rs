@@ -63,6 +63,7 @@ fn a_terminating_role_with_a_double_star_pattern_cannot_be_bypassed() {
         custom: None,
         hashes: vec![HashAlgorithm::Sha256],
         compression: Compression::None,
+        encrypt_for: Vec::new(),
     };
     // The editor runs the clients' search: role-a, terminating, takes firmware-* first, so
     // role-b would never be trusted for it, and the target is refused.
@@ -141,6 +142,7 @@ fn an_oversized_metadata_entry_is_refused_before_parsing() {
             custom: None,
             hashes: vec![HashAlgorithm::Sha256],
             compression: Compression::None,
+            encrypt_for: Vec::new(),
         },
         &signers,
         now(),

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::fleet::{self, Refusal};
-use crate::{random_hex, repo, AppState};
+use crate::{random_hex, recipients, repo, AppState};
 
 type St = State<Arc<AppState>>;
 
@@ -130,6 +130,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/director/root.json", get(director_root))
         .route("/repo/metadata/{file}", get(repo_metadata))
         .route("/repo/targets/{*path}", get(repo_target))
+        .route("/repo/recipients/{sha256}/{kid}", get(repo_recipients))
+        .route(
+            "/api/v1/recipients",
+            post(add_recipients).layer(DefaultBodyLimit::max(recipients::MAX_DOCUMENT)),
+        )
         .route(
             "/api/v1/devices/enroll",
             post(enroll).layer(DefaultBodyLimit::max(64 * 1024)),
@@ -226,6 +231,37 @@ async fn repo_metadata(State(state): St, Path(file): Path<String>, headers: Head
         body,
     )
         .into_response())
+}
+
+/// The wrapped data keys of the encrypted payload `sha256` for the key `kid` (what a
+/// device fetches before downloading it); 404 when there are none.
+#[utoipa::path(get, path = "/repo/recipients/{sha256}/{kid}", params(("sha256" = String, Path), ("kid" = String, Path)),
+    responses((status = 200), (status = 404, body = ErrorBody)))]
+async fn repo_recipients(State(state): St, Path((sha256, kid)): Path<(String, String)>) -> R<Response> {
+    let body = recipients::for_key(&state, &sha256, &kid)
+        .await
+        .map_err(Refusal::Internal)?
+        .ok_or_else(|| Refusal::NotFound(format!("no wrapped key for key {kid} of payload {sha256}")))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// Add recipients to a published encrypted payload: a `tern-recipients` document whose
+/// key commitment is the one the payload's signed manifest carries. Nothing is re-signed.
+#[utoipa::path(post, path = "/api/v1/recipients", security(("token" = [])),
+    request_body(content = Object, content_type = "application/json"),
+    responses((status = 200, body = recipients::Added), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn add_recipients(State(state): St, headers: HeaderMap, body: axum::body::Bytes) -> R<Json<recipients::Added>> {
+    let actor = authorize(&state, &headers, Role::Releaser, "recipients.add").await?;
+    Ok(Json(
+        recipients::add(&state, &body, &actor).await.map_err(Refusal::from)?,
+    ))
 }
 
 /// Parse `bytes=START-[END]` (one range).
@@ -599,7 +635,7 @@ async fn audit_log(
 #[openapi(
     info(title = "Tern update server", description = "Release repository, device registry, director and deployments. Management endpoints take `Authorization: Bearer TOKEN` (roles admin, releaser, viewer); devices sign their check-ins."),
     paths(
-        repo_metadata, repo_target, enroll, checkin, poll, list_devices, get_device, device_action, list_releases,
+        repo_metadata, repo_target, repo_recipients, add_recipients, enroll, checkin, poll, list_devices, get_device, device_action, list_releases,
         get_release, upload_release, set_root, list_deployments, create_deployment, get_deployment,
         cancel_deployment, abandon_device, create_enrollment_token, audit_log
     ),

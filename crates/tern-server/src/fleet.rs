@@ -80,6 +80,11 @@ pub struct EnrollRequest {
     /// Tags for deployments.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Its encryption key (X25519, `tern_core::keywrap` JSON form): releases can be
+    /// encrypted for it.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub encryption_key: Option<serde_json::Value>,
     /// The fleet enrollment token; without one, the device must present a certificate from
     /// the device CA over mutual TLS.
     #[serde(default)]
@@ -110,6 +115,9 @@ pub struct Device {
     pub slots: Option<serde_json::Value>,
     /// The last order it refused, and why.
     pub refused_order: Option<String>,
+    /// Its encryption public key (X25519), when it sent one at enrollment.
+    #[schema(value_type = Option<Object>)]
+    pub encryption_key: Option<serde_json::Value>,
 }
 
 fn valid_id(what: &str, id: &str) -> R<()> {
@@ -155,6 +163,15 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest, peer: Option<std::s
     let key = PublicKey::from_value("device key", &req.public_key)
         .map_err(|e| Refusal::BadRequest(format!("public_key: {e}")))?;
     let keyid = key.keyid();
+    let encryption_key = match &req.encryption_key {
+        Some(v) => Some(
+            tern_core::keywrap::RecipientKey::from_value(v)
+                .map_err(|e| Refusal::BadRequest(format!("encryption_key: {e}")))?
+                .to_value()
+                .to_string(),
+        ),
+        None => None,
+    };
     let (status, via) = match (&req.enrollment_token, peer) {
         (Some(token), _) => {
             if state.db.check_token("enrollment", token).await?.is_none() {
@@ -196,13 +213,32 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest, peer: Option<std::s
                 req.device_id
             )));
         }
-        return Ok(existing);
+        let have = existing.encryption_key.as_ref().map(|v| v.to_string());
+        return match (have, encryption_key) {
+            (Some(h), Some(e)) if h != e => Err(Refusal::Conflict(format!(
+                "device `{}` is enrolled with another encryption key",
+                req.device_id
+            ))),
+            // A device enrolled before it had an encryption key sends it now.
+            (None, Some(e)) => {
+                sqlx::query("UPDATE devices SET encryption_key = $1, updated_at = $2 WHERE id = $3")
+                    .bind(e)
+                    .bind(unix_now())
+                    .bind(&req.device_id)
+                    .execute(&state.db.write)
+                    .await?;
+                device(state, &req.device_id)
+                    .await?
+                    .ok_or_else(|| Refusal::NotFound("device vanished".into()))
+            }
+            _ => Ok(existing),
+        };
     }
     let now = unix_now();
     let mut tx = state.db.write.begin().await?;
     sqlx::query(
-        "INSERT INTO devices (id, public_key, keyid, device_type, hardware, tags, status, enrolled_via, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+        "INSERT INTO devices (id, public_key, keyid, device_type, hardware, tags, status, enrolled_via, created_at, updated_at, encryption_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
     )
     .bind(&req.device_id)
     .bind(req.public_key.to_string())
@@ -213,6 +249,7 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest, peer: Option<std::s
     .bind(status)
     .bind(via)
     .bind(now)
+    .bind(encryption_key)
     .execute(&mut *tx)
     .await?;
     for t in &req.tags {
@@ -252,11 +289,15 @@ fn device_from_row(r: &sqlx::any::AnyRow) -> R<Device> {
         last_seen: r.try_get("last_seen")?,
         phase: r.try_get("phase")?,
         slots: slots.and_then(|s| serde_json::from_str(&s).ok()),
+        encryption_key: r
+            .try_get::<Option<String>, _>("encryption_key")?
+            .and_then(|s| serde_json::from_str(&s).ok()),
         refused_order: r.try_get("refused_order")?,
     })
 }
 
-const DEVICE_COLUMNS: &str = "id, status, device_type, hardware, tags, keyid, last_seen, phase, slots, refused_order";
+const DEVICE_COLUMNS: &str =
+    "id, status, device_type, hardware, tags, keyid, last_seen, phase, slots, refused_order, encryption_key";
 
 /// One device.
 pub async fn device(state: &AppState, id: &str) -> R<Option<Device>> {

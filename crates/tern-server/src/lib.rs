@@ -19,6 +19,7 @@ pub mod config;
 pub mod db;
 pub mod fleet;
 pub mod keys;
+pub mod recipients;
 pub mod repo;
 pub mod session;
 pub mod tls;

@@ -39,6 +39,10 @@ pub struct ReleaseTarget {
     /// The manifest's installer (raw, file, archive…; empty: no manifest).
     #[serde(default)]
     pub installer: String,
+    /// For an encrypted payload, the key commitment of its signed manifest (the server
+    /// holds the ciphertext and wrapped keys only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_commitment: Option<String>,
 }
 
 /// A release as stored.
@@ -208,6 +212,8 @@ struct Verified {
     targets: Vec<ReleaseTarget>,
     /// Verified payload files, not yet in the store.
     blobs: Vec<Blob>,
+    /// The wrapped data keys of encrypted payloads.
+    recipients: Vec<tern_core::keywrap::Recipients>,
 }
 
 /// A verified payload waiting in `tmp/`.
@@ -288,7 +294,11 @@ fn verify_bundle(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime) ->
     // (`store_blobs`); only hashes Tern knows, with well-formed hex, ever name a file.
     let mut blobs = Vec::new();
     let mut targets = Vec::new();
+    let mut recipients = Vec::new();
     for (p, tmp) in written {
+        if let Some(r) = &p.recipients {
+            recipients.push(r.as_ref().clone());
+        }
         let well_formed = |alg: &str, len: usize| {
             p.hashes
                 .get(alg)
@@ -324,6 +334,11 @@ fn verify_bundle(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime) ->
             hardware,
             version,
             installer,
+            key_commitment: p
+                .manifest
+                .as_ref()
+                .and_then(|m| m.encryption.as_ref())
+                .map(|e| e.key_commitment.clone()),
         });
     }
     match bundle_metadata(bundle, root, &report) {
@@ -333,6 +348,7 @@ fn verify_bundle(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime) ->
             roles,
             targets,
             blobs,
+            recipients,
         }),
         Err(e) => {
             discard_blobs(&blobs);
@@ -557,6 +573,9 @@ async fn publish(state: &AppState, v: &Verified, release: &str, actor: &str) -> 
         .bind(now)
         .execute(&mut *tx)
         .await?;
+    }
+    for doc in &v.recipients {
+        crate::recipients::insert(&mut tx, doc, now).await?;
     }
     let targets_json = serde_json::to_string(&v.targets).unwrap_or_default();
     sqlx::query("INSERT INTO releases (name, targets, uploaded_at, uploaded_by) VALUES ($1, $2, $3, $4)")

@@ -13,7 +13,7 @@ use tern_agent::source::{InboxSource, UpdateSource};
 
 use crate::output::{json, now, Format};
 
-fn load(config: &Option<PathBuf>) -> anyhow::Result<AgentConfig> {
+pub(crate) fn load(config: &Option<PathBuf>) -> anyhow::Result<AgentConfig> {
     let path = config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
     Ok(AgentConfig::load(&path)?)
 }
@@ -35,6 +35,17 @@ pub enum DeviceCommand {
     Reject(crate::cmd::server::DeviceIdArgs),
     /// Decommission a device: it gets no more orders (admin).
     Decommission(crate::cmd::server::DeviceIdArgs),
+    /// The device's keys.
+    #[command(subcommand)]
+    Key(DeviceKeyCommand),
+}
+
+/// `tern device key`.
+#[derive(Debug, Subcommand)]
+pub enum DeviceKeyCommand {
+    /// On the device: print its public keys as JSON (its encryption key is made first if it
+    /// has none); the file is what `--encrypt-for FILE` reads.
+    Export(crate::cmd::encrypt::KeyExportArgs),
 }
 
 /// `tern device enroll`.

@@ -139,6 +139,7 @@ pub fn make_bundle(dir: &Path, size: u64) -> anyhow::Result<(PathBuf, PathBuf, P
             ),
             hashes: vec![HashAlgorithm::Sha256],
             compression: Compression::None,
+            encrypt_for: Vec::new(),
         },
         std::slice::from_ref(&key),
         now,

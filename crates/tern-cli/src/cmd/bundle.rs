@@ -21,6 +21,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Verify a bundle's whole chain and every payload against a trusted root.
     Verify(VerifyArgs),
+    /// Give more devices or groups access to a bundle's encrypted payloads: wraps the data
+    /// keys for them, without re-encrypting a payload or re-signing any metadata.
+    AddRecipients(crate::cmd::encrypt::AddRecipientsArgs),
 }
 
 /// `tern bundle create`.
@@ -150,6 +153,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::AddRecipients(a) => crate::cmd::encrypt::add_recipients(a),
         Command::Inspect(a) => {
             let f = File::open(&a.bundle).with_context(|| format!("bundle {}", a.bundle.display()))?;
             let i =
@@ -179,6 +183,16 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                                 m.slot_class.as_deref().or(m.install_path.as_deref()).unwrap_or("-"),
                                 m.compression
                             );
+                            if let Some(e) = &m.encryption {
+                                println!(
+                                    "         encrypted {} ({} plaintext bytes, {}-byte records), {} recipient(s): {}",
+                                    e.scheme,
+                                    e.plaintext_length,
+                                    e.record_size,
+                                    p.recipients.len(),
+                                    p.recipients.join(" ")
+                                );
+                            }
                         }
                         if let Some(l) = &p.listed {
                             for (alg, h) in &l.hashes {

@@ -27,6 +27,9 @@ pub enum KeyType {
     EcdsaP256,
     /// RSA 3072 with RSASSA-PSS SHA-256.
     Rsa3072,
+    /// X25519 encryption key (an HPKE recipient, not a signing key): a group key, or the
+    /// release engineer's own key for `tern bundle add-recipients --identity`.
+    X25519,
 }
 
 /// `tern key generate`.
@@ -86,6 +89,27 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 KeyType::Ed25519 => KeyAlgorithm::Ed25519,
                 KeyType::EcdsaP256 => KeyAlgorithm::EcdsaP256,
                 KeyType::Rsa3072 => KeyAlgorithm::RsaPssSha256,
+                KeyType::X25519 => {
+                    let files = KeyFiles::for_prefix(&a.out);
+                    let public = tern_fs::generate_recipient_files(&files)?;
+                    let report = KeyReport {
+                        keyid: public.kid(),
+                        keytype: "x25519".into(),
+                        scheme: tern_core::keywrap::KEY_SCHEME.into(),
+                        private: Some(files.private.clone()),
+                        public: Some(files.public.clone()),
+                        key: public.to_value(),
+                    };
+                    return match a.output {
+                        Format::Json => json(&report),
+                        Format::Text => {
+                            println!("key id   {} (encryption key)", report.keyid);
+                            println!("private  {} (mode 0600)", files.private.display());
+                            println!("public   {} (for --encrypt-for)", files.public.display());
+                            Ok(())
+                        }
+                    };
+                }
             };
             let files = KeyFiles::for_prefix(&a.out);
             let public = tern_fs::generate_key_files(alg, &files)?;

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_server;
 pub mod bundle;
 pub mod demo;
+pub mod encrypt;
 pub mod key;
 pub mod repo;
 pub mod server;

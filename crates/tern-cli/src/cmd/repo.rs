@@ -148,6 +148,13 @@ pub struct AddTargetArgs {
     /// Extra custom JSON object merged into the target's `custom`.
     #[arg(long)]
     pub custom: Option<String>,
+    /// Encrypt the payload (after compressing it) for this recipient: `device:ID` or
+    /// `tag:TAG` through the server's registry, or a public key file (repeatable). The
+    /// metadata then lists the ciphertext: encrypt, then sign.
+    #[arg(long = "encrypt-for", requires = "release_version")]
+    pub encrypt_for: Vec<String>,
+    #[command(flatten)]
+    pub registry: crate::cmd::encrypt::Registry,
 }
 
 /// `tern repo remove-target`.
@@ -376,6 +383,10 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                     CompressionArg::None => Compression::None,
                     CompressionArg::Zstd => Compression::Zstd,
                 },
+                encrypt_for: crate::cmd::encrypt::resolve(&a.encrypt_for, &a.registry)?
+                    .into_iter()
+                    .map(|(_, k)| k)
+                    .collect(),
             };
             let w = repo.add_target(&add, &load_signers(&a.common.keys)?, now)?;
             writes(a.common.output, &w)
