@@ -512,3 +512,113 @@ fn review_regressions() {
     assert_eq!(f.device_status(&dep, "pending-a"), "cancelled");
     assert_eq!(f.api("POST", &path, Some(&f.admin), None).status, 409);
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// An encrypted release through the server: encrypted for a device resolved through the
+/// registry, installed by it; refused by a device that is not a recipient, before it
+/// downloads or touches a slot; that device added later without re-signing. The server's
+/// files and database never hold the plaintext or the data key.
+#[test]
+fn an_encrypted_release_end_to_end_through_the_server() {
+    let f = Fleet::new(None);
+    let url = f.server.url.clone();
+    let a = f.device("enc-a", &["lab"], &url);
+    let b = f.device("enc-b", &["lab"], &url);
+    f.ok(&["key", "generate", "--type", "x25519", "--out", &s(&f.path("eng"))]);
+    let eng = s(&f.path("eng.pub.json"));
+    let bundle = f.bundle_with("2.0.0", 700, &["--encrypt-for", "device:enc-a", "--encrypt-for", &eng]);
+    f.ok(&["release", "upload", &s(&bundle)]);
+    let image = std::fs::read(f.path("img-2.0.0")).unwrap();
+
+    // The data key, as only a recipient can recover it (here, the release engineer).
+    let doc_file = files_under(&f.path("repo/recipients")).pop().unwrap();
+    let doc = tern_core::keywrap::Recipients::parse(&std::fs::read(doc_file).unwrap()).unwrap();
+    let eng_key = tern_fs::load_recipient_secret(&f.path("eng.pem")).unwrap();
+    let data_key = tern_core::keywrap::unwrap_any(&doc.recipients, &[eng_key], &doc.key_commitment)
+        .unwrap()
+        .unwrap();
+    let rel = f.api("GET", "/api/v1/releases/2.0.0", Some(&f.admin), None);
+    assert_eq!(rel.body["targets"][0]["key_commitment"], doc.key_commitment.as_str());
+
+    let dep = f.deploy("2.0.0", &["--tag", "lab"]);
+    assert_eq!(a.drive(&f, &dep, "enc-a"), "succeeded");
+    assert_eq!(
+        std::fs::read(a.dir.join("slot-b.img")).unwrap()[..image.len()],
+        image[..],
+        "the device decrypted the image into its slot"
+    );
+    // b is not a recipient: refused before the download, the slot untouched.
+    let before = b.slot_hash("slot-b.img");
+    let o = b.poll();
+    assert_eq!(o["outcome"], "failed", "{o}");
+    assert!(
+        o["reason"].as_str().unwrap().contains("not one of its recipients"),
+        "{o}"
+    );
+    assert_eq!(f.device_status(&dep, "enc-b"), "failed");
+    assert_eq!(b.slot_hash("slot-b.img"), before);
+    assert!(!b.dir.join("state/downloads").exists() || files_under(&b.dir.join("state/downloads")).is_empty());
+    assert_eq!(b.status()["booted"], "A");
+
+    // The release engineer grants b access: new wrapped keys for the server, nothing re-signed.
+    let snapshot_before = f.api("GET", "/repo/metadata/timestamp.json", None, None).body;
+    f.ok(&[
+        "bundle",
+        "add-recipients",
+        &s(&bundle),
+        "--identity",
+        &s(&f.path("eng.pem")),
+        "--encrypt-for",
+        "device:enc-b",
+        "--publish",
+    ]);
+    assert_eq!(
+        f.api("GET", "/repo/metadata/timestamp.json", None, None).body,
+        snapshot_before
+    );
+    let again = f.deploy("2.0.0", &["--device", "enc-b"]);
+    assert_eq!(b.drive(&f, &again, "enc-b"), "succeeded");
+    assert_eq!(
+        std::fs::read(b.dir.join("slot-b.img")).unwrap()[..image.len()],
+        image[..]
+    );
+
+    // A recipients document with another key commitment is refused.
+    let mut forged = doc.clone();
+    forged.key_commitment = "0".repeat(64);
+    let r = f.api("POST", "/api/v1/recipients", Some(&f.admin), Some(forged.to_bytes()));
+    assert_eq!(r.status, 409, "{:?}", r.body);
+
+    // Nothing the server stores holds the plaintext or the data key, raw or in hex.
+    let key_hex = hex_of(data_key.as_bytes());
+    let window = &image[4096..4096 + 64];
+    for file in files_under(&f.path("srv")) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !bytes.windows(32).any(|w| w == data_key.as_bytes()),
+            "{file:?} holds the data key"
+        );
+        assert!(
+            !bytes.windows(64).any(|w| w == key_hex.as_bytes()),
+            "{file:?} holds the data key in hex"
+        );
+        assert!(!bytes.windows(64).any(|w| w == window), "{file:?} holds plaintext");
+    }
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

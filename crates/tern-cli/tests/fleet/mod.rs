@@ -369,6 +369,11 @@ impl Fleet {
 
     /// The release engineer adds an image of `mib` MiB for `version` and bundles it (not uploaded).
     pub fn bundle(&self, version: &str, kib: usize) -> PathBuf {
+        self.bundle_with(version, kib, &[])
+    }
+
+    /// The same, with more `repo add-target` arguments (run as the admin, against the server).
+    pub fn bundle_with(&self, version: &str, kib: usize, extra: &[&str]) -> PathBuf {
         let img = self.path(&format!("img-{version}"));
         // Content that differs for every version (seeded by a hash of the whole string).
         let seed = tern_core::digest::sha256_hex(version.as_bytes());
@@ -379,26 +384,26 @@ impl Fleet {
         }
         std::fs::write(&img, &data).unwrap();
         let name = format!("sim/rootfs-{version}.img");
-        run_ok(
-            &[
-                "repo",
-                "add-target",
-                "--repo",
-                &s(&self.path("repo")),
-                &s(&img),
-                "--name",
-                &name,
-                "--release-version",
-                version,
-                "--device-type",
-                "tern-sim",
-                "--slot-class",
-                "rootfs",
-                "--key",
-                &s(&self.path("keys/targets.pem")),
-            ],
-            &[],
-        );
+        let (repo, img, key) = (s(&self.path("repo")), s(&img), s(&self.path("keys/targets.pem")));
+        let mut args = vec![
+            "repo",
+            "add-target",
+            "--repo",
+            &repo,
+            &img,
+            "--name",
+            &name,
+            "--release-version",
+            version,
+            "--device-type",
+            "tern-sim",
+            "--slot-class",
+            "rootfs",
+            "--key",
+            &key,
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args);
         let out = self.path(&format!("r-{version}.tern"));
         run_ok(
             &[
