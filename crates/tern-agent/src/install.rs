@@ -676,17 +676,32 @@ impl Agent {
         let _ = now;
         self.save()?;
         // 7.
-        let signed_sha256 = !release.payload_sha256.is_empty();
+        // The image's hash when it is known without hashing the image: the signed bytes'
+        // own for a plain payload, the sealed digest of an encrypted one (its records are
+        // authenticated under the committed key, so the image is the one sealed).
+        let known = match (
+            &data_key,
+            m.encryption.as_ref().and_then(|e| e.image_sha256_sealed.as_ref()),
+        ) {
+            (Some(k), Some(sealed)) => Some(k.open_digest(sealed).map_err(|e| Error::Decryption {
+                target: payload.target.clone(),
+                reason: e.to_string(),
+            })?),
+            (None, _) if m.compression == Compression::None && !release.payload_sha256.is_empty() => {
+                Some(release.payload_sha256.clone())
+            }
+            _ => None,
+        };
         let (written, image_sha256) = stream_into(
             &slot.device,
             data,
             &payload.target,
             data_key.as_ref(),
             m.compression,
-            signed_sha256,
+            known.is_some(),
             progress,
         )?;
-        let sha256 = image_sha256.unwrap_or_else(|| release.payload_sha256.clone());
+        let sha256 = image_sha256.or(known).unwrap_or_default();
         Ok((release, slot, written, sha256))
     }
 
@@ -1019,8 +1034,9 @@ fn read_error(target: &str, path: &Path, e: std::io::Error) -> Error {
 }
 
 /// Step 7: write `data` into `device` from offset 0, decrypting and decompressing as
-/// declared; returns the image length and its SHA-256 (`None` for a plain payload: the
-/// image is then the signed payload itself, whose hashes the bundle reader checks).
+/// declared; returns the image length and its SHA-256 (`None` when the caller knows it
+/// already, `image_known`: a plain payload is the signed bytes, whose hashes the bundle
+/// reader checks; an encrypted one carries its image digest sealed).
 ///
 /// Reading (the bundle reader's hashing, decryption, decompression) happens on this
 /// thread; writing, and hashing the image when it differs from the signed bytes, on
@@ -1031,15 +1047,34 @@ fn stream_into(
     target: &str,
     key: Option<&tern_core::keywrap::DataKey>,
     compression: Compression,
-    signed_sha256: bool,
+    image_known: bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(u64, Option<String>)> {
     let f = OpenOptions::new().write(true).open(device).map_err(Error::io(device))?;
-    let need = compression != Compression::None || key.is_some() || !signed_sha256;
+    let need = !image_known;
     let mut source = plaintext(data, target, key, compression)?;
     let (written, result) = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        type Buf = std::sync::Arc<Vec<u8>>;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Buf>(4);
+        let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+        // Whichever of writer and hasher is done with a buffer last hands it back.
+        let give_back = |back: &std::sync::mpsc::SyncSender<Vec<u8>>, buf: Buf| {
+            if let Ok(v) = std::sync::Arc::try_unwrap(buf) {
+                let _ = back.try_send(v);
+            }
+        };
+        // The image's hash, when it is not the signed bytes' (decrypted or decompressed),
+        // on a thread of its own: hashing, reading and writing overlap.
+        let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Buf>(4);
+        let hash_back = back_tx.clone();
+        let hasher = scope.spawn(move || -> Option<String> {
+            let mut digest = Digester::new(&[HashAlgorithm::Sha256]);
+            for buf in hash_rx {
+                digest.update(&buf);
+                give_back(&hash_back, buf);
+            }
+            Some(digest.finish().1.get("sha256").cloned().unwrap_or_default())
+        });
         // A third thread flushes what was written so far while the writer goes on, so the
         // final fsync does not wait for the whole image and writing never stops to flush.
         let syncer_file = f.try_clone();
@@ -1051,14 +1086,10 @@ fn stream_into(
             }
             Ok(())
         });
-        let writer = scope.spawn(move || -> std::io::Result<Option<String>> {
+        let writer = scope.spawn(move || -> std::io::Result<()> {
             let mut f = f;
-            let mut digest = need.then(|| Digester::new(&[HashAlgorithm::Sha256]));
             let mut unsynced = 0usize;
             for buf in rx {
-                if let Some(d) = digest.as_mut() {
-                    d.update(&buf);
-                }
                 f.write_all(&buf)?;
                 unsynced += buf.len();
                 if unsynced >= SYNC_EVERY {
@@ -1066,13 +1097,13 @@ fn stream_into(
                     let _ = sync_tx.try_send(());
                     unsynced = 0;
                 }
-                let _ = back_tx.try_send(buf);
+                give_back(&back_tx, buf);
             }
             drop(sync_tx);
-            f.sync_all()?;
-            Ok(digest.map(|d| d.finish().1.get("sha256").cloned().unwrap_or_default()))
+            f.sync_all()
         });
         let mut total = 0u64;
+        let hash_tx = need.then_some(hash_tx);
         let read = (|| -> std::io::Result<()> {
             loop {
                 let mut buf = back_rx.try_recv().unwrap_or_default();
@@ -1084,6 +1115,10 @@ fn stream_into(
                 buf.truncate(n);
                 progress(n as u64);
                 total += n as u64;
+                let buf = std::sync::Arc::new(buf);
+                if let Some(h) = &hash_tx {
+                    let _ = h.send(buf.clone());
+                }
                 if tx.send(buf).is_err() {
                     // The writer stopped: its error is the one to report.
                     return Ok(());
@@ -1091,17 +1126,21 @@ fn stream_into(
             }
         })();
         drop(tx);
+        let hashed = hash_tx.is_some();
+        drop(hash_tx);
         let wrote = writer
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")));
         let synced = syncer
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")));
+        let digest = hasher.join().ok().flatten().filter(|_| hashed);
         (
             total,
             read.map_err(|e| read_error(target, device, e)).and_then(|()| {
                 synced.map_err(Error::io(device))?;
-                wrote.map_err(Error::io(device))
+                wrote.map_err(Error::io(device))?;
+                Ok(digest)
             }),
         )
     });

@@ -757,8 +757,11 @@ fn an_encrypted_release_installs_on_its_recipients_only_and_recipients_can_be_ad
         dev.install(&bundle);
         assert_eq!(dev.reboot()["booted"], "B");
         ok(&["agent", "run", "--config", &dev.config(), "--once"]);
-        assert_eq!(dev.status()["state"]["state"], "committed");
+        let st = dev.status();
+        assert_eq!(st["state"]["state"], "committed");
         assert_eq!(slot_content(dev, "slot-b.img", image.len()), image);
+        // The record holds the image's hash, opened from the sealed digest.
+        assert_eq!(st["slots"][1]["record"]["sha256"], tern_sha256(&image).as_str(), "{st}");
     }
 
     // Not a recipient: refused before any slot is touched.

@@ -48,10 +48,11 @@ pub const DATA_KEY_LEN: usize = 32;
 pub const WRAPPED_LEN: usize = DATA_KEY_LEN + 16;
 /// Format name of a recipients document.
 pub const RECIPIENTS_FORMAT: &str = "tern-recipients";
-/// Most recipients one document may list (about 190 bytes each, 16 MiB in all).
+/// Most recipients one document may list (about 200 bytes each: 16 MiB in all).
 pub const MAX_RECIPIENTS: usize = 80_000;
 
 const COMMITMENT_LABEL: &[u8] = b"tern key commitment v1";
+const DIGEST_LABEL: &[u8] = b"tern image digest v1";
 /// RFC 8410 PKCS#8 v1 prefix of an X25519 private key (the 32 key bytes follow).
 const PKCS8_PREFIX: [u8; 16] = [
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x6e, 0x04, 0x22, 0x04, 0x20,
@@ -108,6 +109,48 @@ impl DataKey {
     pub fn commitment(&self) -> String {
         let k = hmac::Key::new(hmac::HMAC_SHA256, &self.0[..]);
         hex::encode(hmac::sign(&k, COMMITMENT_LABEL).as_ref())
+    }
+
+    /// Seal the SHA-256 of the image a payload decrypts to, so that the signed manifest can
+    /// carry it readable to key holders only: AES-256-GCM under the subkey
+    /// HMAC-SHA-256(key, "tern image digest v1"), which seals this one message (zero nonce).
+    /// Hex of the 32-byte ciphertext and its tag.
+    pub fn seal_digest(&self, sha256: &[u8; 32]) -> String {
+        let mut buf = sha256.to_vec();
+        match self.digest_key().seal_in_place_append_tag(
+            aws_lc_rs::aead::Nonce::assume_unique_for_key([0u8; 12]),
+            aws_lc_rs::aead::Aad::empty(),
+            &mut buf,
+        ) {
+            Ok(()) => hex::encode(buf),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Open what [`seal_digest`](Self::seal_digest) sealed: the image's SHA-256, hex.
+    pub fn open_digest(&self, sealed: &str) -> Result<String, WrapError> {
+        let mut buf = hex::decode(sealed).map_err(|e| WrapError::Entry(format!("sealed image digest: {e}")))?;
+        let plain = self
+            .digest_key()
+            .open_in_place(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key([0u8; 12]),
+                aws_lc_rs::aead::Aad::empty(),
+                &mut buf,
+            )
+            .map_err(|_| WrapError::Entry("the sealed image digest does not open with the data key".into()))?;
+        if plain.len() != 32 {
+            return Err(WrapError::Entry("the sealed image digest is not 32 bytes".into()));
+        }
+        Ok(hex::encode(plain))
+    }
+
+    fn digest_key(&self) -> aws_lc_rs::aead::LessSafeKey {
+        let k = hmac::Key::new(hmac::HMAC_SHA256, &self.0[..]);
+        let sub = Zeroizing::new(hmac::sign(&k, DIGEST_LABEL).as_ref().to_vec());
+        // A 32-byte key is always accepted for AES-256-GCM.
+        let unbound = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &sub)
+            .unwrap_or_else(|_| unreachable!("32-byte AES-256 key"));
+        aws_lc_rs::aead::LessSafeKey::new(unbound)
     }
 
     /// Whether this key is the one `commitment` names (constant time).
@@ -489,9 +532,9 @@ impl Recipients {
         true
     }
 
-    /// The document as pretty JSON.
+    /// The document as compact JSON (about 200 bytes per recipient).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
         v.push(b'\n');
         v
     }
@@ -524,9 +567,20 @@ mod tests {
         bad.ct
             .replace_range(0..2, if &bad.ct[0..2] == "00" { "01" } else { "00" });
         assert_eq!(unwrap(&bad, &alice, &c).unwrap_err(), WrapError::Open);
+        // The sealed image digest opens with the key only.
+        let sealed = key.seal_digest(&[7u8; 32]);
+        assert_eq!(
+            got_key(&entries, &alice, &c).open_digest(&sealed).unwrap(),
+            hex::encode([7u8; 32])
+        );
+        assert!(DataKey::generate().unwrap().open_digest(&sealed).is_err());
         // Someone who can encrypt to alice (anyone) cannot substitute a key of their own.
         let forged = wrap(&DataKey::generate().unwrap(), alice.public()).unwrap();
         assert_eq!(unwrap(&forged, &alice, &c).unwrap_err(), WrapError::Commitment);
+    }
+
+    fn got_key(entries: &[WrappedKey], k: &RecipientSecret, c: &str) -> DataKey {
+        unwrap_any(entries, std::slice::from_ref(k), c).unwrap().unwrap()
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub struct Encryption {
     pub key_commitment: String,
     /// Length of the plaintext (before decompression, when compressed).
     pub plaintext_length: u64,
+    /// The SHA-256 of the image (what lands in the slot, decompressed), sealed under the
+    /// data key ([`crate::keywrap::DataKey::seal_digest`]): the device records it without
+    /// hashing the image again, and only key holders can read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256_sealed: Option<String>,
 }
 
 impl Encryption {
@@ -93,9 +98,13 @@ impl Encryption {
                 self.record_size
             ));
         }
-        let c = &self.key_commitment;
-        if c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        let hex_of =
+            |v: &str, len: usize| v.len() == len && v.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        if !hex_of(&self.key_commitment, 64) {
             return Err("key_commitment must be 64 lowercase hex digits".into());
+        }
+        if self.image_sha256_sealed.as_deref().is_some_and(|v| !hex_of(v, 96)) {
+            return Err("image_sha256_sealed must be 96 lowercase hex digits".into());
         }
         Ok(())
     }

@@ -325,8 +325,14 @@ impl Repository {
                 }
                 Some(k) => {
                     let mut e = Encryptor::new(&mut w, k.as_bytes(), DEFAULT_LOG2_RECORD).map_err(io)?;
-                    compress(&mut input, &mut e, add.compression).map_err(io)?;
-                    Some(e.finish().map_err(io)?.1)
+                    // The image's own hash, sealed in the manifest for the device's record.
+                    let mut image = DigestReader {
+                        inner: &mut input,
+                        digester: Digester::new(&[HashAlgorithm::Sha256]),
+                    };
+                    compress(&mut image, &mut e, add.compression).map_err(io)?;
+                    let image_sha256 = image.digester.finish().1.remove("sha256").unwrap_or_default();
+                    Some((e.finish().map_err(io)?.1, image_sha256))
                 }
             };
             w.inner.flush().map_err(io)?;
@@ -347,7 +353,11 @@ impl Repository {
             }
         }
         let mut custom = add.custom.clone();
-        if let (Some(k), Some(plaintext_length)) = (&key, plaintext_length) {
+        if let (Some(k), Some((plaintext_length, image_sha256))) = (&key, plaintext_length) {
+            let image: [u8; 32] = hex::decode(&image_sha256)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .unwrap_or([0u8; 32]);
             // Encrypt, then sign: the manifest (signed with the targets) commits to the key,
             // the listed length and hashes are the ciphertext's.
             let encryption = Encryption {
@@ -356,6 +366,7 @@ impl Repository {
                 key_wrap: keywrap::KEY_SCHEME.into(),
                 key_commitment: k.commitment(),
                 plaintext_length,
+                image_sha256_sealed: Some(k.seal_digest(&image)),
             };
             if let Some(tern) = custom.as_mut().and_then(|c| c.get_mut("tern")) {
                 tern["encryption"] = serde_json::to_value(&encryption).unwrap_or_default();
@@ -954,6 +965,19 @@ fn write_report(role: &str, env: &Envelope, version: u64, auth: &Authority) -> R
         valid: auth.count(role, env)?,
         threshold: auth.threshold,
     })
+}
+
+struct DigestReader<R: Read> {
+    inner: R,
+    digester: Digester,
+}
+
+impl<R: Read> Read for DigestReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.digester.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 struct DigestWriter<W: Write> {

@@ -31,6 +31,10 @@ pub enum Command {
     /// Device check-ins per second and p50/p99 against an in-process `tern server`, beside
     /// `wrk` against nginx serving a 4 KiB file.
     Server(super::bench_server::Args),
+    /// Install of an encrypted image against the same image unencrypted, decryption
+    /// throughput beside `openssl speed -evp aes-256-gcm` at 16 KiB, and the bundle's size
+    /// per recipient.
+    Encrypted(VerifyArgs),
 }
 
 /// `tern bench verify`.
@@ -50,7 +54,7 @@ pub struct VerifyArgs {
     pub output: Format,
 }
 
-fn parse_size(s: &str) -> anyhow::Result<u64> {
+pub(crate) fn parse_size(s: &str) -> anyhow::Result<u64> {
     let (num, mult) = match s {
         _ if s.ends_with("GiB") => (&s[..s.len() - 3], 1u64 << 30),
         _ if s.ends_with("MiB") => (&s[..s.len() - 3], 1 << 20),
@@ -65,7 +69,7 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("size `{s}` is out of range"))
 }
 
-fn best_of(runs: u32, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
+pub(crate) fn best_of(runs: u32, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
     let mut best = Duration::MAX;
     for _ in 0..runs.max(1) {
         let t = Instant::now();
@@ -75,7 +79,7 @@ fn best_of(runs: u32, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Resu
     Ok(best)
 }
 
-fn run_quiet(cmd: &mut Process) -> anyhow::Result<()> {
+pub(crate) fn run_quiet(cmd: &mut Process) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -83,7 +87,7 @@ fn run_quiet(cmd: &mut Process) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_random(path: &Path, size: u64) -> anyhow::Result<()> {
+pub(crate) fn write_random(path: &Path, size: u64) -> anyhow::Result<()> {
     let rng = SystemRandom::new();
     let mut f = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(path)?);
     let mut buf = vec![0u8; 1 << 20];
@@ -101,6 +105,19 @@ fn write_random(path: &Path, size: u64) -> anyhow::Result<()> {
 
 /// Build a one-payload bundle of `size` random bytes in `dir`; returns (bundle, root, payload).
 pub fn make_bundle(dir: &Path, size: u64) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let payload = dir.join("payload.img");
+    write_random(&payload, size)?;
+    let (bundle, root) = make_bundle_of(dir, &payload, &[])?;
+    Ok((bundle, root, payload))
+}
+
+/// Build a one-payload bundle of `payload` in `dir`, encrypted for `recipients` unless
+/// there are none; returns (bundle, root).
+pub fn make_bundle_of(
+    dir: &Path,
+    payload: &Path,
+    recipients: &[tern_core::keywrap::RecipientKey],
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let key = SigningKey::generate(KeyAlgorithm::Ed25519)?.0;
     let roles: BTreeMap<String, _> = tern_core::TOP_LEVEL_ROLES
         .iter()
@@ -114,14 +131,12 @@ pub fn make_bundle(dir: &Path, size: u64) -> anyhow::Result<(PathBuf, PathBuf, P
         std::slice::from_ref(&key),
         now,
     )?;
-    let payload = dir.join("payload.img");
-    write_random(&payload, size)?;
     let name = TargetPath::new("payload.img")?;
     repo.add_target(
         &AddTarget {
             role: "targets".into(),
             name: name.clone(),
-            source: payload.clone(),
+            source: payload.to_owned(),
             // A raw rootfs image for the simulated device, so `bench install` can use it too.
             custom: Some(
                 tern_core::manifest::Manifest {
@@ -139,7 +154,7 @@ pub fn make_bundle(dir: &Path, size: u64) -> anyhow::Result<(PathBuf, PathBuf, P
             ),
             hashes: vec![HashAlgorithm::Sha256],
             compression: Compression::None,
-            encrypt_for: Vec::new(),
+            encrypt_for: recipients.to_vec(),
         },
         std::slice::from_ref(&key),
         now,
@@ -147,7 +162,7 @@ pub fn make_bundle(dir: &Path, size: u64) -> anyhow::Result<(PathBuf, PathBuf, P
     repo.refresh(std::slice::from_ref(&key), now, false)?;
     let bundle = dir.join("bench.tern");
     tern_bundle::write_bundle(&repo.release_contents(&[name], true, now)?, &bundle)?;
-    Ok((bundle, dir.join("repo/metadata/1.root.json"), payload))
+    Ok((bundle, dir.join("repo/metadata/1.root.json")))
 }
 
 /// Run a benchmark.
@@ -157,6 +172,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Tuf(a) => return run_tuf(a),
         Command::Install(a) => return run_install(a),
         Command::Server(a) => return super::bench_server::run(a),
+        Command::Encrypted(a) => return super::bench_encrypted::run(a),
     };
     let size = parse_size(&a.size)?;
     let (dir, _temp) = super::work_dir(a.dir.as_ref(), "tern-bench-")?;
@@ -519,6 +535,18 @@ pub fn run_tuf(a: TufArgs) -> anyhow::Result<()> {
 
 /// Install `bundle` on a fresh simulated device in `dir`; the wall time of the install alone.
 fn timed_install(exe: &Path, dir: &Path, root: &Path, bundle: &Path, size: u64) -> anyhow::Result<Duration> {
+    timed_install_with_key(exe, dir, root, bundle, size, None)
+}
+
+/// The same, the device holding the encryption key `key_pem` (PKCS#8 PEM).
+pub fn timed_install_with_key(
+    exe: &Path,
+    dir: &Path,
+    root: &Path,
+    bundle: &Path,
+    size: u64,
+    key_pem: Option<&str>,
+) -> anyhow::Result<Duration> {
     let dev = dir.join("device");
     let _ = fs::remove_dir_all(&dev);
     let slot_mib = (size >> 20) + 2;
@@ -530,6 +558,9 @@ fn timed_install(exe: &Path, dir: &Path, root: &Path, bundle: &Path, size: u64) 
             .arg(root)
             .args(["--slot-mib", &slot_mib.to_string()]),
     )?;
+    if let Some(pem) = key_pem {
+        tern_fs::create_new(&dev.join("state/encryption.pem"), pem.as_bytes(), 0o600)?;
+    }
     let t = Instant::now();
     run_quiet(
         Process::new(exe)

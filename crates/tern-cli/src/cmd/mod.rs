@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_encrypted;
 pub mod bench_server;
 pub mod bundle;
 pub mod demo;
