@@ -825,6 +825,41 @@ fn an_encrypted_release_installs_on_its_recipients_only_and_recipients_can_be_ad
     bob.install(Path::new(&wider));
     assert_eq!(bob.reboot()["booted"], "B");
     assert_eq!(slot_content(&bob, "slot-b.img", image.len()), image);
+
+    // Image to encrypted, signed bundle in one step: `bundle create --image --encrypt-for`.
+    let next: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    fs::write(rel.p("next.img"), &next).unwrap();
+    let one_step = rel.p("next.tern");
+    let alice_key = alice.export_key();
+    ok(&[
+        "bundle",
+        "create",
+        "--repo",
+        &rel.p("repo"),
+        "--image",
+        &rel.p("next.img"),
+        "--release-version",
+        "1.1.0",
+        "--device-type",
+        "tern-sim",
+        "--slot-class",
+        "rootfs",
+        "--encrypt-for",
+        &alice_key,
+        "--key",
+        &rel.key(),
+        "--out",
+        &one_step,
+    ]);
+    fails(
+        &["install", &one_step, "--config", &bob.config()],
+        "not one of its recipients",
+    );
+    alice.install(Path::new(&one_step));
+    assert_eq!(alice.reboot()["booted"], "A");
+    assert_eq!(slot_content(&alice, "slot-a.img", next.len()), next);
 }
 
 /// The encrypted payload of `bundle` (its only payload).

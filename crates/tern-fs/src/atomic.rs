@@ -28,20 +28,25 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     f.commit()
 }
 
-/// Create `path`, which must not exist, with `bytes` and `mode`, and make it durable.
+/// Create `path`, which must not exist, with `bytes` and `mode`, and make it durable. The
+/// content is written and fsynced under a temporary name first and then hard-linked into
+/// place (which fails if `path` exists): a power cut leaves no file or the whole file, never
+/// a partial key.
 pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let mut f = match OpenOptions::new().write(true).create_new(true).mode(mode).open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(Error::Exists { path: path.to_owned() }),
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    let written = f.write_all(bytes).and_then(|_| f.sync_all());
-    if let Err(e) = written {
-        drop(f);
-        let _ = fs::remove_file(path);
-        return Err(io_err(path)(e));
+    if path.symlink_metadata().is_ok() {
+        return Err(Error::Exists { path: path.to_owned() });
     }
-    sync_dir(parent_of(path))
+    let mut f = AtomicFile::create(path, mode)?;
+    let tmp = f.temp_path().to_owned();
+    let written = f.file().write_all(bytes).and_then(|_| f.file().sync_all());
+    let linked = written.and_then(|()| fs::hard_link(&tmp, path));
+    // The temporary name goes whatever happened (dropping `f` removes it).
+    drop(f);
+    match linked {
+        Ok(()) => sync_dir(parent_of(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Exists { path: path.to_owned() }),
+        Err(e) => Err(io_err(path)(e)),
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufReader, IsTerminal, Read};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Subcommand;
 use tern_core::trust::Freshness;
 use tern_core::TargetPath;
@@ -16,7 +16,7 @@ use crate::output::{json, now, Format};
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write a bundle of targets from a repository (metadata first, payloads after).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Print what a bundle holds, without verifying it.
     Inspect(InspectArgs),
     /// Verify a bundle's whole chain and every payload against a trusted root.
@@ -33,8 +33,19 @@ pub struct CreateArgs {
     #[arg(long)]
     pub repo: PathBuf,
     /// Target to include (repeatable, in install order).
-    #[arg(long = "target", required = true)]
+    #[arg(long = "target", required_unless_present = "image")]
     pub targets: Vec<String>,
+    /// Add this file to the repository first (with the manifest, compression and
+    /// `--encrypt-for` options below, signed with `--key`) and bundle it after the
+    /// `--target`s: image to signed, and optionally encrypted, bundle in one step.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Private keys that sign the new target (and, with --include-freshness, the new
+    /// snapshot and timestamp).
+    #[arg(long = "key", requires = "image")]
+    pub keys: Vec<PathBuf>,
+    #[command(flatten)]
+    pub target: crate::cmd::repo::TargetArgs,
     /// The bundle file to write (replaced atomically).
     #[arg(long)]
     pub out: PathBuf,
@@ -128,11 +139,23 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Create(a) => {
             let repo = Repository::open(&a.repo)?;
-            let targets = a
+            let mut targets = a
                 .targets
                 .iter()
                 .map(|t| TargetPath::new(t))
                 .collect::<Result<Vec<_>, _>>()?;
+            if let Some(image) = &a.image {
+                // Encrypt (if asked), then sign: the image joins the repository first.
+                let add = crate::cmd::repo::add_target_request(image, &a.target)?;
+                let signers = crate::cmd::load_signers(&a.keys)?;
+                repo.add_target(&add, &signers, now())?;
+                if a.include_freshness {
+                    repo.refresh(&signers, now(), false)?;
+                }
+                targets.push(add.name);
+            } else if a.target.release_version.is_some() || !a.target.encrypt_for.is_empty() {
+                bail!("manifest and --encrypt-for options apply to --image; the --target names are already signed");
+            }
             let contents = repo
                 .release_contents(&targets, a.include_freshness, now())
                 .with_context(|| format!("repository {}", a.repo.display()))?;
@@ -140,15 +163,11 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 tern_bundle::write_bundle(&contents, &a.out).with_context(|| format!("bundle {}", a.out.display()))?;
             match a.output {
                 Format::Json => json(&serde_json::json!({
-                    "bundle": a.out, "bytes": size, "payloads": a.targets,
+                    "bundle": a.out, "bytes": size, "payloads": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
                     "root_version": contents.roots.last().map(|r| r.0),
                 })),
                 Format::Text => {
-                    println!(
-                        "wrote {} ({size} bytes): {} payload(s)",
-                        a.out.display(),
-                        a.targets.len()
-                    );
+                    println!("wrote {} ({size} bytes): {} payload(s)", a.out.display(), targets.len());
                     Ok(())
                 }
             }

@@ -115,6 +115,14 @@ pub struct AddTargetArgs {
     pub common: Common,
     /// The file to publish.
     pub file: PathBuf,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+/// How a file becomes a target: its name, role and manifest (`repo add-target`, and
+/// `bundle create --image`).
+#[derive(Debug, clap::Args)]
+pub struct TargetArgs {
     /// Target path (default: the file's name).
     #[arg(long)]
     pub name: Option<String>,
@@ -284,7 +292,7 @@ fn open(c: &Common) -> anyhow::Result<Repository> {
     Ok(Repository::open(&c.repo)?)
 }
 
-fn manifest(a: &AddTargetArgs) -> anyhow::Result<Option<serde_json::Value>> {
+fn manifest(a: &TargetArgs) -> anyhow::Result<Option<serde_json::Value>> {
     let mut custom = match &a.custom {
         Some(s) => {
             let v: serde_json::Value = serde_json::from_str(s).context("--custom is not JSON")?;
@@ -335,6 +343,37 @@ fn manifest(a: &AddTargetArgs) -> anyhow::Result<Option<serde_json::Value>> {
     Ok(custom)
 }
 
+/// What `tern repo add-target FILE` (or `bundle create --image FILE`) asks of the repository;
+/// recipients named through the registry are resolved here.
+pub fn add_target_request(file: &std::path::Path, a: &TargetArgs) -> anyhow::Result<AddTarget> {
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .context("the file has no name; give --name")?,
+    };
+    let mut hashes = vec![HashAlgorithm::Sha256];
+    if a.sha512 {
+        hashes.push(HashAlgorithm::Sha512);
+    }
+    Ok(AddTarget {
+        role: a.role.clone(),
+        name: TargetPath::new(&name)?,
+        source: file.to_owned(),
+        custom: manifest(a)?,
+        hashes,
+        compression: match a.compression {
+            CompressionArg::None => Compression::None,
+            CompressionArg::Zstd => Compression::Zstd,
+        },
+        encrypt_for: crate::cmd::encrypt::resolve(&a.encrypt_for, &a.registry)?
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect(),
+    })
+}
+
 /// Run a repository command.
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     let now = now();
@@ -359,35 +398,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         }
         Command::AddTarget(a) => {
             let repo = open(&a.common)?;
-            let name = match &a.name {
-                Some(n) => n.clone(),
-                None => a
-                    .file
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .context("the file has no name; give --name")?,
-            };
-            let name = TargetPath::new(&name)?;
-            let custom = manifest(&a)?;
-            let mut hashes = vec![HashAlgorithm::Sha256];
-            if a.sha512 {
-                hashes.push(HashAlgorithm::Sha512);
-            }
-            let add = AddTarget {
-                role: a.role.clone(),
-                name,
-                source: a.file.clone(),
-                custom,
-                hashes,
-                compression: match a.compression {
-                    CompressionArg::None => Compression::None,
-                    CompressionArg::Zstd => Compression::Zstd,
-                },
-                encrypt_for: crate::cmd::encrypt::resolve(&a.encrypt_for, &a.registry)?
-                    .into_iter()
-                    .map(|(_, k)| k)
-                    .collect(),
-            };
+            let add = add_target_request(&a.file, &a.target)?;
             let w = repo.add_target(&add, &load_signers(&a.common.keys)?, now)?;
             writes(a.common.output, &w)
         }
