@@ -53,14 +53,7 @@ fn header(size: u64) -> tar::Header {
 
 /// Write `contents` to `out` atomically: either the whole bundle appears, or nothing does.
 pub fn write_bundle(contents: &ReleaseContents, out: &Path) -> Result<u64> {
-    let mut atomic = AtomicFile::create(out, 0o644)?;
-    let tmp = atomic.temp_path().to_owned();
-    let io = |source: std::io::Error| Error::Io {
-        path: tmp.clone(),
-        source,
-    };
-    {
-        let mut builder = tar::Builder::new(BufWriter::with_capacity(1 << 20, atomic.file()));
+    write_tar(out, |builder, io| {
         let mut add = |name: &str, bytes: &[u8]| -> Result<()> {
             builder
                 .append_data(&mut header(bytes.len() as u64), name, bytes)
@@ -105,6 +98,26 @@ pub fn write_bundle(contents: &ReleaseContents, out: &Path) -> Result<u64> {
                 .append_data(&mut header(len), format!("payloads/{}", p.target), f.take(len))
                 .map_err(io)?;
         }
+        Ok(())
+    })
+}
+
+type Builder<'a> = tar::Builder<BufWriter<&'a mut File>>;
+
+/// Write a tar to `out` atomically through `fill`; returns its size.
+fn write_tar(
+    out: &Path,
+    fill: impl FnOnce(&mut Builder<'_>, &dyn Fn(std::io::Error) -> Error) -> Result<()>,
+) -> Result<u64> {
+    let mut atomic = AtomicFile::create(out, 0o644)?;
+    let tmp = atomic.temp_path().to_owned();
+    let io = |source: std::io::Error| Error::Io {
+        path: tmp.clone(),
+        source,
+    };
+    {
+        let mut builder = tar::Builder::new(BufWriter::with_capacity(1 << 20, atomic.file()));
+        fill(&mut builder, &io)?;
         let mut w = builder.into_inner().map_err(io)?;
         w.flush().map_err(io)?;
     }
@@ -123,24 +136,14 @@ pub fn replace_recipients(input: &Path, out: &Path, docs: &BTreeMap<String, Vec<
         source,
     })?;
     let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, f));
-    let mut atomic = AtomicFile::create(out, 0o644)?;
-    let tmp = atomic.temp_path().to_owned();
-    let io = |source: std::io::Error| Error::Io {
-        path: tmp.clone(),
+    let read_err = |source: std::io::Error| Error::Io {
+        path: input.to_owned(),
         source,
     };
-    {
-        let mut builder = tar::Builder::new(BufWriter::with_capacity(1 << 20, atomic.file()));
+    write_tar(out, |builder, io| {
         let mut docs_written = false;
-        let entries = archive.entries().map_err(|source| Error::Io {
-            path: input.to_owned(),
-            source,
-        })?;
-        for entry in entries {
-            let entry = entry.map_err(|source| Error::Io {
-                path: input.to_owned(),
-                source,
-            })?;
+        for entry in archive.entries().map_err(read_err)? {
+            let entry = entry.map_err(read_err)?;
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
             let kind = classify(&name)?;
             if matches!(&kind, EntryKind::Recipients(h) if docs.contains_key(h)) {
@@ -167,10 +170,6 @@ pub fn replace_recipients(input: &Path, out: &Path, docs: &BTreeMap<String, Vec<
                 reason: "the bundle has no payload".into(),
             });
         }
-        let mut w = builder.into_inner().map_err(io)?;
-        w.flush().map_err(io)?;
-    }
-    let size = atomic.file().metadata().map_err(io)?.len();
-    atomic.commit()?;
-    Ok(size)
+        Ok(())
+    })
 }

@@ -133,20 +133,32 @@ pub fn load_recipient_key(path: &Path) -> Result<RecipientKey> {
 /// Generate an X25519 key pair: the private key (PKCS#8 PEM, 0600) and the public key
 /// (JSON); neither may exist. On failure neither is left behind.
 pub fn generate_recipient_files(files: &KeyFiles) -> Result<RecipientKey> {
+    refuse_existing(files)?;
+    let (key, pem) = RecipientSecret::generate().map_err(wrap_err(&files.private))?;
+    write_pair(files, &pem, &key.public().to_value())?;
+    Ok(key.public().clone())
+}
+
+fn refuse_existing(files: &KeyFiles) -> Result<()> {
     for p in [&files.private, &files.public] {
         if p.symlink_metadata().is_ok() {
             return Err(Error::Exists { path: p.clone() });
         }
     }
-    let (key, pem) = RecipientSecret::generate().map_err(wrap_err(&files.private))?;
-    let mut public = serde_json::to_vec_pretty(&key.public().to_value()).unwrap_or_default();
+    Ok(())
+}
+
+/// Write the private key (0600) and the public key JSON (0644), each created exclusively
+/// and atomically; if the second fails, the first is removed.
+fn write_pair(files: &KeyFiles, pem: &str, public: &serde_json::Value) -> Result<()> {
+    let mut public = serde_json::to_vec_pretty(public).unwrap_or_default();
     public.push(b'\n');
     create_new(&files.private, pem.as_bytes(), 0o600)?;
     if let Err(e) = create_new(&files.public, &public, 0o644) {
         let _ = fs::remove_file(&files.private);
         return Err(e);
     }
-    Ok(key.public().clone())
+    Ok(())
 }
 
 /// The two files `tern key generate` writes.
@@ -171,22 +183,12 @@ impl KeyFiles {
 
 /// Generate a key and write both files; neither may exist. On failure neither is left behind.
 pub fn generate_key_files(alg: KeyAlgorithm, files: &KeyFiles) -> Result<PublicKey> {
-    for p in [&files.private, &files.public] {
-        if p.symlink_metadata().is_ok() {
-            return Err(Error::Exists { path: p.clone() });
-        }
-    }
+    refuse_existing(files)?;
     let (key, pem) = SigningKey::generate(alg).map_err(|source| Error::Key {
         path: files.private.clone(),
         source: Box::new(source),
     })?;
-    let mut public = serde_json::to_vec_pretty(key.public().to_value()).unwrap_or_default();
-    public.push(b'\n');
-    create_new(&files.private, pem.as_bytes(), 0o600)?;
-    if let Err(e) = create_new(&files.public, &public, 0o644) {
-        let _ = fs::remove_file(&files.private);
-        return Err(e);
-    }
+    write_pair(files, &pem, key.public().to_value())?;
     Ok(key.public().clone())
 }
 
