@@ -5,8 +5,9 @@
 //! `tern server` on 127.0.0.1 with SQLite in the working directory, holding the online
 //! snapshot, timestamp and director keys; two simulated devices that enroll, are approved,
 //! and run their agents; a deployment of 1.0.0 to both, installed, rebooted and committed;
-//! a deployment of 1.1.0 whose health check fails on one device, which rolls back. The
-//! deployments' final status is printed as the server reports it.
+//! a deployment of 1.1.0, encrypted for the two devices (their keys from the server's
+//! registry), whose health check fails on one device, which rolls back. The deployments'
+//! final status is printed as the server reports it.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -248,8 +249,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     step(
         11,
-        "publishes 1.1.0 and deploys it: sim-0002's health check fails, its bootloader falls back",
+        "publishes 1.1.0 encrypted for both devices (keys from the registry; the server gets ciphertext only) and deploys it: sim-0002's health check fails, its bootloader falls back",
     );
+    let registry = super::encrypt::Registry {
+        server: Some(server.url.clone()),
+        token: Some(server.admin_token.clone()),
+    };
+    let recipients = super::encrypt::resolve(&["device:sim-0001".into(), "device:sim-0002".into()], &registry)?;
     let image2 = dir.join("rootfs-1.1.0.img");
     sample_image(&image2, args.image_mib)?;
     let name2 = TargetPath::new("sim/rootfs-1.1.0.img.zst")?;
@@ -263,7 +269,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             custom: Some(manifest2.to_custom()),
             hashes: vec![HashAlgorithm::Sha256],
             compression: Compression::Zstd,
-            encrypt_for: Vec::new(),
+            encrypt_for: recipients.iter().map(|(_, k)| k.clone()).collect(),
         },
         &signers,
         now,
@@ -309,6 +315,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("  verified       in {:.1} ms", verify_time.as_secs_f64() * 1e3);
     println!("  tampered copy  refused: {refusal}");
     println!("  server         {} (data in {})", server.url, server_dir.display());
+    println!(
+        "  1.1.0 payload  encrypted (AES-256-GCM records, data key wrapped with HPKE) for {}",
+        recipients
+            .iter()
+            .map(|(label, k)| format!("{label} (key {})", k.kid()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     for (title, v) in [("release 1.0.0", &first), ("release 1.1.0", &second)] {
         println!(
             "  {title}  deployment {}: {}",
