@@ -532,8 +532,18 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// downloads or touches a slot; that device added later without re-signing. The server's
 /// files and database never hold the plaintext or the data key.
 #[test]
-fn an_encrypted_release_end_to_end_through_the_server() {
-    let f = Fleet::new(None);
+fn an_encrypted_release_end_to_end_sqlite() {
+    encrypted_end_to_end(None);
+}
+
+#[test]
+fn an_encrypted_release_end_to_end_postgres() {
+    let pg = Pg::start();
+    encrypted_end_to_end(Some(&pg.url));
+}
+
+fn encrypted_end_to_end(db_url: Option<&str>) {
+    let f = Fleet::new(db_url);
     let url = f.server.url.clone();
     let a = f.device("enc-a", &["lab"], &url);
     let b = f.device("enc-b", &["lab"], &url);
