@@ -524,7 +524,12 @@ impl Agent {
             destination: dest.clone(),
             installed_at: now_unix(now),
         };
-        let mut input = plaintext(data, &payload.target, data_key.as_ref(), m.compression)?;
+        let mut input = plaintext(
+            data,
+            &payload.target,
+            data_key.as_ref().zip(m.encryption.as_ref()),
+            m.compression,
+        )?;
         match m.installer {
             Installer::File => {
                 let mut tmp = tern_fs::AtomicFile::create(&dest, 0o644)?;
@@ -620,6 +625,24 @@ impl Agent {
         // 4. Only a class holding the booted slot is A/B here; the booted slot must be known,
         // committed, and is never the one written.
         let data_key = crate::keystore::data_key(&self.cfg, payload)?;
+        // The image's hash when it is known without hashing the image: the signed bytes'
+        // own for a plain payload, the sealed digest of an encrypted one (its records are
+        // authenticated under the committed key, so the image is the one sealed).
+        let plain_sha256 = payload
+            .hashes
+            .get("sha256")
+            .filter(|_| m.compression == Compression::None);
+        let known = match (
+            &data_key,
+            m.encryption.as_ref().and_then(|e| e.image_sha256_sealed.as_ref()),
+        ) {
+            (Some(k), Some(sealed)) => Some(k.open_digest(sealed).map_err(|e| Error::Decryption {
+                target: payload.target.clone(),
+                reason: e.to_string(),
+            })?),
+            (None, _) => plain_sha256.cloned(),
+            _ => None,
+        };
         let class = m.slot_class.clone().ok_or_else(|| unsupported("no slot class"))?;
         let running = self.cfg.slot_by_bootname(booted).cloned().ok_or_else(|| Error::State {
             path: self.store.path(),
@@ -676,27 +699,11 @@ impl Agent {
         let _ = now;
         self.save()?;
         // 7.
-        // The image's hash when it is known without hashing the image: the signed bytes'
-        // own for a plain payload, the sealed digest of an encrypted one (its records are
-        // authenticated under the committed key, so the image is the one sealed).
-        let known = match (
-            &data_key,
-            m.encryption.as_ref().and_then(|e| e.image_sha256_sealed.as_ref()),
-        ) {
-            (Some(k), Some(sealed)) => Some(k.open_digest(sealed).map_err(|e| Error::Decryption {
-                target: payload.target.clone(),
-                reason: e.to_string(),
-            })?),
-            (None, _) if m.compression == Compression::None && !release.payload_sha256.is_empty() => {
-                Some(release.payload_sha256.clone())
-            }
-            _ => None,
-        };
         let (written, image_sha256) = stream_into(
             &slot.device,
             data,
             &payload.target,
-            data_key.as_ref(),
+            data_key.as_ref().zip(m.encryption.as_ref()),
             m.compression,
             known.is_some(),
             progress,
@@ -993,18 +1000,26 @@ fn apply(s: Staged) -> Result<AppRecord> {
 fn plaintext<'a>(
     data: &'a mut dyn Read,
     target: &str,
-    key: Option<&tern_core::keywrap::DataKey>,
+    key: Option<(&tern_core::keywrap::DataKey, &tern_core::manifest::Encryption)>,
     compression: Compression,
 ) -> Result<Box<dyn Read + 'a>> {
+    let refuse = |reason: String| Error::Decryption {
+        target: target.to_owned(),
+        reason,
+    };
     let decrypted: Box<dyn Read + 'a> = match key {
         None => Box::new(data),
-        Some(k) => {
-            Box::new(
-                tern_core::stream_aead::Decryptor::new(data, k.as_bytes()).map_err(|e| Error::Decryption {
-                    target: target.to_owned(),
-                    reason: e.to_string(),
-                })?,
-            )
+        Some((k, enc)) => {
+            let d =
+                tern_core::stream_aead::Decryptor::new(data, &k.record_key()[..]).map_err(|e| refuse(e.to_string()))?;
+            if d.record_size() != enc.record_size as usize {
+                return Err(refuse(format!(
+                    "the payload's records are {} bytes, its signed manifest says {}",
+                    d.record_size(),
+                    enc.record_size
+                )));
+            }
+            Box::new(d)
         }
     };
     Ok(match compression {
@@ -1045,7 +1060,7 @@ fn stream_into(
     device: &Path,
     data: &mut dyn Read,
     target: &str,
-    key: Option<&tern_core::keywrap::DataKey>,
+    key: Option<(&tern_core::keywrap::DataKey, &tern_core::manifest::Encryption)>,
     compression: Compression,
     image_known: bool,
     progress: &mut dyn FnMut(u64),
@@ -1059,7 +1074,7 @@ fn stream_into(
         let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
         // Whichever of writer and hasher is done with a buffer last hands it back.
         let give_back = |back: &std::sync::mpsc::SyncSender<Vec<u8>>, buf: Buf| {
-            if let Ok(v) = std::sync::Arc::try_unwrap(buf) {
+            if let Some(v) = std::sync::Arc::into_inner(buf) {
                 let _ = back.try_send(v);
             }
         };
@@ -1134,13 +1149,19 @@ fn stream_into(
         let synced = syncer
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")));
-        let digest = hasher.join().ok().flatten().filter(|_| hashed);
+        let digest = hasher.join();
         (
             total,
             read.map_err(|e| read_error(target, device, e)).and_then(|()| {
                 synced.map_err(Error::io(device))?;
                 wrote.map_err(Error::io(device))?;
-                Ok(digest)
+                match (hashed, digest) {
+                    (false, _) => Ok(None),
+                    (true, Ok(Some(d))) => Ok(Some(d)),
+                    (true, _) => Err(Error::io(device)(std::io::Error::other(
+                        "the image hashing thread failed",
+                    ))),
+                }
             }),
         )
     });

@@ -19,6 +19,8 @@ pub fn ensure_device_key(cfg: &AgentConfig) -> Result<RecipientKey> {
             private: path.clone(),
             public: path.with_extension("pub.json"),
         };
+        // A public half without its private key (a cut between the two writes) is stale.
+        let _ = std::fs::remove_file(&files.public);
         return Ok(tern_fs::generate_recipient_files(&files)?);
     }
     Ok(tern_fs::load_recipient_secret(&path)?.public().clone())
@@ -45,6 +47,17 @@ pub fn data_key(cfg: &AgentConfig, payload: &VerifiedPayload) -> Result<Option<D
     let Some(enc) = payload.manifest.as_ref().and_then(|m| m.encryption.as_ref()) else {
         return Ok(None);
     };
+    // The signed parameters must describe the signed ciphertext.
+    if payload.length != enc.ciphertext_length() {
+        return Err(Error::Decryption {
+            target: payload.target.clone(),
+            reason: format!(
+                "the signed length {} is not the {} bytes its encryption parameters give",
+                payload.length,
+                enc.ciphertext_length()
+            ),
+        });
+    }
     let keys = keys(cfg)?;
     let not_recipient = || Error::NotRecipient {
         target: payload.target.clone(),

@@ -497,10 +497,13 @@ impl Remote {
                 404 => continue,
                 other => return Err(server_err(&url, format!("HTTP {other}: {}", server_message(&body)))),
             }
-            let doc = tern_bundle::parse_recipients(sha256, &body, m).map_err(|e| Error::Decryption {
+            let mut doc = tern_bundle::parse_recipients(sha256, &body, m).map_err(|e| Error::Decryption {
                 target: target.to_owned(),
                 reason: format!("the server's wrapped keys: {e}"),
             })?;
+            // Only what was asked for: entries for other keys are not the server's to say.
+            let kid = key.public().kid();
+            doc.recipients.retain(|e| e.kid == kid);
             match all.as_mut() {
                 None => all = Some(doc),
                 Some(a) => {

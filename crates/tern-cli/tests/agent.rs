@@ -985,6 +985,13 @@ fn tampered_records_are_caught_before_the_slot_becomes_bootable() {
         let file = rel.p(&format!("bad-{i}.bin"));
         fs::write(&file, &bad).unwrap();
         let name = format!("bad-{i}.img");
+        // The signed plaintext length made consistent with the tampered ciphertext's length,
+        // so that the records themselves are what is tested.
+        let body = bad.len() - HEADER;
+        let records = body.div_ceil(RECORD).max(1);
+        let mut signed: Value = serde_json::from_str(&custom).unwrap();
+        signed["tern"]["encryption"]["plaintext_length"] = (body - 16 * records).into();
+        let signed = signed.to_string();
         ok(&[
             "repo",
             "add-target",
@@ -994,7 +1001,7 @@ fn tampered_records_are_caught_before_the_slot_becomes_bootable() {
             "--name",
             &name,
             "--custom",
-            &custom,
+            &signed,
             "--key",
             &rel.key(),
         ]);
@@ -1023,6 +1030,44 @@ fn tampered_records_are_caught_before_the_slot_becomes_bootable() {
         );
         assert_eq!(dev.reboot()["booted"], "A", "{what}");
     }
+
+    // Signed encryption parameters that do not describe the signed ciphertext (here its
+    // plaintext length) are refused before any slot is touched.
+    let mut wrong: Value = serde_json::from_str(&custom).unwrap();
+    wrong["tern"]["encryption"]["plaintext_length"] =
+        (wrong["tern"]["encryption"]["plaintext_length"].as_u64().unwrap() + 65536).into();
+    let file = rel.p("intact.bin");
+    fs::write(&file, &ct).unwrap();
+    ok(&[
+        "repo",
+        "add-target",
+        "--repo",
+        &repo,
+        &file,
+        "--name",
+        "wrong-length.img",
+        "--custom",
+        &wrong.to_string(),
+        "--key",
+        &rel.key(),
+    ]);
+    ok(&["repo", "refresh", "--repo", &repo, "--key", &rel.key()]);
+    let b = rel.p("wrong-length.tern");
+    ok(&[
+        "bundle",
+        "create",
+        "--repo",
+        &repo,
+        "--target",
+        "wrong-length.img",
+        "--out",
+        &b,
+    ]);
+    let dev = Device::new(&rel.root());
+    fs::copy(dev0.path("state/encryption.pem"), dev.path("state/encryption.pem")).unwrap();
+    let before = dev.snapshot();
+    fails(&["install", &b, "--config", &dev.config()], "is not the");
+    assert_eq!(dev.snapshot(), before);
 }
 
 fn tern_sha256(b: &[u8]) -> String {

@@ -614,9 +614,14 @@ fn encrypted_end_to_end(db_url: Option<&str>) {
 
     // Nothing the server stores holds the plaintext or the data key, raw or in hex.
     let key_hex = hex_of(data_key.as_bytes());
+    let record_key = data_key.record_key();
     let window = &image[4096..4096 + 64];
     for file in files_under(&f.path("srv")) {
         let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !bytes.windows(32).any(|w| w == &record_key[..]),
+            "{file:?} holds the record key"
+        );
         assert!(
             !bytes.windows(32).any(|w| w == data_key.as_bytes()),
             "{file:?} holds the data key"

@@ -1,13 +1,15 @@
 //! Data keys wrapped per recipient with HPKE (RFC 9180).
 //!
-//! Every encrypted payload has its own random 256-bit data key (the key of its
-//! [`stream_aead`](crate::stream_aead) records). The key is sealed separately for each
+//! Every encrypted payload has its own random 256-bit data key. Nothing uses it directly:
+//! its [`stream_aead`](crate::stream_aead) records are sealed under HMAC-SHA-256(key,
+//! "tern record key v1"), the manifest's commitment and sealed image digest use their own
+//! labels, so each use has its own key. The key is sealed separately for each
 //! recipient public key, a device's or a group's, with HPKE in base mode:
 //!
 //! ```text
 //! suite   DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM  (kem 0x20, kdf 1, aead 2)
 //! info    "tern data key v1"
-//! aad     empty
+//! aad     the payload's key commitment (hex), so a wrapped key belongs to one payload
 //! entry   kid = first 8 bytes of SHA-256(recipient public key), enc (32 bytes), ct (48 bytes)
 //! ```
 //!
@@ -53,6 +55,7 @@ pub const MAX_RECIPIENTS: usize = 80_000;
 
 const COMMITMENT_LABEL: &[u8] = b"tern key commitment v1";
 const DIGEST_LABEL: &[u8] = b"tern image digest v1";
+const RECORD_LABEL: &[u8] = b"tern record key v1";
 /// RFC 8410 PKCS#8 v1 prefix of an X25519 private key (the 32 key bytes follow).
 const PKCS8_PREFIX: [u8; 16] = [
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x6e, 0x04, 0x22, 0x04, 0x20,
@@ -100,9 +103,17 @@ impl DataKey {
         Ok(DataKey(k))
     }
 
-    /// The key's bytes, for the record layer.
+    /// The key's bytes (what is wrapped for recipients).
     pub fn as_bytes(&self) -> &[u8] {
         &self.0[..]
+    }
+
+    /// The key the payload's records are sealed under: HMAC-SHA-256(key, "tern record key v1").
+    pub fn record_key(&self) -> Zeroizing<[u8; 32]> {
+        let k = hmac::Key::new(hmac::HMAC_SHA256, &self.0[..]);
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(hmac::sign(&k, RECORD_LABEL).as_ref());
+        out
     }
 
     /// The key commitment the signed manifest carries: hex HMAC-SHA-256(key, label).
@@ -113,8 +124,9 @@ impl DataKey {
 
     /// Seal the SHA-256 of the image a payload decrypts to, so that the signed manifest can
     /// carry it readable to key holders only: AES-256-GCM under the subkey
-    /// HMAC-SHA-256(key, "tern image digest v1"), which seals this one message (zero nonce).
-    /// Hex of the 32-byte ciphertext and its tag.
+    /// HMAC-SHA-256(key, "tern image digest v1"), with a zero nonce: call it once per data
+    /// key (the repository tool does, when it encrypts the payload). Hex of the 32-byte
+    /// ciphertext and its tag.
     pub fn seal_digest(&self, sha256: &[u8; 32]) -> String {
         let mut buf = sha256.to_vec();
         match self.digest_key().seal_in_place_append_tag(
@@ -340,7 +352,7 @@ pub fn wrap(key: &DataKey, to: &RecipientKey) -> Result<WrappedKey, WrapError> {
 /// Seal `key` to `to` with the ephemeral key derived from `ikm_e` (RFC 9180 DeriveKeyPair):
 /// deterministic, for test vectors; [`wrap`] draws `ikm_e` from the system.
 pub fn wrap_with_ephemeral(key: &DataKey, to: &RecipientKey, ikm_e: &[u8; 32]) -> Result<WrappedKey, WrapError> {
-    let (enc, ct) = seal_base(to, INFO, &[], key.as_bytes(), ikm_e)?;
+    let (enc, ct) = seal_base(to, INFO, key.commitment().as_bytes(), key.as_bytes(), ikm_e)?;
     Ok(WrappedKey {
         kid: to.kid(),
         enc: hex::encode(enc),
@@ -353,7 +365,7 @@ pub fn unwrap(entry: &WrappedKey, with: &RecipientSecret, commitment: &str) -> R
     entry.validate()?;
     let enc = hex32(&entry.enc).map_err(WrapError::Entry)?;
     let ct = hex::decode(&entry.ct).map_err(|e| WrapError::Entry(e.to_string()))?;
-    let pt = Zeroizing::new(open_base(with, &enc, INFO, &[], &ct)?);
+    let pt = Zeroizing::new(open_base(with, &enc, INFO, commitment.as_bytes(), &ct)?);
     let bytes: [u8; DATA_KEY_LEN] = pt[..]
         .try_into()
         .map_err(|_| WrapError::Entry("the sealed key is not 32 bytes".into()))?;
@@ -517,8 +529,12 @@ impl Recipients {
                 r.recipients.len()
             )));
         }
+        let mut kids = std::collections::BTreeSet::new();
         for e in &r.recipients {
             e.validate()?;
+            if !kids.insert(e.kid.as_str()) {
+                return Err(WrapError::Document(format!("key {} is listed twice", e.kid)));
+            }
         }
         Ok(r)
     }
@@ -560,9 +576,10 @@ mod tests {
             assert_eq!(got.as_bytes(), key.as_bytes());
         }
         assert!(unwrap_any(&entries, &[eve], &c).unwrap().is_none());
-        // A wrong commitment, and an entry with one flipped bit, are refused.
+        // Under another payload's commitment the entry does not open (it is HPKE's aad), nor
+        // with one flipped bit.
         let other = DataKey::generate().unwrap().commitment();
-        assert_eq!(unwrap(&entries[0], &alice, &other).unwrap_err(), WrapError::Commitment);
+        assert_eq!(unwrap(&entries[0], &alice, &other).unwrap_err(), WrapError::Open);
         let mut bad = entries[0].clone();
         bad.ct
             .replace_range(0..2, if &bad.ct[0..2] == "00" { "01" } else { "00" });
@@ -575,7 +592,17 @@ mod tests {
         );
         assert!(DataKey::generate().unwrap().open_digest(&sealed).is_err());
         // Someone who can encrypt to alice (anyone) cannot substitute a key of their own.
-        let forged = wrap(&DataKey::generate().unwrap(), alice.public()).unwrap();
+        // A key wrapped for another payload does not open (the commitment is HPKE's aad)...
+        let other_payload = wrap(&DataKey::generate().unwrap(), alice.public()).unwrap();
+        assert_eq!(unwrap(&other_payload, &alice, &c).unwrap_err(), WrapError::Open);
+        // ...and one sealed with this payload's (public) commitment as aad but another key
+        // opens, and is refused by the commitment.
+        let (enc, ct) = seal_base(alice.public(), INFO, c.as_bytes(), &[9u8; 32], &[3u8; 32]).unwrap();
+        let forged = WrappedKey {
+            kid: alice.public().kid(),
+            enc: hex::encode(enc),
+            ct: hex::encode(ct),
+        };
         assert_eq!(unwrap(&forged, &alice, &c).unwrap_err(), WrapError::Commitment);
     }
 

@@ -273,6 +273,11 @@ impl<R: Read> Decryptor<R> {
         })
     }
 
+    /// The record size the header declares.
+    pub fn record_size(&self) -> usize {
+        self.record
+    }
+
     /// Fill `ahead` up to one full record plus one byte (or the end).
     fn fill(&mut self) -> Result<(), StreamError> {
         let want = self.record + TAG_LEN + 1;

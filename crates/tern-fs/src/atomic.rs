@@ -45,8 +45,26 @@ pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     match linked {
         Ok(()) => sync_dir(parent_of(path)),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Exists { path: path.to_owned() }),
+        // A file system without hard links (vfat: EPERM, EOPNOTSUPP): exclusive creation,
+        // written in place.
+        Err(e) if matches!(e.raw_os_error(), Some(1 | 95)) => create_in_place(path, bytes, mode),
         Err(e) => Err(io_err(path)(e)),
     }
+}
+
+fn create_in_place(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let mut f = match OpenOptions::new().write(true).create_new(true).mode(mode).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(Error::Exists { path: path.to_owned() }),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let written = f.write_all(bytes).and_then(|_| f.sync_all());
+    if let Err(e) = written {
+        drop(f);
+        let _ = fs::remove_file(path);
+        return Err(io_err(path)(e));
+    }
+    sync_dir(parent_of(path))
 }
 
 #[cfg(test)]

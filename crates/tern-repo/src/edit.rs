@@ -324,7 +324,7 @@ impl Repository {
                     None
                 }
                 Some(k) => {
-                    let mut e = Encryptor::new(&mut w, k.as_bytes(), DEFAULT_LOG2_RECORD).map_err(io)?;
+                    let mut e = Encryptor::new(&mut w, &k.record_key()[..], DEFAULT_LOG2_RECORD).map_err(io)?;
                     // The image's own hash, sealed in the manifest for the device's record.
                     let mut image = DigestReader {
                         inner: &mut input,
@@ -354,10 +354,14 @@ impl Repository {
         }
         let mut custom = add.custom.clone();
         if let (Some(k), Some((plaintext_length, image_sha256))) = (&key, plaintext_length) {
+            let invalid = |reason: &str| Error::Invalid {
+                what: format!("target `{}`", add.name),
+                reason: reason.to_owned(),
+            };
             let image: [u8; 32] = hex::decode(&image_sha256)
                 .ok()
                 .and_then(|v| v.try_into().ok())
-                .unwrap_or([0u8; 32]);
+                .ok_or_else(|| invalid("the image's SHA-256 was not computed"))?;
             // Encrypt, then sign: the manifest (signed with the targets) commits to the key,
             // the listed length and hashes are the ciphertext's.
             let encryption = Encryption {
@@ -368,9 +372,15 @@ impl Repository {
                 plaintext_length,
                 image_sha256_sealed: Some(k.seal_digest(&image)),
             };
-            if let Some(tern) = custom.as_mut().and_then(|c| c.get_mut("tern")) {
-                tern["encryption"] = serde_json::to_value(&encryption).unwrap_or_default();
-            }
+            let tern = custom
+                .as_mut()
+                .and_then(|c| c.get_mut("tern"))
+                .and_then(|t| t.as_object_mut())
+                .ok_or_else(|| invalid("Tern's manifest (`custom.tern`) is not an object"))?;
+            tern.insert(
+                "encryption".into(),
+                serde_json::to_value(&encryption).map_err(|e| invalid(&e.to_string()))?,
+            );
             let mut doc = Recipients::new(&hashes["sha256"], &encryption.key_commitment);
             for r in &add.encrypt_for {
                 doc.add(keywrap::wrap(k, r).map_err(|e| Error::Invalid {

@@ -257,8 +257,17 @@ async fn repo_recipients(State(state): St, Path((sha256, kid)): Path<(String, St
 #[utoipa::path(post, path = "/api/v1/recipients", security(("token" = [])),
     request_body(content = Object, content_type = "application/json"),
     responses((status = 200, body = recipients::Added), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn add_recipients(State(state): St, headers: HeaderMap, body: axum::body::Bytes) -> R<Json<recipients::Added>> {
+async fn add_recipients(State(state): St, headers: HeaderMap, body: Body) -> R<Json<recipients::Added>> {
+    // Authorised before a byte of the body is read.
     let actor = authorize(&state, &headers, Role::Releaser, "recipients.add").await?;
+    let body = axum::body::to_bytes(body, recipients::MAX_DOCUMENT)
+        .await
+        .map_err(|_| {
+            Refusal::BadRequest(format!(
+                "the recipients document exceeds {} bytes or was cut off",
+                recipients::MAX_DOCUMENT
+            ))
+        })?;
     Ok(Json(
         recipients::add(&state, &body, &actor).await.map_err(Refusal::from)?,
     ))

@@ -25,13 +25,13 @@ pub struct Added {
     pub submitted: u64,
 }
 
-/// Insert a document's entries (existing ones are kept as they are).
+/// Insert a document's entries (an entry for a key that has one already is ignored).
 pub async fn insert(tx: &mut sqlx::Transaction<'_, sqlx::Any>, doc: &Recipients, now: i64) -> Result<u64> {
     let mut added = 0;
     for e in &doc.recipients {
         added += sqlx::query(
             "INSERT INTO recipients (sha256, kid, enc, ct, key_commitment, added_at) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (sha256, kid, enc) DO NOTHING",
+             ON CONFLICT (sha256, kid) DO NOTHING",
         )
         .bind(&doc.sha256)
         .bind(&e.kid)
@@ -91,9 +91,18 @@ async fn add_inner(state: &AppState, body: &[u8]) -> Result<Added> {
         }
         Some(_) => {}
     }
-    let mut tx = state.db.write.begin().await?;
-    let added = insert(&mut tx, &doc, crate::unix_now()).await?;
-    tx.commit().await?;
+    // In transactions of a few hundred rows, so that a large document does not hold the
+    // (SQLite) writer away from check-ins for long.
+    let mut added = 0;
+    for chunk in doc.recipients.chunks(256) {
+        let part = Recipients {
+            recipients: chunk.to_vec(),
+            ..doc.clone()
+        };
+        let mut tx = state.db.write.begin().await?;
+        added += insert(&mut tx, &part, crate::unix_now()).await?;
+        tx.commit().await?;
+    }
     Ok(Added {
         sha256: doc.sha256,
         added,

@@ -50,10 +50,11 @@ fn openssl_speed(decrypt: bool) -> anyhow::Result<f64> {
 /// Decryption throughput (plaintext bytes per second) of `plain` sealed in 2^`log2` records.
 fn decrypt_speed(plain: &[u8], log2: u8, runs: u32) -> anyhow::Result<f64> {
     let key = DataKey::generate()?;
-    let ct = stream_aead::seal_all(key.as_bytes(), log2, plain)?;
+    let record_key = key.record_key();
+    let ct = stream_aead::seal_all(&record_key[..], log2, plain)?;
     let mut buf = vec![0u8; 1 << 20];
     let best = best_of(runs, || {
-        let mut d = stream_aead::Decryptor::new(&ct[..], key.as_bytes())?;
+        let mut d = stream_aead::Decryptor::new(&ct[..], &record_key[..])?;
         let mut n = 0usize;
         loop {
             let k = d.read(&mut buf)?;

@@ -101,6 +101,10 @@ pub fn resolve(specs: &[String], registry: &Registry) -> anyhow::Result<Vec<Reci
             push((spec.clone(), key));
         }
     }
+    for (label, key) in &out {
+        // What the key ids are, to compare with `tern device key export` on the devices.
+        eprintln!("recipient {label}: key {}", key.kid());
+    }
     Ok(out)
 }
 
