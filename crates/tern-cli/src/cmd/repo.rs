@@ -357,6 +357,16 @@ pub fn add_target_request(file: &std::path::Path, a: &TargetArgs) -> anyhow::Res
     if a.sha512 {
         hashes.push(HashAlgorithm::Sha512);
     }
+    if !a.encrypt_for.is_empty()
+        && a.encrypt_for
+            .iter()
+            .all(|r| r.starts_with("device:") || r.starts_with("tag:"))
+    {
+        eprintln!(
+            "warning: no key file among the recipients; to add recipients later (`tern bundle add-recipients`) \
+             you will need one of these devices' private keys; consider adding your own (`tern key generate --type x25519`)"
+        );
+    }
     Ok(AddTarget {
         role: a.role.clone(),
         name: TargetPath::new(&name)?,
