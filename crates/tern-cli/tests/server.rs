@@ -606,6 +606,34 @@ fn encrypted_end_to_end(db_url: Option<&str>) {
         image[..]
     );
 
+    // An encryption key cannot be slipped in for an approved device by enrolling again with
+    // its (public) signing key; a pending one may still send its own.
+    let (signer, _) = tern_core::SigningKey::generate(tern_core::KeyAlgorithm::Ed25519).unwrap();
+    let (intruder, _) = tern_core::keywrap::RecipientSecret::generate().unwrap();
+    let enroll = |id: &str, with_key: bool| {
+        let mut body = serde_json::json!({
+            "device_id": id, "public_key": signer.public().to_value(), "device_type": "tern-sim",
+            "hardware": "rev-a", "enrollment_token": f.enrollment,
+        });
+        if with_key {
+            body["encryption_key"] = intruder.public().to_value();
+        }
+        f.api(
+            "POST",
+            "/api/v1/devices/enroll",
+            None,
+            Some(body.to_string().into_bytes()),
+        )
+    };
+    assert_eq!(enroll("old-agent", false).status, 200);
+    f.ok(&["device", "approve", "old-agent"]);
+    let again = enroll("old-agent", true);
+    assert_eq!(again.status, 409, "{:?}", again.body);
+    let dev = f.api("GET", "/api/v1/devices/old-agent", Some(&f.admin), None);
+    assert!(dev.body["encryption_key"].is_null(), "{:?}", dev.body);
+    assert_eq!(enroll("pending-agent", false).status, 200);
+    assert_eq!(enroll("pending-agent", true).status, 200);
+
     // A recipients document with another key commitment is refused.
     let mut forged = doc.clone();
     forged.key_commitment = "0".repeat(64);

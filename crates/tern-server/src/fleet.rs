@@ -219,7 +219,14 @@ async fn enroll_inner(state: &AppState, req: &EnrollRequest, peer: Option<std::s
                 "device `{}` is enrolled with another encryption key",
                 req.device_id
             ))),
-            // A device enrolled before it had an encryption key sends it now.
+            // Enrollment proves nothing about the device key: an encryption key arriving for
+            // a device an operator already approved could be anyone's.
+            (None, Some(_)) if existing.status != "pending" => Err(Refusal::Conflict(format!(
+                "device `{}` is {} without an encryption key; one cannot be added by enrolling again",
+                req.device_id, existing.status
+            ))),
+            // A pending device (enrolled before it had an encryption key) sends it now; the
+            // operator approves it with it.
             (None, Some(e)) => {
                 sqlx::query("UPDATE devices SET encryption_key = $1, updated_at = $2 WHERE id = $3")
                     .bind(e)
