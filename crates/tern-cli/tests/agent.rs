@@ -897,7 +897,7 @@ fn tampered_records_are_caught_before_the_slot_becomes_bootable() {
     )
     .unwrap();
     let listed = &targets["signed"]["targets"][&target];
-    let custom = listed["custom"].to_string();
+    let signed_custom = listed["custom"].clone();
     let doc_path = format!(
         "{repo}/recipients/{}.json",
         listed["hashes"]["sha256"].as_str().unwrap()
@@ -981,40 +981,40 @@ fn tampered_records_are_caught_before_the_slot_becomes_bootable() {
             "record 3: authentication failed",
         ),
     ];
-    for (i, (what, bad, expect)) in cases.into_iter().enumerate() {
-        let file = rel.p(&format!("bad-{i}.bin"));
-        fs::write(&file, &bad).unwrap();
-        let name = format!("bad-{i}.img");
-        // The signed plaintext length made consistent with the tampered ciphertext's length,
-        // so that the records themselves are what is tested.
-        let body = bad.len() - HEADER;
-        let records = body.div_ceil(RECORD).max(1);
-        let mut signed: Value = serde_json::from_str(&custom).unwrap();
-        signed["tern"]["encryption"]["plaintext_length"] = (body - 16 * records).into();
-        let signed = signed.to_string();
+    // `bytes` published as target NAME.img with the original manifest but `plaintext_length`,
+    // signed by the targets key, with the original wrapped key filed under its hash.
+    let sign_and_bundle = |name: &str, bytes: &[u8], plaintext_length: u64| -> String {
+        let file = rel.p(&format!("{name}.bin"));
+        fs::write(&file, bytes).unwrap();
+        let mut signed = signed_custom.clone();
+        signed["tern"]["encryption"]["plaintext_length"] = plaintext_length.into();
+        let target = format!("{name}.img");
+        #[rustfmt::skip]
         ok(&[
-            "repo",
-            "add-target",
-            "--repo",
-            &repo,
-            &file,
-            "--name",
-            &name,
-            "--custom",
-            &signed,
-            "--key",
-            &rel.key(),
+            "repo", "add-target", "--repo", &repo, &file, "--name", &target, "--custom", &signed.to_string(),
+            "--key", &rel.key(),
         ]);
-        // The same wrapped key, filed under the tampered payload's hash.
-        let sha = tern_sha256(&bad);
+        let sha = tern_sha256(bytes);
         let mut d = doc.clone();
         d["sha256"] = sha.clone().into();
         fs::write(format!("{repo}/recipients/{sha}.json"), d.to_string()).unwrap();
         ok(&["repo", "refresh", "--repo", &repo, "--key", &rel.key()]);
-        let b = rel.p(&format!("bad-{i}.tern"));
-        ok(&["bundle", "create", "--repo", &repo, "--target", &name, "--out", &b]);
+        let b = rel.p(&format!("{name}.tern"));
+        ok(&["bundle", "create", "--repo", &repo, "--target", &target, "--out", &b]);
+        b
+    };
+    let device_with_key = || {
         let dev = Device::new(&rel.root());
         fs::copy(dev0.path("state/encryption.pem"), dev.path("state/encryption.pem")).unwrap();
+        dev
+    };
+    for (i, (what, bad, expect)) in cases.into_iter().enumerate() {
+        // The signed plaintext length made consistent with the tampered ciphertext's length,
+        // so that the records themselves are what is tested.
+        let body = bad.len() - HEADER;
+        let records = body.div_ceil(RECORD).max(1);
+        let b = sign_and_bundle(&format!("bad-{i}"), &bad, (body - 16 * records) as u64);
+        let dev = device_with_key();
         let slot_a = fs::read(dev.path("slot-a.img")).unwrap();
         let err = fails(&["install", &b, "--config", &dev.config()], "");
         assert!(err.contains(expect), "{what}: {err}");
@@ -1033,38 +1033,11 @@ fn tampered_records_are_caught_before_the_slot_becomes_bootable() {
 
     // Signed encryption parameters that do not describe the signed ciphertext (here its
     // plaintext length) are refused before any slot is touched.
-    let mut wrong: Value = serde_json::from_str(&custom).unwrap();
-    wrong["tern"]["encryption"]["plaintext_length"] =
-        (wrong["tern"]["encryption"]["plaintext_length"].as_u64().unwrap() + 65536).into();
-    let file = rel.p("intact.bin");
-    fs::write(&file, &ct).unwrap();
-    ok(&[
-        "repo",
-        "add-target",
-        "--repo",
-        &repo,
-        &file,
-        "--name",
-        "wrong-length.img",
-        "--custom",
-        &wrong.to_string(),
-        "--key",
-        &rel.key(),
-    ]);
-    ok(&["repo", "refresh", "--repo", &repo, "--key", &rel.key()]);
-    let b = rel.p("wrong-length.tern");
-    ok(&[
-        "bundle",
-        "create",
-        "--repo",
-        &repo,
-        "--target",
-        "wrong-length.img",
-        "--out",
-        &b,
-    ]);
-    let dev = Device::new(&rel.root());
-    fs::copy(dev0.path("state/encryption.pem"), dev.path("state/encryption.pem")).unwrap();
+    let listed_length = signed_custom["tern"]["encryption"]["plaintext_length"]
+        .as_u64()
+        .unwrap();
+    let b = sign_and_bundle("wrong-length", &ct, listed_length + 65536);
+    let dev = device_with_key();
     let before = dev.snapshot();
     fails(&["install", &b, "--config", &dev.config()], "is not the");
     assert_eq!(dev.snapshot(), before);
