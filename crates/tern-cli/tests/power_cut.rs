@@ -20,6 +20,15 @@ use serde_json::Value;
 
 const RUNS: u64 = 200;
 
+/// The tests of this file run one at a time: the random-kill test spreads its kills over
+/// durations it measures first, and a neighbour loading the CPU during that measurement and
+/// not after it would push the kills past the end.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn tern() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tern"))
 }
@@ -105,6 +114,7 @@ fn check_boots_a_verified_slot(dev: &Path, run: u64) -> String {
 
 #[test]
 fn power_cuts_during_install_and_commit_never_brick() {
+    let _serial = serial();
     let image: Vec<u8> = (0..(4u32 << 20))
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
@@ -277,6 +287,7 @@ fn a_crash_after_every_persistent_write_of_an_encrypted_install_never_bricks() {
 }
 
 fn crash_after_every_write(encrypted: bool) {
+    let _serial = serial();
     let image: Vec<u8> = (0..(1u32 << 20))
         .map(|i| (i.wrapping_mul(2654435761) >> 17) as u8)
         .collect();
