@@ -761,7 +761,11 @@ fn an_encrypted_release_installs_on_its_recipients_only_and_recipients_can_be_ad
         assert_eq!(st["state"]["state"], "committed");
         assert_eq!(slot_content(dev, "slot-b.img", image.len()), image);
         // The record holds the image's hash, opened from the sealed digest.
-        assert_eq!(st["slots"][1]["record"]["sha256"], tern_sha256(&image).as_str(), "{st}");
+        assert_eq!(
+            st["slots"][1]["record"]["sha256"],
+            tern_core::digest::sha256_hex(&image).as_str(),
+            "{st}"
+        );
     }
 
     // Not a recipient: refused before any slot is touched.
@@ -994,7 +998,7 @@ fn tampered_records_are_caught_before_the_slot_becomes_bootable() {
             "repo", "add-target", "--repo", &repo, &file, "--name", &target, "--custom", &signed.to_string(),
             "--key", &rel.key(),
         ]);
-        let sha = tern_sha256(bytes);
+        let sha = tern_core::digest::sha256_hex(bytes);
         let mut d = doc.clone();
         d["sha256"] = sha.clone().into();
         fs::write(format!("{repo}/recipients/{sha}.json"), d.to_string()).unwrap();
@@ -1041,8 +1045,4 @@ fn tampered_records_are_caught_before_the_slot_becomes_bootable() {
     let before = dev.snapshot();
     fails(&["install", &b, "--config", &dev.config()], "is not the");
     assert_eq!(dev.snapshot(), before);
-}
-
-fn tern_sha256(b: &[u8]) -> String {
-    tern_core::digest::sha256_hex(b)
 }

@@ -127,23 +127,23 @@ impl DataKey {
     /// HMAC-SHA-256(key, "tern image digest v1"), with a zero nonce: call it once per data
     /// key (the repository tool does, when it encrypts the payload). Hex of the 32-byte
     /// ciphertext and its tag.
-    pub fn seal_digest(&self, sha256: &[u8; 32]) -> String {
+    pub fn seal_digest(&self, sha256: &[u8; 32]) -> Result<String, WrapError> {
         let mut buf = sha256.to_vec();
-        match self.digest_key().seal_in_place_append_tag(
-            aws_lc_rs::aead::Nonce::assume_unique_for_key([0u8; 12]),
-            aws_lc_rs::aead::Aad::empty(),
-            &mut buf,
-        ) {
-            Ok(()) => hex::encode(buf),
-            Err(_) => String::new(),
-        }
+        self.digest_key()?
+            .seal_in_place_append_tag(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key([0u8; 12]),
+                aws_lc_rs::aead::Aad::empty(),
+                &mut buf,
+            )
+            .map_err(|_| WrapError::Key("AES-256-GCM refused to seal the image digest".into()))?;
+        Ok(hex::encode(buf))
     }
 
     /// Open what [`seal_digest`](Self::seal_digest) sealed: the image's SHA-256, hex.
     pub fn open_digest(&self, sealed: &str) -> Result<String, WrapError> {
         let mut buf = hex::decode(sealed).map_err(|e| WrapError::Entry(format!("sealed image digest: {e}")))?;
         let plain = self
-            .digest_key()
+            .digest_key()?
             .open_in_place(
                 aws_lc_rs::aead::Nonce::assume_unique_for_key([0u8; 12]),
                 aws_lc_rs::aead::Aad::empty(),
@@ -156,13 +156,12 @@ impl DataKey {
         Ok(hex::encode(plain))
     }
 
-    fn digest_key(&self) -> aws_lc_rs::aead::LessSafeKey {
+    fn digest_key(&self) -> Result<aws_lc_rs::aead::LessSafeKey, WrapError> {
         let k = hmac::Key::new(hmac::HMAC_SHA256, &self.0[..]);
         let sub = Zeroizing::new(hmac::sign(&k, DIGEST_LABEL).as_ref().to_vec());
-        // A 32-byte key is always accepted for AES-256-GCM.
         let unbound = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &sub)
-            .unwrap_or_else(|_| unreachable!("32-byte AES-256 key"));
-        aws_lc_rs::aead::LessSafeKey::new(unbound)
+            .map_err(|_| WrapError::Key("AES-256-GCM refused the digest subkey".into()))?;
+        Ok(aws_lc_rs::aead::LessSafeKey::new(unbound))
     }
 
     /// Whether this key is the one `commitment` names (constant time).
@@ -585,7 +584,7 @@ mod tests {
             .replace_range(0..2, if &bad.ct[0..2] == "00" { "01" } else { "00" });
         assert_eq!(unwrap(&bad, &alice, &c).unwrap_err(), WrapError::Open);
         // The sealed image digest opens with the key only.
-        let sealed = key.seal_digest(&[7u8; 32]);
+        let sealed = key.seal_digest(&[7u8; 32]).unwrap();
         assert_eq!(
             got_key(&entries, &alice, &c).open_digest(&sealed).unwrap(),
             hex::encode([7u8; 32])

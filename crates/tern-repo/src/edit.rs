@@ -370,7 +370,7 @@ impl Repository {
                 key_wrap: keywrap::KEY_SCHEME.into(),
                 key_commitment: k.commitment(),
                 plaintext_length,
-                image_sha256_sealed: Some(k.seal_digest(&image)),
+                image_sha256_sealed: Some(k.seal_digest(&image).map_err(|e| invalid(&e.to_string()))?),
             };
             let tern = custom
                 .as_mut()
