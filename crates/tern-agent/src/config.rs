@@ -210,6 +210,9 @@ fn default_poll() -> u64 {
     300
 }
 
+/// Largest configuration file read.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// The whole configuration, paths resolved against the file's directory.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -280,10 +283,18 @@ impl AgentConfig {
 
     /// Read and check a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+        use std::io::Read;
+        let bad = |reason: String| Error::Config {
             path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(|e| bad(e.to_string()))?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(bad(format!("larger than {MAX_CONFIG_BYTES} bytes")));
+        }
         Self::parse(path, &text)
     }
 
@@ -347,7 +358,13 @@ impl AgentConfig {
                 at("boot_attempts")
             )));
         }
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute, so that paths compare as they should (an install_path must lie under an
+        // install root) whatever the agent's working directory and `--config` are.
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::path::absolute(parent).map_err(|e| bad(format!("the configuration's directory: {e}")))?;
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -10,6 +10,10 @@
 //! | `TERN_TARGET`, `TERN_VERSION` | the release's payload and version (when there is one) |
 //! | `TERN_SLOT`, `TERN_SLOT_DEVICE`, `TERN_BOOTNAME` | the slot being installed or tried |
 //! | `TERN_REASON` | for `on-rollback`: why the rollback happened |
+//! | `PATH` | the agent's `PATH`, or `/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin` |
+//!
+//! Nothing else of the agent's environment reaches a hook (an enrollment token or a proxy
+//! credential in it stays with the agent); a hook that needs more sets it up itself.
 //!
 //! Exit status 0 is success. Anything else, or running past `hooks.timeout_secs` (the hook
 //! is then killed), is failure: a failed pre- or post-install hook aborts the install
@@ -23,6 +27,18 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
+
+/// The `PATH` a hook or an integrator's bootloader script gets when the agent has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A command with an empty environment but `PATH`: what hooks and the custom bootloader
+/// backend run with.
+pub(crate) fn clean_command(program: &Path) -> Command {
+    let mut c = Command::new(program);
+    c.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()));
+    c
+}
 
 /// Kill a child spawned with `process_group(0)` together with everything it started, and reap
 /// it. Without `unsafe` there is no killpg here; kill(1) does it.
@@ -48,7 +64,7 @@ pub fn run(hook: &'static str, path: &Path, env: &[(&str, String)], timeout: Dur
         path: path.to_owned(),
         reason,
     };
-    let mut child = Command::new(path)
+    let mut child = clean_command(path)
         .env("TERN_HOOK", hook)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
@@ -91,7 +107,7 @@ pub fn run(hook: &'static str, path: &Path, env: &[(&str, String)], timeout: Dur
         .saturating_sub(started.elapsed())
         .max(Duration::from_millis(100));
     let output = rx.recv_timeout(left).unwrap_or_default();
-    let last = String::from_utf8_lossy(&output).lines().last().unwrap_or("").to_owned();
+    let last = tern_core::text::shown(String::from_utf8_lossy(&output).lines().last().unwrap_or(""));
     Err(fail(format!(
         "{status}{}",
         if last.is_empty() {

@@ -35,13 +35,11 @@
 //! A power cut at any point leaves the inactive slot non-bootable until step 11, and step 11
 //! happens only after its content and record are complete.
 
-use std::fs::OpenOptions;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
-use tern_core::digest::{Digester, HashAlgorithm};
 use tern_core::manifest::{Compression, Installer, Manifest};
 use tern_core::trust::Freshness;
 use tern_core::DateTime;
@@ -51,9 +49,11 @@ use crate::config::{AgentConfig, OfflineInstall, SlotConfig};
 use crate::state::{AgentState, ErrorRecord, Failed, Idle, Phase, Release, RolledBack, SlotRecord, Store, Trial};
 use crate::{hooks, Error, Result};
 
+use crate::apps::{self, Staged};
+pub use crate::stream::slot_digest;
+use crate::stream::{plaintext, stream_into, Decoding};
+
 const CHUNK: usize = 1 << 20;
-/// Bytes written between two `fdatasync`s of a slot.
-const SYNC_EVERY: usize = 64 << 20;
 
 /// Where a bundle came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,53 @@ pub enum Origin {
     LocalMedia,
     /// Fetched over the network: snapshot and timestamp are always required.
     Network,
+}
+
+/// Open a bundle that must be a regular file. The open does not block (a FIFO with no
+/// writer would hold the agent, and its state lock, for ever) and the file's type is
+/// checked on the open descriptor, so nothing can be swapped in between.
+fn open_regular(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(Error::io(path))?;
+    if !f.metadata().map_err(Error::io(path))?.is_file() {
+        return Err(Error::NotARegularFile { path: path.to_owned() });
+    }
+    Ok(f)
+}
+
+/// `path` with its longest existing prefix resolved (links followed) and the rest, which
+/// does not exist yet, appended as it is.
+fn resolve_existing(path: &Path) -> std::io::Result<PathBuf> {
+    let mut missing = Vec::new();
+    let mut at = path.to_owned();
+    loop {
+        match std::fs::canonicalize(&at) {
+            Ok(real) => {
+                let mut out = real;
+                for part in missing.iter().rev() {
+                    out.push(part);
+                }
+                return Ok(out);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (at.parent(), at.file_name()) else {
+                    return Err(e);
+                };
+                missing.push(name.to_owned());
+                at = parent.to_owned();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The version of a root document that verifies against itself.
+pub fn root_version(bytes: &[u8]) -> Option<u64> {
+    tern_core::trust::load_trusted_root(bytes).ok().map(|r| r.version())
 }
 
 /// The device's trust anchor: the newest root it verified, else the shipped one.
@@ -104,19 +151,6 @@ pub struct SlotInstall {
 
 pub use crate::state::AppRecord;
 
-/// A file or archive payload written beside its destination, put in place only after the
-/// whole bundle verified.
-enum Staged {
-    File {
-        tmp: tern_fs::AtomicFile,
-        record: AppRecord,
-    },
-    Archive {
-        new_dir: PathBuf,
-        record: AppRecord,
-    },
-}
-
 /// What the boot-time step found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "outcome")]
@@ -152,6 +186,9 @@ pub struct Agent {
     /// Persistent writes (state file, bootloader) so far, for crash testing.
     writes: usize,
     crash_at: Option<usize>,
+    /// The local-media offer being installed: recorded as handled with the state that
+    /// precedes the reboot (or that ends an install needing none).
+    offer: Option<crate::state::OfferId>,
 }
 
 fn now_unix(now: DateTime) -> i64 {
@@ -163,7 +200,7 @@ impl Agent {
     pub fn open(cfg: AgentConfig) -> Result<Self> {
         let store = Store::open(&cfg.state_dir)?;
         let state = store.load()?;
-        recover_archive_swaps(&state.apps);
+        apps::recover_archive_swaps(&state.apps);
         let boot = cfg.bootloader()?;
         // Tests set TERN_TEST_CRASH_AT=N to abort right after the Nth persistent write, so
         // that every window between two writes is exercised (crates/tern-cli/tests/power_cut.rs).
@@ -175,6 +212,7 @@ impl Agent {
             state,
             writes: 0,
             crash_at,
+            offer: None,
         })
     }
 
@@ -231,7 +269,7 @@ impl Agent {
     pub fn note_error(&mut self, kind: &str, message: &str, now: DateTime) {
         self.state.last_error = Some(ErrorRecord {
             kind: kind.to_owned(),
-            message: message.to_owned(),
+            message: tern_core::text::shown_max(message, 2048),
             at: now_unix(now),
         });
         let _ = self.save();
@@ -248,6 +286,31 @@ impl Agent {
     /// Steps 1–12: install a bundle from local storage.
     pub fn install(&mut self, bundle: &Path, now: DateTime, progress: &mut dyn FnMut(u64)) -> Result<InstallReport> {
         self.install_from(bundle, Origin::LocalMedia, now, progress)
+    }
+
+    /// [`Agent::install`] of a local-media offer, which is recorded as handled in the same
+    /// atomic write as `PendingReboot` (before the reboot hook can reboot), or in the last
+    /// write of an install that needs no reboot.
+    pub fn install_offer(
+        &mut self,
+        offer: &crate::source::Offer,
+        now: DateTime,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<InstallReport> {
+        self.offer = Some(offer.id.clone());
+        let r = self.install_from(&offer.bundle, Origin::LocalMedia, now, progress);
+        self.offer = None;
+        r
+    }
+
+    /// Record a local-media offer as handled (it was refused, or its file could not be
+    /// renamed), so that it is not offered again.
+    pub fn offer_handled(&mut self, offer: &crate::source::Offer) -> Result<()> {
+        if self.state.handled_offers.contains(&offer.id) {
+            return Ok(());
+        }
+        self.state.handled(offer.id.clone());
+        self.save()
     }
 
     /// Steps 1–12 for a bundle from `origin`: one fetched over the network must carry
@@ -271,7 +334,7 @@ impl Agent {
             _ => Freshness::IfPresent,
         };
         let root = self.trust_anchor()?;
-        let file = std::fs::File::open(bundle).map_err(Error::io(bundle))?;
+        let file = open_regular(bundle)?;
         let reader = std::io::BufReader::with_capacity(CHUNK, file);
         self.install_payloads(&bundle.display().to_string(), root, now, progress, move |root, sink| {
             tern_bundle::read_bundle(reader, root, now, freshness, sink)
@@ -290,10 +353,8 @@ impl Agent {
         now: DateTime,
         progress: &mut dyn FnMut(u64),
     ) -> Result<InstallReport> {
-        let root = match payloads.first() {
-            Some((p, _)) => p.root.as_ref().clone(),
-            None => self.trust_anchor()?,
-        };
+        // Compared with the root the client ended with, which becomes the anchor if newer.
+        let root = self.trust_anchor()?;
         let label = payloads
             .iter()
             .map(|(p, _)| p.target.as_str())
@@ -301,11 +362,10 @@ impl Agent {
             .join(", ");
         self.install_payloads(&label, root, now, progress, |_, sink| {
             for (payload, path) in payloads {
+                // Hashed again as it streams into the slot: the file was checked when it was
+                // downloaded, but it sat on disk since, where anything may have changed it.
                 let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
-                sink(payload, &mut file).map_err(|reason| Error::Unsupported {
-                    target: payload.target.clone(),
-                    reason,
-                })?;
+                tern_bundle::feed_payload(payload, &mut file, sink).map_err(Error::Bundle)?;
             }
             Ok(())
         })
@@ -343,7 +403,10 @@ impl Agent {
         let mut sink =
             |payload: &tern_bundle::VerifiedPayload, data: &mut dyn Read| -> std::result::Result<(), String> {
                 // The root chain verified: persist the newest root before anything else.
-                if !anchor_saved && payload.root.as_slice() != root.as_slice() {
+                if !anchor_saved
+                    && payload.root.as_slice() != root.as_slice()
+                    && root_version(&payload.root) > root_version(&root)
+                {
                     tern_fs::atomic_write(&anchor_path, &payload.root, 0o644).map_err(|e| {
                         let msg = e.to_string();
                         failure = Some(e.into());
@@ -351,6 +414,13 @@ impl Agent {
                     })?;
                 }
                 anchor_saved = true;
+                // Older metadata than this device verified before, from any source, stops
+                // here; otherwise the floors rise to what just verified.
+                if let Err(e) = crate::floors::check_and_raise(&self.cfg, &payload.roles) {
+                    let msg = e.to_string();
+                    failure = Some(e);
+                    return Err(msg);
+                }
                 let is_raw = payload.manifest.as_ref().is_some_and(|m| m.installer == Installer::Raw);
                 let r = if is_raw || payload.manifest.is_none() {
                     self.write_payload(payload, data, &booted, chosen.is_some(), now, progress)
@@ -368,11 +438,11 @@ impl Agent {
         // 8: only now are the payloads' lengths and hashes known to match.
         match (verified, failure) {
             (_, Some(e)) => {
-                discard(staged);
+                apps::discard(staged);
                 return Err(self.fail_install(e, now));
             }
             (Err(e), None) => {
-                discard(staged);
+                apps::discard(staged);
                 return Err(self.fail_install(e, now));
             }
             (Ok(()), None) => {}
@@ -380,7 +450,7 @@ impl Agent {
         // Files and archives go in place now that everything verified.
         let mut applied = Vec::new();
         for s in staged {
-            let record = apply(s)?;
+            let record = apps::apply(s)?;
             self.state.apps.insert(record.target.clone(), record.clone());
             applied.push(record);
         }
@@ -392,6 +462,9 @@ impl Agent {
                 });
             }
             self.state.last_error = None;
+            if let Some(o) = self.offer.take() {
+                self.state.handled(o);
+            }
             self.save()?;
             return Ok(InstallReport {
                 slot_image: None,
@@ -415,6 +488,7 @@ impl Agent {
                 sha256: Some(image_sha256),
                 length: written,
                 installed_at: Some(now_unix(now)),
+                payload_sha256: Some(release.payload_sha256.clone()),
             },
         );
         let verified_state = t.verified();
@@ -430,10 +504,18 @@ impl Agent {
         let boot_id = self.boot.boot_id()?;
         self.state.phase = Phase::PendingReboot(verified_state.clone().applied(booted, boot_id));
         self.state.last_error = None;
+        let offer = self.offer.take();
+        if let Some(o) = &offer {
+            self.state.handled(o.clone());
+        }
         self.save()?;
         let primary = self.boot.set_primary(&slot.bootname, self.cfg.boot_attempts);
         self.crash_point();
         if let Err(e) = primary {
+            // The offer was not installed after all: it may be offered again.
+            if let Some(o) = &offer {
+                self.state.handled_offers.retain(|h| h != o);
+            }
             // It may have half-happened: make sure the slot cannot boot.
             let _ = self.boot.mark_bad(&slot.bootname);
             self.state.phase = Phase::Verified(verified_state);
@@ -498,6 +580,18 @@ impl Agent {
                 self.cfg.install_roots
             )));
         }
+        // Where the path really leads: a symbolic link on the way must not take it out of
+        // the install roots. The nearest part of it that exists is resolved; what is below
+        // is made by the installer, as directories.
+        let real = resolve_existing(&dest).map_err(Error::io(&dest))?;
+        let real_inside = |root: &PathBuf| std::fs::canonicalize(root).is_ok_and(|r| real.starts_with(&r) && real != r);
+        if !self.cfg.install_roots.iter().any(real_inside) {
+            return Err(unsupported(&format!(
+                "install_path {} leads to {}, outside this device's install_roots",
+                dest.display(),
+                real.display()
+            )));
+        }
         // The rollback floor of files and archives: never below what is installed there.
         let version = semver::Version::parse(&m.version).map_err(|e| unsupported(&format!("version: {e}")))?;
         for installed in self
@@ -526,34 +620,14 @@ impl Agent {
         };
         let mut input = plaintext(
             data,
-            &payload.target,
-            data_key.as_ref().zip(m.encryption.as_ref()),
-            m.compression,
+            &Decoding {
+                target: &payload.target,
+                key: data_key.as_ref().zip(m.encryption.as_ref()),
+                compression: m.compression,
+                limit: m.installed_length,
+            },
         )?;
-        match m.installer {
-            Installer::File => {
-                let mut tmp = tern_fs::AtomicFile::create(&dest, 0o644)?;
-                copy(&mut input, tmp.file()).map_err(|e| read_error(&payload.target, &dest, e))?;
-                Ok(Staged::File { tmp, record })
-            }
-            Installer::Archive => {
-                let name = dest
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let new_dir = dest.with_file_name(format!(".{name}.tern-new"));
-                let _ = std::fs::remove_dir_all(&new_dir);
-                std::fs::create_dir_all(&new_dir).map_err(Error::io(&new_dir))?;
-                if let Err(e) = unpack_archive(input, &new_dir) {
-                    let _ = std::fs::remove_dir_all(&new_dir);
-                    return Err(e);
-                }
-                Ok(Staged::Archive { new_dir, record })
-            }
-            other => Err(unsupported(&format!(
-                "the {other} installer is not supported by this agent"
-            ))),
-        }
+        apps::stage(m.installer, &mut input, &payload.target, record)
     }
 
     /// A failed install: if a slot was touched it stays non-bootable and is recorded bad.
@@ -651,6 +725,18 @@ impl Agent {
         if running.class != class {
             return Err(Error::NoSlot { class });
         }
+        let signed_sha256 = payload.hashes.get("sha256").map(String::as_str).unwrap_or_default();
+        if self
+            .state
+            .slots
+            .get(&running.name)
+            .is_some_and(|r| r.holds(&payload.target, signed_sha256))
+        {
+            return Err(Error::AlreadyInstalled {
+                target: payload.target.clone(),
+                slot: running.name.clone(),
+            });
+        }
         if self.state.slots.get(&running.name).is_none_or(|r| r.status != "good") {
             return Err(Error::State {
                 path: self.store.path(),
@@ -693,6 +779,7 @@ impl Agent {
                 sha256: None,
                 length: 0,
                 installed_at: None,
+                payload_sha256: None,
             },
         );
         self.state.phase = Phase::Transferring(Idle.transfer(release.clone(), slot.name.clone()));
@@ -702,9 +789,12 @@ impl Agent {
         let (written, image_sha256) = stream_into(
             &slot.device,
             data,
-            &payload.target,
-            data_key.as_ref().zip(m.encryption.as_ref()),
-            m.compression,
+            &Decoding {
+                target: &payload.target,
+                key: data_key.as_ref().zip(m.encryption.as_ref()),
+                compression: m.compression,
+                limit: m.installed_length,
+            },
             known.is_some(),
             progress,
         )?;
@@ -882,344 +972,10 @@ impl Agent {
     }
 }
 
-/// An error with its causes, for the persisted record.
+/// An error with its causes, for the persisted record (and the reports made from it):
+/// shortened and escaped, since causes may quote a bundle or a server.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// Unpack an application archive: regular files and directories only (no links, devices or
-/// FIFOs), names that stay inside `dir`, modes without setuid, setgid or world write; every
-/// file and directory fsynced, so the swap that follows exposes complete content.
-fn unpack_archive(input: impl Read, dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let bad = |entry: &str, reason: &str| Error::Unsupported {
-        target: entry.to_owned(),
-        reason: format!("archive entry: {reason}"),
-    };
-    let mut archive = tar::Archive::new(input);
-    let mut written: Vec<PathBuf> = vec![dir.to_owned()];
-    for entry in archive.entries().map_err(Error::io(dir))? {
-        let mut entry = entry.map_err(Error::io(dir))?;
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let kind = entry.header().entry_type();
-        if !(kind.is_file() || kind.is_dir()) {
-            return Err(bad(&name, "only regular files and directories are installed"));
-        }
-        let rel = Path::new(&name);
-        if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-            return Err(bad(&name, "absolute or `..` path"));
-        }
-        let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
-        if !entry.unpack_in(dir).map_err(Error::io(dir))? {
-            return Err(bad(&name, "would land outside the install directory"));
-        }
-        let path = dir.join(rel);
-        std::fs::set_permissions(
-            &path,
-            std::fs::Permissions::from_mode(mode | if kind.is_dir() { 0o700 } else { 0o600 }),
-        )
-        .map_err(Error::io(&path))?;
-        written.push(path);
-    }
-    // Files first, then directories deepest first: their entries are durable before them.
-    written.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for p in &written {
-        std::fs::File::open(p)
-            .and_then(|f| f.sync_all())
-            .map_err(Error::io(p))?;
-    }
-    Ok(())
-}
-
-/// Finish or undo an archive swap a power cut interrupted (run when the agent starts).
-fn recover_archive_swaps(apps: &std::collections::BTreeMap<String, AppRecord>) {
-    for a in apps.values() {
-        let dest = &a.destination;
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let old = dest.with_file_name(format!(".{name}.tern-old"));
-        let new = dest.with_file_name(format!(".{name}.tern-new"));
-        if !dest.exists() && old.exists() {
-            // Cut between the two renames: put the previous version back.
-            let _ = std::fs::rename(&old, dest);
-        }
-        let _ = std::fs::remove_dir_all(&new);
-        let _ = std::fs::remove_dir_all(&old);
-    }
-}
-
-/// Drop staged payloads of a failed install.
-fn discard(staged: Vec<Staged>) {
-    for s in staged {
-        if let Staged::Archive { new_dir, .. } = s {
-            let _ = std::fs::remove_dir_all(new_dir);
-        }
-        // A staged file's temp is removed when its AtomicFile drops.
-    }
-}
-
-/// Put a staged payload in place.
-fn apply(s: Staged) -> Result<AppRecord> {
-    match s {
-        Staged::File { tmp, record } => {
-            tmp.commit()?;
-            Ok(record)
-        }
-        Staged::Archive { new_dir, record } => {
-            let dest = &record.destination;
-            let name = dest
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let old = dest.with_file_name(format!(".{name}.tern-old"));
-            let _ = std::fs::remove_dir_all(&old);
-            if dest.exists() {
-                std::fs::rename(dest, &old).map_err(Error::io(dest))?;
-            }
-            std::fs::rename(&new_dir, dest).map_err(Error::io(dest))?;
-            if let Some(parent) = dest.parent() {
-                tern_fs::sync_dir(parent)?;
-            }
-            let _ = std::fs::remove_dir_all(&old);
-            Ok(record)
-        }
-    }
-}
-
-/// The payload's plaintext: `data` decrypted with `key` (each record released only after
-/// its tag verified) and decompressed, as the manifest declares.
-fn plaintext<'a>(
-    data: &'a mut dyn Read,
-    target: &str,
-    key: Option<(&tern_core::keywrap::DataKey, &tern_core::manifest::Encryption)>,
-    compression: Compression,
-) -> Result<Box<dyn Read + 'a>> {
-    let refuse = |reason: String| Error::Decryption {
-        target: target.to_owned(),
-        reason,
-    };
-    let decrypted: Box<dyn Read + 'a> = match key {
-        None => Box::new(data),
-        Some((k, enc)) => {
-            let d =
-                tern_core::stream_aead::Decryptor::new(data, &k.record_key()[..]).map_err(|e| refuse(e.to_string()))?;
-            if d.record_size() != enc.record_size as usize {
-                return Err(refuse(format!(
-                    "the payload's records are {} bytes, its signed manifest says {}",
-                    d.record_size(),
-                    enc.record_size
-                )));
-            }
-            Box::new(d)
-        }
-    };
-    Ok(match compression {
-        Compression::None => decrypted,
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(decrypted).map_err(|e| Error::Unsupported {
-                target: target.to_owned(),
-                reason: format!("zstd: {e}"),
-            })?,
-        ),
-    })
-}
-
-/// An error while reading a payload: a record that failed authentication is a decryption
-/// error of the payload, anything else an I/O error at `path`.
-fn read_error(target: &str, path: &Path, e: std::io::Error) -> Error {
-    match e
-        .get_ref()
-        .and_then(|i| i.downcast_ref::<tern_core::stream_aead::StreamError>())
-    {
-        Some(s) => Error::Decryption {
-            target: target.to_owned(),
-            reason: s.to_string(),
-        },
-        None => Error::io(path)(e),
-    }
-}
-
-/// Step 7: write `data` into `device` from offset 0, decrypting and decompressing as
-/// declared; returns the image length and its SHA-256 (`None` when the caller knows it
-/// already, `image_known`: a plain payload is the signed bytes, whose hashes the bundle
-/// reader checks; an encrypted one carries its image digest sealed).
-///
-/// Reading (the bundle reader's hashing, decryption, decompression) happens on this
-/// thread; writing, and hashing the image when it differs from the signed bytes, on
-/// another, with a few 1 MiB buffers between them: the work overlaps, memory stays flat.
-fn stream_into(
-    device: &Path,
-    data: &mut dyn Read,
-    target: &str,
-    key: Option<(&tern_core::keywrap::DataKey, &tern_core::manifest::Encryption)>,
-    compression: Compression,
-    image_known: bool,
-    progress: &mut dyn FnMut(u64),
-) -> Result<(u64, Option<String>)> {
-    let f = OpenOptions::new().write(true).open(device).map_err(Error::io(device))?;
-    let need = !image_known;
-    let mut source = plaintext(data, target, key, compression)?;
-    let (written, result) = std::thread::scope(|scope| {
-        type Buf = std::sync::Arc<Vec<u8>>;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Buf>(4);
-        let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
-        // Whichever of writer and hasher is done with a buffer last hands it back.
-        let give_back = |back: &std::sync::mpsc::SyncSender<Vec<u8>>, buf: Buf| {
-            if let Some(v) = std::sync::Arc::into_inner(buf) {
-                let _ = back.try_send(v);
-            }
-        };
-        // The image's hash, when it is not the signed bytes' (decrypted or decompressed),
-        // on a thread of its own: hashing, reading and writing overlap.
-        let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Buf>(4);
-        let hash_back = back_tx.clone();
-        let hasher = scope.spawn(move || -> Option<String> {
-            let mut digest = Digester::new(&[HashAlgorithm::Sha256]);
-            for buf in hash_rx {
-                digest.update(&buf);
-                give_back(&hash_back, buf);
-            }
-            Some(digest.finish().1.get("sha256").cloned().unwrap_or_default())
-        });
-        // A third thread flushes what was written so far while the writer goes on, so the
-        // final fsync does not wait for the whole image and writing never stops to flush.
-        let syncer_file = f.try_clone();
-        let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let syncer = scope.spawn(move || -> std::io::Result<()> {
-            let f = syncer_file?;
-            for () in sync_rx {
-                f.sync_data()?;
-            }
-            Ok(())
-        });
-        let writer = scope.spawn(move || -> std::io::Result<()> {
-            let mut f = f;
-            let mut unsynced = 0usize;
-            for buf in rx {
-                f.write_all(&buf)?;
-                unsynced += buf.len();
-                if unsynced >= SYNC_EVERY {
-                    // A flush request; if one is still running, the next covers this too.
-                    let _ = sync_tx.try_send(());
-                    unsynced = 0;
-                }
-                give_back(&back_tx, buf);
-            }
-            drop(sync_tx);
-            f.sync_all()
-        });
-        let mut total = 0u64;
-        let hash_tx = need.then_some(hash_tx);
-        let read = (|| -> std::io::Result<()> {
-            loop {
-                let mut buf = back_rx.try_recv().unwrap_or_default();
-                buf.resize(CHUNK, 0);
-                let n = read_full(&mut source, &mut buf)?;
-                if n == 0 {
-                    return Ok(());
-                }
-                buf.truncate(n);
-                progress(n as u64);
-                total += n as u64;
-                let buf = std::sync::Arc::new(buf);
-                if let Some(h) = &hash_tx {
-                    let _ = h.send(buf.clone());
-                }
-                if tx.send(buf).is_err() {
-                    // The writer stopped: its error is the one to report.
-                    return Ok(());
-                }
-            }
-        })();
-        drop(tx);
-        let hashed = hash_tx.is_some();
-        drop(hash_tx);
-        let wrote = writer
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")));
-        let synced = syncer
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")));
-        let digest = hasher.join();
-        (
-            total,
-            read.map_err(|e| read_error(target, device, e)).and_then(|()| {
-                synced.map_err(Error::io(device))?;
-                wrote.map_err(Error::io(device))?;
-                match (hashed, digest) {
-                    (false, _) => Ok(None),
-                    (true, Ok(Some(d))) => Ok(Some(d)),
-                    (true, _) => Err(Error::io(device)(std::io::Error::other(
-                        "the image hashing thread failed",
-                    ))),
-                }
-            }),
-        )
-    });
-    let image_sha256 = result?;
-    Ok((written, image_sha256))
-}
-
-/// Fill `buf` as far as the source allows (short only at the end).
-fn read_full(from: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match from.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-fn copy(from: &mut dyn Read, to: &mut dyn Write) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; CHUNK];
-    let mut total = 0;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n])?;
-        total += n as u64;
-    }
-}
-
-/// SHA-256 of the first `length` bytes of a slot (what the power-cut test and `agent
-/// status --verify` compare with the record).
-pub fn slot_digest(device: &Path, length: u64) -> Result<String> {
-    let f = std::fs::File::open(device).map_err(Error::io(device))?;
-    let mut d = Digester::new(&[HashAlgorithm::Sha256]);
-    let mut r = f.take(length);
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = r.read(&mut buf).map_err(Error::io(device))?;
-        if n == 0 {
-            break;
-        }
-        d.update(&buf[..n]);
-    }
-    let (n, h) = d.finish();
-    if n != length {
-        return Err(Error::State {
-            path: device.to_owned(),
-            reason: format!("slot holds {n} bytes, record says {length}"),
-        });
-    }
-    Ok(h.get("sha256").cloned().unwrap_or_default())
+    tern_core::text::error_chain(e, 2048)
 }
 
 /// `agent status`: read without the lock.
@@ -1239,6 +995,8 @@ pub struct Status {
     pub last_error: Option<ErrorRecord>,
     /// Files and archives installed in place.
     pub apps: Vec<AppRecord>,
+    /// Local-media offers already handled (never installed again).
+    pub handled_offers: Vec<crate::state::OfferId>,
 }
 
 /// One slot in `agent status`.
@@ -1281,6 +1039,7 @@ pub fn status(cfg: &AgentConfig) -> Result<Status> {
         rollback_floor: state.rollback_floor,
         last_error: state.last_error,
         apps: state.apps.into_values().collect(),
+        handled_offers: state.handled_offers,
     })
 }
 
@@ -1302,6 +1061,7 @@ pub fn record_factory_slot(
             sha256: Some(sha256),
             length,
             installed_at: Some(now_unix(now)),
+            payload_sha256: None,
         },
     );
 }

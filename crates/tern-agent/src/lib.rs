@@ -15,14 +15,17 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod apps;
 pub mod bootloader;
 pub mod config;
+pub mod floors;
 pub mod hooks;
 pub mod install;
 pub mod keystore;
 pub mod remote;
 pub mod source;
 pub mod state;
+mod stream;
 
 use std::path::PathBuf;
 
@@ -158,6 +161,24 @@ pub enum Error {
     /// The TUF client refused the repository or a download.
     #[error(transparent)]
     Client(#[from] tern_client::Error),
+    /// Metadata older than what this device verified before, from any source.
+    #[error("metadata rollback refused: {0}")]
+    MetadataRollback(tern_core::Error),
+    /// The booted slot already holds this release: installing it again would overwrite the
+    /// other slot, the previous known-good image, with the same one.
+    #[error("payload `{target}` is what the booted slot {slot} already holds; not installed again")]
+    AlreadyInstalled {
+        /// The payload.
+        target: String,
+        /// The booted slot.
+        slot: String,
+    },
+    /// A bundle that is not a regular file (a FIFO, a device, a directory).
+    #[error("{path}: not a regular file")]
+    NotARegularFile {
+        /// The path.
+        path: PathBuf,
+    },
     /// An encrypted payload's data key is wrapped for none of this device's keys.
     #[error(
         "payload `{target}` is encrypted, and this device is not one of its recipients (its keys: {kids}); \
@@ -205,6 +226,9 @@ impl Error {
             Error::Client(_) => "Client",
             Error::NotRecipient { .. } => "NotRecipient",
             Error::Decryption { .. } => "Decryption",
+            Error::MetadataRollback(_) => "MetadataRollback",
+            Error::AlreadyInstalled { .. } => "AlreadyInstalled",
+            Error::NotARegularFile { .. } => "NotARegularFile",
         }
     }
 

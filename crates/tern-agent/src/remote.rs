@@ -62,6 +62,9 @@ pub struct RemoteState {
     /// The deployment report the server last acknowledged.
     #[serde(default)]
     pub reported: Option<(String, Stage)>,
+    /// The challenge the next check-in answers (from the last answer).
+    #[serde(default)]
+    pub challenge: Option<String>,
 }
 
 impl RemoteState {
@@ -113,6 +116,17 @@ struct CheckinResponse {
     session: Option<String>,
     #[serde(default)]
     session_expires: Option<i64>,
+    #[serde(default)]
+    challenge: Option<String>,
+}
+
+/// What one check-in got.
+enum Sent {
+    /// Recorded; its nonce and the answer.
+    Answered(String, Box<CheckinResponse>),
+    /// Refused as answering a stale challenge, or as malformed: worth one more try with
+    /// the current challenge; the error if that fails too.
+    Retry(Error),
 }
 
 /// The answer to a poll.
@@ -146,12 +160,42 @@ fn random_nonce() -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The server's error message from an error body, else the raw text.
+/// The server's error message from an error body, else the raw text; shortened and
+/// escaped, since it is the server's word and ends up in logs and on terminals.
 fn server_message(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
+    let text = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned))
-        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned())
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned());
+    tern_core::text::shown_max(&text, 512)
+}
+
+/// The error kind of an error body (`StaleChallenge`…).
+fn server_kind(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .pointer("/error/kind")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Whether a challenge from an (unsigned) answer is one a check-in can carry.
+fn valid_challenge(c: &str) -> bool {
+    !c.is_empty() && c.len() <= tern_core::enrollment::MAX_CHALLENGE_CHARS && c.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A challenge from the server (`{"challenge": …}`).
+fn fetch_challenge(http: &tern_client::HttpTransport, url: &str) -> Result<String> {
+    let (status, body) = http.get(url, MAX_RESPONSE_BYTES).map_err(|e| server_err(url, e))?;
+    if status != 200 {
+        return Err(server_err(url, format!("HTTP {status}: {}", server_message(&body))));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| server_err(url, format!("answer: {e}")))?;
+    v.get("challenge")
+        .and_then(|c| c.as_str())
+        .filter(|c| valid_challenge(c))
+        .map(str::to_owned)
+        .ok_or_else(|| server_err(url, "the answer has no challenge"))
 }
 
 /// The HTTP client: the server CA and the device certificate (with the device key) if configured.
@@ -200,19 +244,31 @@ pub fn enroll(cfg: &AgentConfig, token: Option<&str>) -> Result<serde_json::Valu
     let key = tern_fs::load_signing_key(&key_path)?;
     let encryption_key = crate::keystore::ensure_device_key(cfg)?;
     let http = transport(cfg, &server)?;
-    let url = format!("{}/api/v1/devices/enroll", server.url.trim_end_matches('/'));
-    let body = serde_json::json!({
-        "device_id": server.device_id,
-        "public_key": key.public().to_value(),
-        "device_type": cfg.device_type,
-        "hardware": cfg.hardware_revision,
-        "tags": server.tags,
-        "encryption_key": encryption_key.to_value(),
-        "enrollment_token": token,
-    });
-    let (status, resp) = http
-        .post_json(&url, body.to_string().into_bytes(), MAX_RESPONSE_BYTES)
-        .map_err(|e| server_err(&url, e))?;
+    let base = server.url.trim_end_matches('/');
+    let challenge = fetch_challenge(&http, &format!("{base}/api/v1/devices/enroll/challenge"))?;
+    // The document the device key signs: possession of the key is the proof.
+    let doc = tern_core::enrollment::Enrollment {
+        kind: tern_core::enrollment::ENROLLMENT_TYPE.into(),
+        device_id: server.device_id.clone(),
+        public_key: key.public().to_value().clone(),
+        encryption_key: Some(encryption_key.to_value()),
+        device_type: cfg.device_type.clone(),
+        hardware: cfg.hardware_revision.clone(),
+        tags: server.tags.clone(),
+        // A fleet token is `ternenroll_ID_SECRET`: the document names its id, never the secret.
+        token_id: token.and_then(|t| t.split('_').nth(1)).map(str::to_owned),
+        challenge,
+    };
+    let body = director::sign_document("enrollment", &doc, &key).map_err(|e| Error::State {
+        path: key_path.clone(),
+        reason: format!("signing the enrollment document: {e}"),
+    })?;
+    let url = format!("{base}/api/v1/devices/enroll");
+    let (status, resp) = match token {
+        Some(t) => http.post_json_bearer(&url, body, t, MAX_RESPONSE_BYTES),
+        None => http.post_json(&url, body, MAX_RESPONSE_BYTES),
+    }
+    .map_err(|e| server_err(&url, e))?;
     if !(200..300).contains(&status) {
         return Err(server_err(&url, format!("HTTP {status}: {}", server_message(&resp))));
     }
@@ -319,15 +375,40 @@ impl Remote {
                 target: s.record.as_ref().and_then(|r| r.target.clone()),
                 sha256: s.record.as_ref().and_then(|r| r.sha256.clone()),
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // A check-in answers the challenge of the last answer; without one (a new device,
+        // or one that lost its state or its last answer) it asks for the current one.
+        if let Some(c) = st.challenge.clone() {
+            if let Sent::Answered(nonce, answer) = self.send_checkin(st, &slots, progress, c)? {
+                return Ok((nonce, *answer));
+            }
+        }
+        let url = format!("{}/api/v1/devices/{}/challenge", self.base(), self.server.device_id);
+        let c = fetch_challenge(&self.http, &url)?;
+        st.challenge = Some(c.clone());
+        match self.send_checkin(st, &slots, progress, c)? {
+            Sent::Answered(nonce, answer) => Ok((nonce, *answer)),
+            Sent::Retry(e) => Err(e),
+        }
+    }
+
+    fn send_checkin(
+        &self,
+        st: &mut RemoteState,
+        slots: &[SlotReport],
+        progress: Option<Progress>,
+        challenge: String,
+    ) -> Result<Sent> {
+        let status = install::status(&self.cfg)?;
         let nonce = random_nonce();
         let doc = CheckIn {
             kind: director::CHECKIN_TYPE.into(),
             device_id: self.server.device_id.clone(),
             nonce: nonce.clone(),
+            challenge,
             time: now().to_string(),
             phase: status.state.name().into(),
-            slots,
+            slots: slots.to_vec(),
             deployment: st.deployment.as_ref().map(|d| DeploymentReport {
                 deployment: d.id.clone(),
                 stage: d.stage,
@@ -345,6 +426,16 @@ impl Remote {
             .http
             .post_json(&url, body, MAX_RESPONSE_BYTES)
             .map_err(|e| server_err(&url, e))?;
+        // A stale challenge, or a refusal of the check-in itself (the challenge came in an
+        // unsigned answer, and a bad one must not stop check-ins for good): ask for the
+        // current challenge and try once more.
+        if (code == 409 && server_kind(&resp).as_deref() == Some("StaleChallenge")) || code == 400 {
+            st.challenge = None;
+            return Ok(Sent::Retry(server_err(
+                &url,
+                format!("HTTP {code}: {}", server_message(&resp)),
+            )));
+        }
         if !(200..300).contains(&code) {
             return Err(server_err(&url, format!("HTTP {code}: {}", server_message(&resp))));
         }
@@ -353,8 +444,9 @@ impl Remote {
         if let (Some(token), Some(expires)) = (&answer.session, answer.session_expires) {
             st.session = Some((token.clone(), expires));
         }
+        st.challenge = answer.challenge.clone().filter(|c| valid_challenge(c));
         st.reported = st.deployment.as_ref().map(|d| (d.id.clone(), d.stage));
-        Ok((nonce, answer))
+        Ok(Sent::Answered(nonce, Box::new(answer)))
     }
 
     /// A poll with the session token: `Some(interval)` when there is nothing new, `None` when
@@ -520,9 +612,14 @@ impl Remote {
     fn follow(&self, order: &Order, st: &mut RemoteState) -> Result<bool> {
         let tuf_dir = self.cfg.state_dir.join("tuf");
         let anchor = install::trust_anchor(&self.cfg)?;
-        if tern_client::MetadataDir::new(&tuf_dir)
-            .read("root", tern_core::metadata::limits::ROOT)?
-            .is_none()
+        let anchor_version = install::root_version(&anchor).unwrap_or(0);
+        // The client starts from the newest root this device verified, whichever path
+        // verified it: a server that hides newer roots cannot bring an older one back.
+        let client_root = tern_client::MetadataDir::new(&tuf_dir).read("root", tern_core::metadata::limits::ROOT)?;
+        if client_root
+            .as_deref()
+            .and_then(install::root_version)
+            .is_none_or(|v| v < anchor_version)
         {
             std::fs::create_dir_all(&tuf_dir).map_err(Error::io(&tuf_dir))?;
             tern_client::Updater::init(&tuf_dir, &anchor)?;
@@ -537,6 +634,16 @@ impl Remote {
             now(),
         )?;
         updater.refresh()?;
+        // A root the client walked to is this device's trust anchor from now on, for local
+        // media too (a rotation that revoked a key applies to bundles as well).
+        let newest = updater.trusted().root();
+        if newest.version() > anchor_version {
+            tern_fs::atomic_write(
+                &self.cfg.state_dir.join("root.json"),
+                &newest.envelope.to_bytes(),
+                0o644,
+            )?;
+        }
         let mut infos = Vec::new();
         for t in &order.targets {
             let info = updater.get_target(&t.name)?;
@@ -544,6 +651,9 @@ impl Remote {
             infos.push(info);
         }
         let root = Arc::new(updater.trusted().root().envelope.to_bytes());
+        let roles = Arc::new(updater.trusted().role_versions());
+        // Older than what a bundle showed this device before: refused before downloading.
+        crate::floors::check_and_raise(&self.cfg, &roles)?;
         // What is to be installed, with the wrapped data keys of encrypted payloads: a
         // device that is not a recipient stops here, before downloading or touching a slot.
         let mut verified = Vec::new();
@@ -568,6 +678,7 @@ impl Remote {
                 manifest,
                 recipients,
                 root: root.clone(),
+                roles: roles.clone(),
             };
             crate::keystore::data_key(&self.cfg, &payload)?;
             verified.push(payload);
@@ -598,13 +709,19 @@ impl Remote {
             self.save_state(st)?;
         }
         let mut agent = Agent::open(self.cfg.clone())?;
-        let report = agent.install_downloaded(&payloads, now(), &mut |_| {})?;
+        let installed = agent.install_downloaded(&payloads, now(), &mut |_| {});
         drop(agent);
         for (_, path) in &payloads {
             let _ = std::fs::remove_file(path);
         }
+        let reboot_needed = match installed {
+            Ok(report) => report.reboot_needed,
+            // Ordered what the booted slot already holds: that is the outcome asked for.
+            Err(Error::AlreadyInstalled { .. }) => false,
+            Err(e) => return Err(e),
+        };
         if let Some(d) = st.deployment.as_mut() {
-            d.stage = if report.reboot_needed {
+            d.stage = if reboot_needed {
                 Stage::Rebooting
             } else {
                 Stage::Committed
@@ -614,7 +731,7 @@ impl Remote {
         if self.checkin(st, None).is_ok() {
             self.save_state(st)?;
         }
-        Ok(report.reboot_needed)
+        Ok(reboot_needed)
     }
 }
 
@@ -628,14 +745,7 @@ fn is_transient(e: &tern_client::Error) -> bool {
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
+    tern_core::text::error_chain(e, 2048)
 }
 
 /// The device clock.

@@ -236,7 +236,40 @@ pub struct SlotRecord {
     pub length: u64,
     /// When it was written (seconds since the Unix epoch).
     pub installed_at: Option<i64>,
+    /// SHA-256 of the payload as signed (what a bundle or an order names), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_sha256: Option<String>,
 }
+
+impl SlotRecord {
+    /// Whether the slot holds `target` with the signed payload hash `sha256`.
+    pub fn holds(&self, target: &str, sha256: &str) -> bool {
+        !sha256.is_empty()
+            && self.target.as_deref() == Some(target)
+            && (self.payload_sha256.as_deref() == Some(sha256) || self.sha256.as_deref() == Some(sha256))
+    }
+}
+
+/// A bundle offered on local media, as recognised again: its file name, size,
+/// modification time and the SHA-256 of its first MiB (which holds its header and
+/// metadata). An offer handled once (installed, refused, or failed for good) is not offered
+/// again, even when its file cannot be renamed (a write-protected stick); another file of
+/// the same name and size, made to look alike, is another offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferId {
+    /// The file's name.
+    pub name: String,
+    /// Its size.
+    pub size: u64,
+    /// Its modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i128,
+    /// SHA-256 of its first MiB.
+    #[serde(default)]
+    pub head_sha256: String,
+}
+
+/// How many handled offers are remembered.
+pub const HANDLED_OFFERS: usize = 1024;
 
 /// A file or archive installed in place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +309,19 @@ pub struct AgentState {
     /// Files and archives installed in place, by target.
     #[serde(default)]
     pub apps: BTreeMap<String, AppRecord>,
+    /// Local-media offers handled, newest last (at most [`HANDLED_OFFERS`]).
+    #[serde(default)]
+    pub handled_offers: Vec<OfferId>,
+}
+
+impl AgentState {
+    /// Remember `offer` as handled.
+    pub fn handled(&mut self, offer: OfferId) {
+        self.handled_offers.retain(|o| o != &offer);
+        self.handled_offers.push(offer);
+        let excess = self.handled_offers.len().saturating_sub(HANDLED_OFFERS);
+        self.handled_offers.drain(..excess);
+    }
 }
 
 impl Default for AgentState {
@@ -286,6 +332,7 @@ impl Default for AgentState {
             rollback_floor: None,
             last_error: None,
             apps: BTreeMap::new(),
+            handled_offers: Vec::new(),
         }
     }
 }

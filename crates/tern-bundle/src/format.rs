@@ -17,6 +17,10 @@ pub const MAX_METADATA_ENTRY: u64 = tern_core::metadata::limits::TARGETS;
 pub const MAX_METADATA_TOTAL: u64 = 32 << 20;
 /// Largest header.
 pub const MAX_HEADER: u64 = 1 << 20;
+/// Most metadata entries (header, roots, roles, recipients documents) one bundle carries:
+/// the 256 root rotations a client walks, the top-level roles, and room for delegated roles
+/// and one recipients document per payload.
+pub const MAX_METADATA_ENTRIES: usize = 4096;
 /// Most payloads one bundle carries.
 pub const MAX_PAYLOADS: usize = 1024;
 
@@ -60,7 +64,8 @@ pub fn check_role_name(name: &str) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "role name `{name}` must be 1-128 characters of A-Z a-z 0-9 - _ . and not start with `.`"
+            "role name `{}` must be 1-128 characters of A-Z a-z 0-9 - _ . and not start with `.`",
+            tern_core::text::shown(name)
         ))
     }
 }
@@ -68,7 +73,7 @@ pub fn check_role_name(name: &str) -> std::result::Result<(), String> {
 /// Classify an entry by its name.
 pub fn classify(name: &str) -> Result<EntryKind> {
     let bad = |reason: &str| Error::Format {
-        entry: name.to_owned(),
+        entry: tern_core::text::shown(name),
         reason: reason.to_owned(),
     };
     if name == HEADER {

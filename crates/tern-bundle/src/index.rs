@@ -8,7 +8,9 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use crate::format::{classify, MAX_PAYLOADS};
+use tern_core::text::shown;
+
+use crate::format::{classify, MAX_METADATA_ENTRIES, MAX_PAYLOADS};
 use crate::{Error, Result};
 
 /// Entry names → (data offset, size) of a bundle file.
@@ -26,35 +28,26 @@ impl BundleIndex {
             source,
         };
         let f = File::open(path).map_err(io)?;
-        let mut archive = tar::Archive::new(BufReader::new(f));
+        let mut archive = tern_tar::Archive::new(BufReader::new(f));
         let mut entries = BTreeMap::new();
-        for entry in archive.entries_with_seek().map_err(io)? {
-            let entry = entry.map_err(|e| Error::Format {
-                entry: "tar header".into(),
-                reason: e.to_string(),
-            })?;
-            let raw = entry.path_bytes();
-            let name = String::from_utf8_lossy(&raw).into_owned();
+        while let Some(entry) = archive.next_entry_seek()? {
+            let name = entry.name()?.to_owned();
             classify(&name)?;
-            if entry.header().entry_type() != tar::EntryType::Regular {
+            if entry.kind != tern_tar::Kind::File {
                 return Err(Error::Format {
-                    entry: name,
-                    reason: "only regular files are allowed".into(),
+                    entry: shown(&name),
+                    reason: format!("only regular files are allowed, not a {}", entry.kind),
                 });
             }
-            let size = entry.header().size().map_err(io)?;
-            if entries
-                .insert(name.clone(), (entry.raw_file_position(), size))
-                .is_some()
-            {
+            if entries.insert(name.clone(), (entry.data_offset, entry.size)).is_some() {
                 return Err(Error::Format {
-                    entry: name,
+                    entry: shown(&name),
                     reason: "appears twice".into(),
                 });
             }
-            if entries.len() > MAX_PAYLOADS + 1024 {
+            if entries.len() > MAX_PAYLOADS + MAX_METADATA_ENTRIES {
                 return Err(Error::Format {
-                    entry: name,
+                    entry: shown(&name),
                     reason: "too many entries".into(),
                 });
             }

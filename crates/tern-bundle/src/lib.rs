@@ -23,10 +23,13 @@ mod index;
 mod read;
 mod write;
 
-pub use format::{check_role_name, BundleHeader, FORMAT, FORMAT_VERSION, MAX_METADATA_ENTRY, MAX_METADATA_TOTAL};
+pub use format::{
+    check_role_name, BundleHeader, FORMAT, FORMAT_VERSION, MAX_METADATA_ENTRIES, MAX_METADATA_ENTRY, MAX_METADATA_TOTAL,
+};
 pub use index::BundleIndex;
 pub use read::{
-    inspect, parse_recipients, read_bundle, verify_bundle, Inspection, PayloadInfo, VerifiedPayload, VerifyReport,
+    feed_payload, inspect, parse_recipients, read_bundle, verify_bundle, Inspection, PayloadInfo, VerifiedPayload,
+    VerifyReport,
 };
 pub use write::{replace_recipients, write_bundle, Payload, ReleaseContents};
 
@@ -58,6 +61,9 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The tar structure is refused (an extension header too large, a bad checksum…).
+    #[error("bundle is not a well-formed archive: {0}")]
+    Archive(tern_tar::Error),
     /// The root chain inside the bundle does not lead back to the trusted root.
     #[error("root chain does not lead back to the trusted root (at root version {version})")]
     RootChain {
@@ -97,6 +103,17 @@ impl Error {
             Error::RootChain { source, .. } | Error::Payload { source, .. } => Some(source),
             Error::Metadata(e) => Some(e),
             _ => None,
+        }
+    }
+}
+
+impl From<tern_tar::Error> for Error {
+    fn from(e: tern_tar::Error) -> Self {
+        match e {
+            tern_tar::Error::Truncated { offset } => Error::Truncated {
+                entry: format!("tar header at byte {offset}"),
+            },
+            other => Error::Archive(other),
         }
     }
 }

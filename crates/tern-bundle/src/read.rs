@@ -11,8 +11,11 @@ use tern_core::metadata::{Envelope, Root, Signed, Targets};
 use tern_core::trust::{self, Freshness, MetadataSource, TrustedRepository};
 use tern_core::{DateTime, TargetPath};
 
+use tern_core::text::shown;
+
 use crate::format::{
-    classify, BundleHeader, EntryKind, FORMAT, FORMAT_VERSION, MAX_METADATA_ENTRY, MAX_METADATA_TOTAL, MAX_PAYLOADS,
+    classify, BundleHeader, EntryKind, FORMAT, FORMAT_VERSION, MAX_METADATA_ENTRIES, MAX_METADATA_ENTRY,
+    MAX_METADATA_TOTAL, MAX_PAYLOADS,
 };
 use crate::{Error, Result};
 
@@ -40,6 +43,10 @@ pub struct VerifiedPayload {
     /// as soon as it is verified (spec §5.3.8), whatever then happens to the payload.
     #[serde(skip)]
     pub root: std::sync::Arc<Vec<u8>>,
+    /// The version of every role verified up to this payload (`tern_core::floors`): a
+    /// device refuses metadata older than what it saw before, from any source.
+    #[serde(skip)]
+    pub roles: std::sync::Arc<Vec<tern_core::floors::RoleVersion>>,
 }
 
 /// What verification established.
@@ -87,7 +94,7 @@ fn read_small(entry: &mut impl Read, name: &str, kind: &EntryKind, size: u64) ->
     };
     if size > limit {
         return Err(Error::Format {
-            entry: name.to_owned(),
+            entry: shown(name),
             reason: format!("{size} bytes exceeds the {limit}-byte limit for this metadata"),
         });
     }
@@ -97,7 +104,7 @@ fn read_small(entry: &mut impl Read, name: &str, kind: &EntryKind, size: u64) ->
         .read_to_end(&mut buf)
         .map_err(|e| io_error(name, e))?;
     if buf.len() as u64 != size {
-        return Err(Error::Truncated { entry: name.to_owned() });
+        return Err(Error::Truncated { entry: shown(name) });
     }
     Ok(buf)
 }
@@ -106,27 +113,25 @@ fn io_error(entry: &str, e: io::Error) -> Error {
     // The tar crate reports some short reads as `Other` with a message; they are truncation too.
     let msg = e.to_string();
     if e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("unexpected EOF") || msg.contains("entire block") {
-        Error::Truncated {
-            entry: entry.to_owned(),
-        }
+        Error::Truncated { entry: shown(entry) }
     } else {
         Error::Format {
-            entry: entry.to_owned(),
+            entry: shown(entry),
             reason: e.to_string(),
         }
     }
 }
 
-fn entry_name(entry: &tar::Entry<'_, impl Read>) -> Result<String> {
-    let raw = entry.path_bytes();
-    let name = std::str::from_utf8(&raw).map_err(|_| Error::Format {
-        entry: String::from_utf8_lossy(&raw).into_owned(),
+/// The entry's name, which must be UTF-8, of a regular file.
+fn entry_name(entry: &tern_tar::Entry) -> Result<String> {
+    let name = entry.name().map_err(|_| Error::Format {
+        entry: entry.shown_name(),
         reason: "name is not UTF-8".into(),
     })?;
-    if entry.header().entry_type() != tar::EntryType::Regular {
+    if entry.kind != tern_tar::Kind::File {
         return Err(Error::Format {
-            entry: name.to_owned(),
-            reason: "only regular files are allowed".into(),
+            entry: shown(name),
+            reason: format!("only regular files are allowed, not a {}", entry.kind),
         });
     }
     Ok(name.to_owned())
@@ -137,11 +142,12 @@ fn parse_header(bytes: &[u8]) -> Result<BundleHeader> {
         entry: crate::format::HEADER.into(),
         reason,
     };
-    let h: BundleHeader = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    let h: BundleHeader = serde_json::from_slice(bytes).map_err(|e| bad(shown(&e.to_string())))?;
     if h.format != FORMAT || h.format_version != FORMAT_VERSION {
         return Err(bad(format!(
             "format `{}` version {} is not `{FORMAT}` version {FORMAT_VERSION}",
-            h.format, h.format_version
+            shown(&h.format),
+            h.format_version
         )));
     }
     if h.payloads.is_empty() || h.payloads.len() > MAX_PAYLOADS {
@@ -150,11 +156,11 @@ fn parse_header(bytes: &[u8]) -> Result<BundleHeader> {
     let mut seen = BTreeSet::new();
     for p in &h.payloads {
         TargetPath::new(p).map_err(|e| Error::Payload {
-            target: p.clone(),
+            target: shown(p),
             source: Box::new(e),
         })?;
         if !seen.insert(p) {
-            return Err(bad(format!("payload `{p}` listed twice")));
+            return Err(bad(format!("payload `{}` listed twice", shown(p))));
         }
     }
     Ok(h)
@@ -168,14 +174,22 @@ struct Front {
     roles: BTreeMap<String, Vec<u8>>,
     recipients: BTreeMap<String, Vec<u8>>,
     total: u64,
+    entries: usize,
 }
 
 impl Front {
     fn add(&mut self, name: &str, kind: EntryKind, bytes: Vec<u8>) -> Result<()> {
+        self.entries += 1;
+        if self.entries > MAX_METADATA_ENTRIES {
+            return Err(Error::Format {
+                entry: shown(name),
+                reason: format!("more than {MAX_METADATA_ENTRIES} metadata entries"),
+            });
+        }
         self.total += bytes.len() as u64;
         if self.total > MAX_METADATA_TOTAL {
             return Err(Error::Format {
-                entry: name.to_owned(),
+                entry: shown(name),
                 reason: format!("metadata exceeds {MAX_METADATA_TOTAL} bytes in all"),
             });
         }
@@ -183,7 +197,7 @@ impl Front {
             EntryKind::Header => {
                 if self.header.is_some() || !self.roots.is_empty() || !self.roles.is_empty() {
                     return Err(Error::Format {
-                        entry: name.to_owned(),
+                        entry: shown(name),
                         reason: "the header must be the first entry, once".into(),
                     });
                 }
@@ -192,7 +206,7 @@ impl Front {
             }
             _ if self.header.is_none() => {
                 return Err(Error::Format {
-                    entry: name.to_owned(),
+                    entry: shown(name),
                     reason: "the first entry must be tern-bundle.json".into(),
                 })
             }
@@ -203,7 +217,7 @@ impl Front {
         };
         if dup {
             return Err(Error::Format {
-                entry: name.to_owned(),
+                entry: shown(name),
                 reason: "appears twice".into(),
             });
         }
@@ -278,7 +292,7 @@ fn establish_trust(front: Front, trusted_root: &[u8], now: DateTime, freshness: 
 /// Parse the recipients document of the encrypted payload with `sha256`: it must name that
 /// payload and the key its signed manifest commits to.
 pub fn parse_recipients(sha256: &str, bytes: &[u8], m: &Manifest) -> Result<Recipients> {
-    let entry = format!("recipients/{sha256}.json");
+    let entry = format!("recipients/{}.json", shown(sha256));
     let bad = |reason: String| Error::Format {
         entry: entry.clone(),
         reason,
@@ -309,27 +323,25 @@ pub fn read_bundle<R: Read>(
     freshness: Freshness,
     sink: &mut dyn FnMut(&VerifiedPayload, &mut dyn Read) -> std::result::Result<(), String>,
 ) -> Result<VerifyReport> {
-    let mut archive = tar::Archive::new(reader);
-    let entries = archive.entries().map_err(|e| io_error("tar header", e))?;
+    let mut archive = tern_tar::Archive::new(reader);
     let mut front = Front::default();
     let mut verified: Option<Verified> = None;
     let mut payloads = Vec::new();
     let mut buf = vec![0u8; CHUNK];
-    for entry in entries {
-        let mut entry = entry.map_err(|e| io_error("tar header", e))?;
+    while let Some(entry) = archive.next_entry()? {
         let name = entry_name(&entry)?;
         let kind = classify(&name)?;
-        let size = entry.size();
+        let size = entry.size;
         let target = match kind {
             EntryKind::Payload(target) => target,
             other => {
                 if verified.is_some() {
                     return Err(Error::Format {
-                        entry: name,
+                        entry: shown(&name),
                         reason: "metadata after the first payload".into(),
                     });
                 }
-                let bytes = read_small(&mut entry, &name, &other, size)?;
+                let bytes = read_small(&mut archive.data(), &name, &other, size)?;
                 front.add(&name, other, bytes)?;
                 continue;
             }
@@ -344,13 +356,13 @@ pub fn read_bundle<R: Read>(
         }
         let v = verified.as_mut().expect("set above");
         let expected = v.header.payloads.get(payloads.len()).ok_or_else(|| Error::Format {
-            entry: name.clone(),
+            entry: shown(&name),
             reason: "not listed in tern-bundle.json".into(),
         })?;
         if *expected != target {
             return Err(Error::Format {
-                entry: name,
-                reason: format!("expected payload `{expected}` here"),
+                entry: shown(&name),
+                reason: format!("expected payload `{}` here", shown(expected)),
             });
         }
         let payload_err = |e: tern_core::Error| Error::Payload {
@@ -382,29 +394,9 @@ pub fn read_bundle<R: Read>(
             manifest,
             recipients,
             root: v.root.clone(),
+            roles: std::sync::Arc::new(v.repo.role_versions()),
         };
-        let mut hashing = HashingReader {
-            inner: &mut entry,
-            hasher: MultiHasher::new(&target, &found.file.hashes).map_err(payload_err)?,
-            error: None,
-        };
-        sink(&info, &mut hashing).map_err(|reason| match hashing.error.take() {
-            Some(e) => io_error(&name, e),
-            None => Error::Sink {
-                target: target.clone(),
-                reason,
-            },
-        })?;
-        loop {
-            let n = hashing.read(&mut buf).map_err(|e| io_error(&name, e))?;
-            if n == 0 {
-                break;
-            }
-        }
-        if hashing.hasher.length() != found.file.length {
-            return Err(Error::Truncated { entry: name });
-        }
-        hashing.hasher.finish().map_err(payload_err)?;
+        feed(&info, &name, &mut archive.data(), &mut buf, sink)?;
         payloads.push(info);
     }
     let Some(v) = verified else {
@@ -433,6 +425,62 @@ pub fn read_bundle<R: Read>(
     })
 }
 
+/// Hand `input` to `sink` as the bytes of `info`, hashing them as they go, then check their
+/// length and every signed hash; `entry` names them in errors.
+fn feed(
+    info: &VerifiedPayload,
+    entry: &str,
+    input: &mut dyn Read,
+    buf: &mut [u8],
+    sink: &mut dyn FnMut(&VerifiedPayload, &mut dyn Read) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let payload_err = |e: tern_core::Error| Error::Payload {
+        target: info.target.clone(),
+        source: Box::new(e),
+    };
+    let mut hashing = HashingReader {
+        inner: input,
+        hasher: MultiHasher::new(&info.target, &info.hashes).map_err(payload_err)?,
+        error: None,
+    };
+    sink(info, &mut hashing).map_err(|reason| match hashing.error.take() {
+        Some(e) => io_error(entry, e),
+        None => Error::Sink {
+            target: info.target.clone(),
+            reason,
+        },
+    })?;
+    loop {
+        let n = hashing.read(buf).map_err(|e| io_error(entry, e))?;
+        if n == 0 {
+            break;
+        }
+    }
+    if hashing.hasher.length() != info.length {
+        return Err(payload_err(tern_core::Error::LengthMismatch {
+            what: info.target.clone(),
+            expected: info.length,
+            found: hashing.hasher.length(),
+        }));
+    }
+    hashing.hasher.finish().map_err(payload_err)
+}
+
+/// Stream a payload that is not in a bundle (a file the TUF client downloaded) to `sink` as
+/// [`read_bundle`] streams a bundle's: the bytes are hashed as the sink reads them, and
+/// only when this returns `Ok` have they matched the signed length and hashes. A file that
+/// changed on disk since it was downloaded is caught here.
+pub fn feed_payload(
+    info: &VerifiedPayload,
+    input: &mut dyn Read,
+    sink: &mut dyn FnMut(&VerifiedPayload, &mut dyn Read) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    // One byte past the signed length is enough to tell that it is longer.
+    let mut bounded = input.take(info.length.saturating_add(1));
+    feed(info, &info.target, &mut bounded, &mut buf, sink)
+}
+
 /// Verify a whole bundle, discarding payload bytes after hashing them.
 pub fn verify_bundle<R: Read>(
     reader: R,
@@ -443,13 +491,13 @@ pub fn verify_bundle<R: Read>(
     read_bundle(reader, trusted_root, now, freshness, &mut |_, _| Ok(()))
 }
 
-struct HashingReader<'a, R: Read> {
+struct HashingReader<'a, R: Read + ?Sized> {
     inner: &'a mut R,
     hasher: MultiHasher,
     error: Option<io::Error>,
 }
 
-impl<R: Read> Read for HashingReader<'_, R> {
+impl<R: Read + ?Sized> Read for HashingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inner.read(buf) {
             Ok(n) => {
@@ -499,18 +547,24 @@ pub struct Inspection {
 
 /// List a bundle's contents without verifying anything (`tern bundle inspect`).
 pub fn inspect<R: Read + io::Seek>(reader: R) -> Result<Inspection> {
-    let mut archive = tar::Archive::new(reader);
-    let entries = archive.entries_with_seek().map_err(|e| io_error("tar header", e))?;
+    let mut archive = tern_tar::Archive::new(reader);
     let mut front = Front::default();
     let mut sizes = Vec::new();
-    for entry in entries {
-        let mut entry = entry.map_err(|e| io_error("tar header", e))?;
+    while let Some(entry) = archive.next_entry_seek()? {
         let name = entry_name(&entry)?;
-        let size = entry.size();
+        let size = entry.size;
         match classify(&name)? {
-            EntryKind::Payload(target) => sizes.push((target, size)),
+            EntryKind::Payload(target) => {
+                if sizes.len() >= MAX_PAYLOADS {
+                    return Err(Error::Format {
+                        entry: shown(&name),
+                        reason: format!("more than {MAX_PAYLOADS} payloads"),
+                    });
+                }
+                sizes.push((target, size))
+            }
             other => {
-                let bytes = read_small(&mut entry, &name, &other, size)?;
+                let bytes = read_small(&mut archive.data(), &name, &other, size)?;
                 front.add(&name, other, bytes)?;
             }
         }

@@ -135,17 +135,18 @@ pub fn replace_recipients(input: &Path, out: &Path, docs: &BTreeMap<String, Vec<
         path: input.to_owned(),
         source,
     })?;
-    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, f));
-    let read_err = |source: std::io::Error| Error::Io {
-        path: input.to_owned(),
-        source,
-    };
+    let mut archive = tern_tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, f));
     write_tar(out, |builder, io| {
         let mut docs_written = false;
-        for entry in archive.entries().map_err(read_err)? {
-            let entry = entry.map_err(read_err)?;
-            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        while let Some(entry) = archive.next_entry()? {
+            let name = entry.name()?.to_owned();
             let kind = classify(&name)?;
+            if entry.kind != tern_tar::Kind::File {
+                return Err(Error::Format {
+                    entry: tern_core::text::shown(&name),
+                    reason: format!("only regular files are allowed, not a {}", entry.kind),
+                });
+            }
             if matches!(&kind, EntryKind::Recipients(h) if docs.contains_key(h)) {
                 continue;
             }
@@ -161,8 +162,10 @@ pub fn replace_recipients(input: &Path, out: &Path, docs: &BTreeMap<String, Vec<
                 }
                 docs_written = true;
             }
-            let size = entry.size();
-            builder.append_data(&mut header(size), &name, entry).map_err(io)?;
+            let size = entry.size;
+            builder
+                .append_data(&mut header(size), &name, archive.data())
+                .map_err(io)?;
         }
         if !docs_written {
             return Err(Error::Format {

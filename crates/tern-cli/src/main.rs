@@ -8,7 +8,6 @@
 
 mod cmd;
 mod output;
-mod rusage;
 
 use std::process::ExitCode;
 
@@ -57,9 +56,6 @@ enum Command {
     Deployment(cmd::server::DeploymentCommand),
     /// Run the end-to-end demonstration on embedded defaults.
     Demo(cmd::demo::Args),
-    /// Measure Tern's throughput against the machine's reference tools.
-    #[command(subcommand)]
-    Bench(cmd::bench::Command),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +71,7 @@ fn main() -> ExitCode {
         Command::Device(cmd::agent::DeviceCommand::Approve(a)) => cmd::server::device_action("approve", a),
         Command::Device(cmd::agent::DeviceCommand::Reject(a)) => cmd::server::device_action("reject", a),
         Command::Device(cmd::agent::DeviceCommand::Decommission(a)) => cmd::server::device_action("decommission", a),
+        Command::Device(cmd::agent::DeviceCommand::Reset(a)) => cmd::server::device_reset(a),
         Command::Device(cmd::agent::DeviceCommand::Key(cmd::agent::DeviceKeyCommand::Export(a))) => {
             cmd::encrypt::key_export(a)
         }
@@ -85,12 +82,13 @@ fn main() -> ExitCode {
         Command::Install(a) => cmd::agent::install_cmd(a),
         Command::Agent(c) => cmd::agent::agent(c),
         Command::Demo(a) => cmd::demo::run(a),
-        Command::Bench(c) => cmd::bench::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tern: {e:#}");
+            // Causes may echo untrusted input (a server's message, a bundle's entry name):
+            // escaped and bounded, so that it cannot rewrite the terminal or flood it.
+            eprintln!("tern: {}", output::anyhow_chain(&e));
             ExitCode::from(1)
         }
     }

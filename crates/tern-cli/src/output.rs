@@ -15,6 +15,20 @@ pub enum Format {
     Json,
 }
 
+/// Longest error line printed: a cause chain that echoes untrusted input is cut here.
+const MAX_ERROR_LINE: usize = 4096;
+
+/// An error and its causes on one line, for a terminal or a log: control and
+/// display-altering characters escaped, at most [`MAX_ERROR_LINE`] characters.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    tern_core::text::error_chain(e, MAX_ERROR_LINE)
+}
+
+/// [`chain`] of an `anyhow` error (its own chain, context included).
+pub fn anyhow_chain(e: &anyhow::Error) -> String {
+    tern_core::text::shown_max(&format!("{e:#}"), MAX_ERROR_LINE)
+}
+
 /// Print `value` as pretty JSON.
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);

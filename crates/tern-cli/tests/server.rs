@@ -201,16 +201,7 @@ fn checkin_with_another_devices_key_is_refused() {
     let url = f.server.url.clone();
     let a = f.device("key-a", &[], &url);
     let b = f.device("key-b", &[], &url);
-    let checkin = tern_core::director::CheckIn {
-        kind: tern_core::director::CHECKIN_TYPE.into(),
-        device_id: "key-a".into(),
-        nonce: "abcdef".into(),
-        time: tern_agent::remote::now().to_string(),
-        phase: "forged".into(),
-        slots: vec![],
-        deployment: None,
-        refused_order: None,
-    };
+    let checkin = fleet::checkin_doc("key-a", &fleet::challenge(&url, "key-a"), "forged");
     let body = tern_core::director::sign_document("check-in", &checkin, &b.key()).unwrap();
     let ans = f.api("POST", "/api/v1/devices/key-a/checkin", None, Some(body));
     assert_eq!(ans.status, 401, "{}", ans.body);
@@ -233,11 +224,12 @@ fn checkin_with_another_devices_key_is_refused() {
         200
     );
     let replay = f.api("POST", "/api/v1/devices/key-a/checkin", None, Some(good));
-    assert_eq!(replay.status, 401, "{}", replay.body);
+    assert_eq!(replay.status, 409, "{}", replay.body);
+    assert_eq!(replay.body["error"]["kind"], "StaleChallenge");
     assert!(replay.body["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("replays a nonce"));
+        .contains("does not answer its current challenge"));
     assert!(f
         .audit()
         .iter()
@@ -606,33 +598,34 @@ fn encrypted_end_to_end(db_url: Option<&str>) {
         image[..]
     );
 
-    // An encryption key cannot be slipped in for an approved device by enrolling again with
-    // its (public) signing key; a pending one may still send its own.
+    // An encryption key cannot be slipped in for a device by whoever knows its (public)
+    // signing key: enrollment documents are signed by the device key they name. The device
+    // itself may add its own later (an agent enrolled before it had one).
     let (signer, _) = tern_core::SigningKey::generate(tern_core::KeyAlgorithm::Ed25519).unwrap();
+    let (intruder_signer, _) = tern_core::SigningKey::generate(tern_core::KeyAlgorithm::Ed25519).unwrap();
     let (intruder, _) = tern_core::keywrap::RecipientSecret::generate().unwrap();
-    let enroll = |id: &str, with_key: bool| {
-        let mut body = serde_json::json!({
-            "device_id": id, "public_key": signer.public().to_value(), "device_type": "tern-sim",
-            "hardware": "rev-a", "enrollment_token": f.enrollment,
-        });
-        if with_key {
-            body["encryption_key"] = intruder.public().to_value();
-        }
-        f.api(
-            "POST",
-            "/api/v1/devices/enroll",
-            None,
-            Some(body.to_string().into_bytes()),
-        )
-    };
-    assert_eq!(enroll("old-agent", false).status, 200);
+    let (own, _) = tern_core::keywrap::RecipientSecret::generate().unwrap();
+    assert_eq!(f.enroll_signed("old-agent", &signer, None).status, 200);
     f.ok(&["device", "approve", "old-agent"]);
-    let again = enroll("old-agent", true);
-    assert_eq!(again.status, 409, "{:?}", again.body);
+    let forged = fleet::enrollment_body(
+        &f.server.url,
+        "old-agent",
+        signer.public(),
+        &intruder_signer,
+        Some(intruder.public().to_value()),
+        &f.enrollment,
+    );
+    let again = f.api("POST", "/api/v1/devices/enroll", Some(&f.enrollment), Some(forged));
+    assert_eq!(again.status, 400, "{:?}", again.body);
     let dev = f.api("GET", "/api/v1/devices/old-agent", Some(&f.admin), None);
     assert!(dev.body["encryption_key"].is_null(), "{:?}", dev.body);
-    assert_eq!(enroll("pending-agent", false).status, 200);
-    assert_eq!(enroll("pending-agent", true).status, 200);
+    assert_eq!(
+        f.enroll_signed("old-agent", &signer, Some(own.public().to_value()))
+            .status,
+        200
+    );
+    let dev = f.api("GET", "/api/v1/devices/old-agent", Some(&f.admin), None);
+    assert_eq!(dev.body["encryption_kid"], own.public().kid(), "{:?}", dev.body);
 
     // A recipients document with another key commitment is refused.
     let mut forged = doc.clone();

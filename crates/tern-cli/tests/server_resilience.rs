@@ -124,12 +124,14 @@ fn killing_the_server_mid_checkin_loses_no_acknowledged_report() {
             dep.clone(),
         );
         let sender = std::thread::spawn(move || {
+            let mut challenge = fleet::challenge(&u, "ack-a");
             while !st.load(Ordering::SeqCst) {
                 let i = c.fetch_add(1, Ordering::SeqCst) + 1;
                 let checkin = tern_core::director::CheckIn {
                     kind: tern_core::director::CHECKIN_TYPE.into(),
                     device_id: "ack-a".into(),
                     nonce: format!("{i:032x}"),
+                    challenge: challenge.clone(),
                     time: tern_agent::remote::now().to_string(),
                     phase: "idle".into(),
                     slots: vec![],
@@ -146,7 +148,10 @@ fn killing_the_server_mid_checkin_loses_no_acknowledged_report() {
                 };
                 let body = tern_core::director::sign_document("check-in", &checkin, &k).unwrap();
                 match try_http("POST", &format!("{u}/api/v1/devices/ack-a/checkin"), None, Some(body)) {
-                    Some(ans) if ans.status == 200 => a.store(i, Ordering::SeqCst),
+                    Some(ans) if ans.status == 200 => {
+                        a.store(i, Ordering::SeqCst);
+                        challenge = ans.body["challenge"].as_str().unwrap().to_owned();
+                    }
                     _ => return,
                 }
             }

@@ -160,10 +160,8 @@ fn devices_with_a_device_ca_certificate_enroll_over_mutual_tls() {
         device_cert(&device_ca, "mtls-c", &other.serialize_pem()),
         other.serialize_pem()
     );
-    let c_key = tern_fs::load_public_key(&c.join("state/device.pub.json")).unwrap();
-    let body = serde_json::json!({
-        "device_id": "mtls-c", "public_key": c_key.to_value(), "device_type": "tern-sim", "hardware": "rev-a",
-    });
+    // The enrollment document is genuine (signed by the device key), the certificate not.
+    let c_key = tern_fs::load_signing_key(&c.join("state/device.pem")).unwrap();
     let (status, text) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -175,9 +173,32 @@ fn devices_with_a_device_ca_certificate_enroll_over_mutual_tls() {
                 .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap())
                 .build()
                 .unwrap();
+            let challenge: serde_json::Value = serde_json::from_slice(
+                &client
+                    .get(format!("{url}/api/v1/devices/enroll/challenge"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap(),
+            )
+            .unwrap();
+            let doc = tern_core::enrollment::Enrollment {
+                kind: tern_core::enrollment::ENROLLMENT_TYPE.into(),
+                device_id: "mtls-c".into(),
+                public_key: c_key.public().to_value().clone(),
+                encryption_key: None,
+                device_type: "tern-sim".into(),
+                hardware: "rev-a".into(),
+                tags: vec![],
+                token_id: None,
+                challenge: challenge["challenge"].as_str().unwrap().to_owned(),
+            };
+            let body = tern_core::director::sign_document("enrollment", &doc, &c_key).unwrap();
             let resp = client
                 .post(format!("{url}/api/v1/devices/enroll"))
-                .body(body.to_string())
+                .body(body)
                 .send()
                 .await
                 .unwrap();

@@ -22,7 +22,9 @@ mod updater;
 
 pub use limits::Limits;
 pub use store::MetadataDir;
-pub use transport::{AnyTransport, BundleTransport, Fetched, FileTransport, HttpTransport, Transport, TransportError};
+pub use transport::{
+    fetch_to, AnyTransport, BundleTransport, Fetched, FileTransport, HttpTransport, Transport, TransportError,
+};
 pub use updater::{TargetInfo, Updater};
 
 use std::path::PathBuf;

@@ -4,7 +4,7 @@
 //! [`TransportError::NotFound`] is kept apart from every other failure.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -159,6 +159,23 @@ impl HttpTransport {
         self.exchange(req, url, limit)
     }
 
+    /// POST a JSON body with `Authorization: Bearer TOKEN`, as [`HttpTransport::post_json`].
+    pub fn post_json_bearer(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        token: &str,
+        limit: u64,
+    ) -> Result<(u16, Vec<u8>), TransportError> {
+        let req = self
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .bearer_auth(token)
+            .body(body);
+        self.exchange(req, url, limit)
+    }
+
     /// GET, as [`HttpTransport::post_json`].
     pub fn get(&self, url: &str, limit: u64) -> Result<(u16, Vec<u8>), TransportError> {
         self.exchange(self.client.get(url), url, limit)
@@ -293,14 +310,7 @@ impl Read for HttpBody {
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    tern_core::text::error_chain(e, 2048)
 }
 
 /// A local directory: `file:///abs/dir/` URLs or plain absolute paths.
@@ -498,6 +508,33 @@ pub(crate) fn fetch_bounded(
             limit,
         }),
         Ok(_) => Ok(buf),
+        Err(e) => Err(map_read_error(url, e, limits)),
+    }
+}
+
+/// Fetch a whole resource of at most `limit` bytes into `out`, streaming, with the
+/// slow-retrieval rule of `limits` (no byte for the stall timeout, or an average below the
+/// minimum rate after the grace period, fails); returns the bytes written.
+pub fn fetch_to(
+    transport: &dyn Transport,
+    url: &str,
+    out: &mut dyn Write,
+    limit: u64,
+    limits: &Limits,
+) -> Result<u64, TransportError> {
+    let fetched = transport.fetch(url, 0)?;
+    let mut body = Guarded {
+        inner: fetched.body,
+        limits,
+        started: Instant::now(),
+        read: 0,
+    };
+    match io::copy(&mut (&mut body).take(limit.saturating_add(1)), out) {
+        Ok(n) if n > limit => Err(TransportError::TooLarge {
+            url: url.to_owned(),
+            limit,
+        }),
+        Ok(n) => Ok(n),
         Err(e) => Err(map_read_error(url, e, limits)),
     }
 }

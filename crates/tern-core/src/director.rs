@@ -110,6 +110,11 @@ pub struct CheckIn {
     pub device_id: String,
     /// Fresh random hex; the order answering this check-in must echo it.
     pub nonce: String,
+    /// The challenge the server gave for this device's next check-in (in the answer to the
+    /// last one, or from `GET /api/v1/devices/ID/challenge`): a recorded check-in answers
+    /// a challenge that is no longer current, so it cannot be replayed.
+    #[serde(default)]
+    pub challenge: String,
     /// The device's clock.
     pub time: String,
     /// The agent's state name (idle, pending-reboot, trial…).
@@ -267,6 +272,9 @@ pub fn parse_checkin(bytes: &[u8]) -> Result<(Envelope, CheckIn)> {
         || !checkin.nonce.bytes().all(|b| b.is_ascii_hexdigit())
     {
         return Err(Error::field("check-in", "nonce", "must be 1 to 128 hex characters"));
+    }
+    if checkin.challenge.len() > crate::enrollment::MAX_CHALLENGE_CHARS {
+        return Err(Error::field("check-in", "challenge", "too long"));
     }
     DateTime::parse(&checkin.time).map_err(|r| Error::field("check-in", "time", r))?;
     Ok((env, checkin))
@@ -449,6 +457,7 @@ mod tests {
             kind: CHECKIN_TYPE.into(),
             device_id: "dev-a".into(),
             nonce: "00ff".into(),
+            challenge: String::new(),
             time: DateTime::from_unix(5).to_string(),
             phase: "idle".into(),
             slots: vec![],

@@ -143,6 +143,12 @@ pub struct Manifest {
     /// SHA-256 of the base image when the payload is a delta.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_base: Option<String>,
+    /// Length of what is installed (the image, file or archive after decompression), for a
+    /// compressed payload: the agent stops decompressing past it, before the payload's
+    /// hash (known only at its end) could tell a substituted one apart. Required for
+    /// compressed file and archive payloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed_length: Option<u64>,
 }
 
 impl Manifest {
@@ -174,6 +180,15 @@ impl Manifest {
         }
         if let Some(e) = &self.encryption {
             e.validate().map_err(|r| field("encryption", r))?;
+        }
+        if self.compression != Compression::None
+            && self.installed_length.is_none()
+            && matches!(self.installer, Installer::File | Installer::Archive)
+        {
+            return Err(field(
+                "installed_length",
+                "a compressed file or archive payload must give its installed length".into(),
+            ));
         }
         match self.installer {
             Installer::Raw if self.slot_class.is_none() => {
@@ -212,6 +227,7 @@ mod tests {
             compression: Compression::Zstd,
             encryption: None,
             delta_base: None,
+            installed_length: Some(4096),
         };
         let back = Manifest::from_custom("t", Some(&m.to_custom())).unwrap().unwrap();
         assert_eq!(back, m);

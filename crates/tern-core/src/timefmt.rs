@@ -25,7 +25,8 @@ impl DateTime {
 
     /// Parse the strict TUF form. Fractional seconds and offsets other than `Z` are refused.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let t = PrimitiveDateTime::parse(s, FORMAT).map_err(|e| format!("`{s}` is not YYYY-MM-DDTHH:MM:SSZ ({e})"))?;
+        let t = PrimitiveDateTime::parse(s, FORMAT)
+            .map_err(|e| format!("`{}` is not YYYY-MM-DDTHH:MM:SSZ ({e})", crate::text::shown(s)))?;
         Ok(DateTime(t.assume_utc().unix_timestamp()))
     }
 

@@ -62,6 +62,8 @@ pub struct TrustedRepository {
     /// (delegator index, role name) → index in `roles`: a role is trusted through the
     /// delegator that verified it, never merely by its name.
     by_delegator: BTreeMap<(usize, String), usize>,
+    /// [`crate::floors::key_set`] of the keys each of `roles` was verified with.
+    fingerprints: Vec<Vec<String>>,
 }
 
 /// Verify `envelope` for `role` with keys and threshold, then parse it as `T` and check its version and expiry.
@@ -237,6 +239,7 @@ impl TrustedRepository {
         )?;
         Ok(TrustedRepository {
             now,
+            fingerprints: vec![crate::floors::key_set(&keys.keyids)],
             root,
             timestamp,
             snapshot,
@@ -263,6 +266,40 @@ impl TrustedRepository {
     /// The top-level targets role.
     pub fn targets(&self) -> &Signed<Targets> {
         &self.roles[0].1
+    }
+
+    /// The version of every role verified so far, with the keys that verified it, for the
+    /// device's version floors (`crate::floors`): root, timestamp and snapshot when
+    /// present, targets, and `delegated/NAME` for each delegated role.
+    pub fn role_versions(&self) -> Vec<crate::floors::RoleVersion> {
+        use crate::floors::{key_set, RoleVersion};
+        let top = |name: &str, version: u64| {
+            top_role(&self.root.signed, name).ok().map(|k| RoleVersion {
+                role: name.to_owned(),
+                version,
+                keys: key_set(&k.keyids),
+            })
+        };
+        let mut out: Vec<RoleVersion> = [
+            top("root", self.root.version()),
+            self.timestamp.as_ref().and_then(|t| top("timestamp", t.version())),
+            self.snapshot.as_ref().and_then(|s| top("snapshot", s.version())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for (i, (name, role)) in self.roles.iter().enumerate() {
+            out.push(RoleVersion {
+                role: if i == 0 {
+                    "targets".into()
+                } else {
+                    format!("delegated/{name}")
+                },
+                version: role.version(),
+                keys: self.fingerprints.get(i).cloned().unwrap_or_default(),
+            });
+        }
+        out
     }
 
     /// Every targets role verified so far, top-level first, with its name.
@@ -370,6 +407,7 @@ impl TrustedRepository {
             Some(self.now),
         )?;
         self.roles.push((role.to_owned(), signed));
+        self.fingerprints.push(crate::floors::key_set(&candidate.keyids));
         let i = self.roles.len() - 1;
         self.by_delegator.insert(key, i);
         Ok(i)

@@ -49,6 +49,8 @@ pub struct TrustedSet {
     /// exact chain of documents that verified it, never because a role, or a delegator, of
     /// that name was loaded before through another path.
     delegated: BTreeMap<Vec<String>, Signed<Targets>>,
+    /// The keys each delegated role was verified with ([`crate::floors::key_set`]).
+    delegated_keys: BTreeMap<Vec<String>, Vec<String>>,
 }
 
 fn verify_top<T: RoleType>(role: &str, bytes: &[u8], root: &Root) -> Result<Signed<T>> {
@@ -70,6 +72,7 @@ impl TrustedSet {
             snapshot: None,
             targets: None,
             delegated: BTreeMap::new(),
+            delegated_keys: BTreeMap::new(),
         })
     }
 
@@ -104,6 +107,38 @@ impl TrustedSet {
             [top] if top == "targets" => self.targets.as_ref(),
             _ => self.delegated.get(chain),
         }
+    }
+
+    /// The version of every role trusted so far with the keys that verified it, for the
+    /// device's version floors (`crate::floors`), named as
+    /// `crate::TrustedRepository::role_versions` names them.
+    pub fn role_versions(&self) -> Vec<crate::floors::RoleVersion> {
+        use crate::floors::{key_set, RoleVersion};
+        let top = |name: &str, version: Option<u64>| {
+            let keys = role_keys(&self.root.signed, name).ok()?;
+            Some(RoleVersion {
+                role: name.to_owned(),
+                version: version?,
+                keys: key_set(&keys.keyids),
+            })
+        };
+        let mut out: Vec<RoleVersion> = [
+            top("root", Some(self.root.version())),
+            top("timestamp", self.timestamp.as_ref().map(|t| t.version())),
+            top("snapshot", self.snapshot.as_ref().map(|t| t.version())),
+            top("targets", self.targets.as_ref().map(|t| t.version())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for (chain, role) in &self.delegated {
+            out.push(RoleVersion {
+                role: format!("delegated/{}", chain.last().map(String::as_str).unwrap_or("")),
+                version: role.version(),
+                keys: self.delegated_keys.get(chain).cloned().unwrap_or_default(),
+            });
+        }
+        out
     }
 
     /// §5.3.4–5.3.7: accept the next root version.
@@ -305,6 +340,8 @@ impl TrustedSet {
         expired(role, &new, self.now)?;
         let mut chain = parent.to_vec();
         chain.push(role.to_owned());
+        self.delegated_keys
+            .insert(chain.clone(), crate::floors::key_set(&candidate.keyids));
         self.delegated.insert(chain, new);
         Ok(())
     }

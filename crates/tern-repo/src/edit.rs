@@ -312,6 +312,7 @@ impl Repository {
             path: tmp.clone(),
             source,
         };
+        let installed: u64;
         let (digester, plaintext_length) = {
             let mut w = DigestWriter {
                 inner: BufWriter::with_capacity(1 << 20, out.file()),
@@ -320,7 +321,7 @@ impl Repository {
             // Compress, then encrypt: ciphertext does not compress.
             let plain = match &key {
                 None => {
-                    compress(&mut input, &mut w, add.compression).map_err(io)?;
+                    installed = compress(&mut input, &mut w, add.compression).map_err(io)?;
                     None
                 }
                 Some(k) => {
@@ -330,7 +331,7 @@ impl Repository {
                         inner: &mut input,
                         digester: Digester::new(&[HashAlgorithm::Sha256]),
                     };
-                    compress(&mut image, &mut e, add.compression).map_err(io)?;
+                    installed = compress(&mut image, &mut e, add.compression).map_err(io)?;
                     let image_sha256 = image.digester.finish().1.remove("sha256").unwrap_or_default();
                     Some((e.finish().map_err(io)?.1, image_sha256))
                 }
@@ -353,6 +354,16 @@ impl Repository {
             }
         }
         let mut custom = add.custom.clone();
+        // A compressed payload's manifest carries what it decompresses to, as counted here.
+        if add.compression != Compression::None {
+            if let Some(tern) = custom
+                .as_mut()
+                .and_then(|c| c.get_mut("tern"))
+                .and_then(|t| t.as_object_mut())
+            {
+                tern.insert("installed_length".into(), installed.into());
+            }
+        }
         if let (Some(k), Some((plaintext_length, image_sha256))) = (&key, plaintext_length) {
             let invalid = |reason: &str| Error::Invalid {
                 what: format!("target `{}`", add.name),
@@ -1006,18 +1017,17 @@ impl<W: Write> Write for DigestWriter<W> {
     }
 }
 
-fn compress(input: &mut impl Read, out: &mut impl Write, compression: Compression) -> std::io::Result<()> {
+/// Copy `input` to `out`, compressed as asked; returns the bytes read (what is installed).
+fn compress(input: &mut impl Read, out: &mut impl Write, compression: Compression) -> std::io::Result<u64> {
     match compression {
-        Compression::None => {
-            copy(input, out)?;
-        }
+        Compression::None => copy(input, out),
         Compression::Zstd => {
             let mut enc = zstd::stream::write::Encoder::new(out, 3)?;
-            copy(input, &mut enc)?;
+            let n = copy(input, &mut enc)?;
             enc.finish()?;
+            Ok(n)
         }
     }
-    Ok(())
 }
 
 fn copy(input: &mut impl Read, out: &mut impl Write) -> std::io::Result<u64> {

@@ -28,11 +28,14 @@ pub struct ErrorBody {
 /// See [`ErrorBody`].
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
-    /// BadRequest, Unauthorized, Forbidden, NotFound, Conflict or Internal.
+    /// BadRequest, Unauthorized, Forbidden, NotFound, Conflict, StaleChallenge, TooMany or Internal.
     pub kind: String,
     /// The reason, naming what was wrong.
     pub message: String,
 }
+
+/// Longest error message sent (it may quote what the request said).
+const MAX_MESSAGE: usize = 1024;
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
@@ -42,18 +45,35 @@ impl IntoResponse for Refusal {
             Refusal::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
             Refusal::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
             Refusal::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+            Refusal::StaleChallenge(_) => (StatusCode::CONFLICT, "StaleChallenge"),
+            Refusal::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "TooMany"),
+            Refusal::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
+        };
+        // The error boundary: internal detail (a database's message) goes to the log with
+        // an id, the client gets the id; everything else is shortened and escaped.
+        let message = match &self {
             Refusal::Internal(e) => {
-                eprintln!("tern server: internal error: {e}");
-                (StatusCode::INTERNAL_SERVER_ERROR, "Internal")
+                let id = random_hex(6);
+                eprintln!(
+                    "tern server: internal error {id}: {}",
+                    tern_core::text::shown_max(&e.to_string(), 4096)
+                );
+                format!("internal error {id}; the server's log has the details")
             }
+            other => tern_core::text::shown_max(&other.to_string(), MAX_MESSAGE),
         };
         let body = ErrorBody {
             error: ErrorDetail {
                 kind: kind.into(),
-                message: self.to_string(),
+                message,
             },
         };
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+        }
+        resp
     }
 }
 
@@ -88,18 +108,21 @@ async fn authorize(state: &AppState, headers: &HeaderMap, need: Role, action: &s
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let refuse = |r: Refusal, actor: String| async move {
-        if actor == "anonymous" {
-            state.audit_refusal(&actor, action, "api", &r.to_string()).await;
-        } else {
-            let _ = state.db.audit(&actor, action, "api", "refused", &r.to_string()).await;
-        }
+    let refuse = |r: Refusal, actor: String, token: Option<String>| async move {
+        let caller = match &token {
+            Some(id) => crate::Caller::Token(id),
+            None => crate::Caller::Unauthenticated,
+        };
+        state
+            .audit_refusal_of(caller, &actor, action, "api", &r.to_string())
+            .await;
         Err(r)
     };
     let Some(token) = presented else {
         return refuse(
             Refusal::Unauthorized("no API token (send `Authorization: Bearer TOKEN`)".into()),
             "anonymous".into(),
+            None,
         )
         .await;
     };
@@ -107,6 +130,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap, need: Role, action: &s
         return refuse(
             Refusal::Unauthorized("the API token is not valid".into()),
             "anonymous".into(),
+            None,
         )
         .await;
     };
@@ -116,15 +140,17 @@ async fn authorize(state: &AppState, headers: &HeaderMap, need: Role, action: &s
         return refuse(
             Refusal::Forbidden(format!("{action} needs the {need:?} role; this token is {role_name}").to_lowercase()),
             actor,
+            Some(id),
         )
         .await;
     }
     Ok(actor)
 }
 
-/// The router.
+/// The router: every route but the bundle upload runs under the request timeout (its
+/// body read included); the upload has a minimum rate instead.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let bounded = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/openapi.json", get(openapi))
         .route("/director/root.json", get(director_root))
@@ -135,10 +161,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/recipients",
             post(add_recipients).layer(DefaultBodyLimit::max(recipients::MAX_DOCUMENT)),
         )
+        .route("/api/v1/devices/enroll/challenge", get(enrollment_challenge))
         .route(
             "/api/v1/devices/enroll",
-            post(enroll).layer(DefaultBodyLimit::max(64 * 1024)),
+            post(enroll).layer(DefaultBodyLimit::max(tern_core::enrollment::MAX_ENROLLMENT_BYTES)),
         )
+        .route("/api/v1/devices/{id}/challenge", get(device_challenge))
         .route(
             "/api/v1/devices/{id}/checkin",
             post(checkin).layer(DefaultBodyLimit::max(tern_core::director::MAX_CHECKIN_BYTES)),
@@ -146,13 +174,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/devices/{id}/poll", get(poll))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
+        .route("/api/v1/devices/{id}/reset", post(reset_device))
         .route("/api/v1/devices/{id}/{action}", post(device_action))
-        .route(
-            "/api/v1/releases",
-            get(list_releases)
-                .post(upload_release)
-                .layer(DefaultBodyLimit::disable()),
-        )
+        .route("/api/v1/releases", get(list_releases))
         .route("/api/v1/releases/{name}", get(get_release))
         .route("/api/v1/repository/root", post(set_root))
         .route("/api/v1/deployments", get(list_deployments).post(create_deployment))
@@ -164,7 +188,67 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/v1/enrollment-tokens", post(create_enrollment_token))
         .route("/api/v1/audit", get(audit_log))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout));
+    let upload = Router::new().route(
+        "/api/v1/releases",
+        post(upload_release).layer(DefaultBodyLimit::disable()),
+    );
+    bounded.merge(upload).with_state(state)
+}
+
+/// A request body that fails once its deadline has passed.
+struct DeadlineBody {
+    inner: Body,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl axum::body::HttpBody for DeadlineBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Some(Err(axum::Error::new("the request's body did not arrive in time"))));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request not answered within `request_timeout_secs` (its body read included) gets 408.
+/// The handler runs as a task of its own, so that neither the timeout nor a client that
+/// goes away can stop it between a change and its audit entry: what it started, it ends;
+/// its body, though, fails at the deadline, so a trickling client holds nothing after it.
+async fn request_timeout(State(state): St, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let limit = std::time::Duration::from_secs(state.cfg.request_timeout_secs.clamp(1, 86_400));
+    // The body's own deadline comes a moment after the answer's, so that the client gets
+    // the 408 and the handler, left reading, stops.
+    let req = req.map(|inner| {
+        Body::new(DeadlineBody {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(limit + std::time::Duration::from_secs(1))),
+        })
+    });
+    match tokio::time::timeout(limit, tokio::spawn(next.run(req))).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => Refusal::Internal(crate::Error::Refused(format!("request handler failed: {e}"))).into_response(),
+        Err(_) => {
+            let body = ErrorBody {
+                error: ErrorDetail {
+                    kind: "Timeout".into(),
+                    message: format!("the request was not received and answered within {} s", limit.as_secs()),
+                },
+            };
+            (StatusCode::REQUEST_TIMEOUT, Json(body)).into_response()
+        }
+    }
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -273,23 +357,6 @@ async fn add_recipients(State(state): St, headers: HeaderMap, body: Body) -> R<J
     ))
 }
 
-/// Parse `bytes=START-[END]` (one range).
-fn parse_range(v: &str, len: u64) -> Option<(u64, u64)> {
-    let spec = v.strip_prefix("bytes=")?;
-    let (a, b) = spec.split_once('-')?;
-    if a.is_empty() {
-        let suffix: u64 = b.parse().ok()?;
-        return Some((len.saturating_sub(suffix), len.checked_sub(1)?));
-    }
-    let start: u64 = a.parse().ok()?;
-    let end = if b.is_empty() {
-        len.checked_sub(1)?
-    } else {
-        b.parse::<u64>().ok()?.min(len.checked_sub(1)?)
-    };
-    (start <= end && start < len).then_some((start, end))
-}
-
 /// A target by its consistent-snapshot name, with Range and ETag.
 #[utoipa::path(get, path = "/repo/targets/{path}", params(("path" = String, Path)), responses((status = 200), (status = 206), (status = 404), (status = 416)))]
 async fn repo_target(State(state): St, Path(path): Path<String>, headers: HeaderMap) -> R<Response> {
@@ -304,7 +371,7 @@ async fn repo_target(State(state): St, Path(path): Path<String>, headers: Header
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, end) = match range {
         None => (StatusCode::OK, 0, len.saturating_sub(1)),
-        Some(r) => match parse_range(r, len) {
+        Some(r) => match tern_core::range::parse_range(r, len) {
             Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
             None => {
                 return Ok((
@@ -336,19 +403,48 @@ async fn repo_target(State(state): St, Path(path): Path<String>, headers: Header
     Ok(resp)
 }
 
-/// Enroll a device: with a fleet enrollment token it then waits for approval; with a device
-/// certificate (mutual TLS) from the configured device CA it is approved at once.
-#[utoipa::path(post, path = "/api/v1/devices/enroll", request_body = fleet::EnrollRequest,
-    responses((status = 200, body = fleet::Device), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
+/// A challenge for an enrollment document (valid five minutes).
+#[utoipa::path(get, path = "/api/v1/devices/enroll/challenge", responses((status = 200, body = fleet::EnrollmentChallenge)))]
+async fn enrollment_challenge(State(state): St) -> Json<fleet::EnrollmentChallenge> {
+    Json(fleet::enrollment_challenge(&state))
+}
+
+/// Enroll a device with its enrollment document (`tern_core::enrollment`, signed by the
+/// device key it names): with a fleet enrollment token (`Authorization: Bearer`) it then
+/// waits for approval; with a device certificate (mutual TLS) from the configured device CA
+/// it is approved at once.
+#[utoipa::path(post, path = "/api/v1/devices/enroll", request_body(content = Object, content_type = "application/json"),
+    responses((status = 200, body = fleet::Device), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 429, body = ErrorBody)))]
 async fn enroll(
     State(state): St,
+    headers: HeaderMap,
     peer: Option<axum::Extension<crate::tls::PeerCert>>,
     body: axum::body::Bytes,
 ) -> R<Json<fleet::Device>> {
-    let req: fleet::EnrollRequest =
-        serde_json::from_slice(&body).map_err(|e| Refusal::BadRequest(format!("enrollment request: {e}")))?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     let cert = peer.and_then(|axum::Extension(p)| p.0);
-    Ok(Json(fleet::enroll(&state, req, cert).await?))
+    Ok(Json(fleet::enroll(&state, &body, token, cert).await?))
+}
+
+/// What a device's next check-in must answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChallengeResponse {
+    /// The challenge.
+    pub challenge: String,
+}
+
+/// The challenge a device's next check-in must carry (for a device that lost its last
+/// answer); not secret, since only the device's key can sign a check-in.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/challenge", params(("id" = String, Path)),
+    responses((status = 200, body = ChallengeResponse), (status = 404, body = ErrorBody)))]
+async fn device_challenge(State(state): St, Path(id): Path<String>) -> R<Json<ChallengeResponse>> {
+    Ok(Json(ChallengeResponse {
+        challenge: fleet::challenge(&state, &id).await?,
+    }))
 }
 
 /// A signed check-in (`tern_core::director::CheckIn` in a TUF envelope).
@@ -422,12 +518,13 @@ async fn get_device(State(state): St, headers: HeaderMap, Path(id): Path<String>
 }
 
 /// `approve`, `reject` or `decommission` a device (admin).
-#[utoipa::path(post, path = "/api/v1/devices/{id}/{action}", params(("id" = String, Path), ("action" = String, Path)),
+#[utoipa::path(post, path = "/api/v1/devices/{id}/{action}", params(("id" = String, Path), ("action" = String, Path), DeviceActionQuery),
     security(("token" = [])), responses((status = 200, body = fleet::Device), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn device_action(
     State(state): St,
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
+    Query(q): Query<DeviceActionQuery>,
 ) -> R<Json<fleet::Device>> {
     let to = match action.as_str() {
         "approve" => "approved",
@@ -436,7 +533,26 @@ async fn device_action(
         _ => return Err(Refusal::NotFound(format!("no device action `{action}`"))),
     };
     let actor = authorize(&state, &headers, Role::Admin, &format!("device.{action}")).await?;
-    Ok(Json(fleet::set_device_status(&state, &id, to, &actor).await?))
+    Ok(Json(
+        fleet::set_device_status(&state, &id, to, q.keyid.as_deref(), &actor).await?,
+    ))
+}
+
+/// Device action options.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct DeviceActionQuery {
+    /// Act only if the registration has this key id (what the operator compared with the
+    /// device's own `tern device key export`).
+    keyid: Option<String>,
+}
+
+/// Forget a pending or rejected registration so that the id can enroll again (admin).
+#[utoipa::path(post, path = "/api/v1/devices/{id}/reset", params(("id" = String, Path)),
+    security(("token" = [])), responses((status = 200), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn reset_device(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> R<Json<serde_json::Value>> {
+    let actor = authorize(&state, &headers, Role::Admin, "device.reset").await?;
+    fleet::reset_device(&state, &id, &actor).await?;
+    Ok(Json(serde_json::json!({"id": id, "reset": true})))
 }
 
 /// Releases.
@@ -465,6 +581,9 @@ struct UploadQuery {
     name: Option<String>,
 }
 
+/// Seconds an upload may run below the minimum rate at its start.
+const UPLOAD_GRACE_SECS: f64 = 10.0;
+
 /// Upload a release bundle (the request body, `application/octet-stream`). It is verified
 /// against the repository's root and delegations, its payloads stored, its metadata
 /// published with a new snapshot and timestamp.
@@ -489,9 +608,24 @@ async fn upload_release(
             .map_err(|e| Refusal::Internal(crate::Error::Io(path.display().to_string(), e)))?;
         let mut stream = body.into_data_stream();
         let mut total = 0u64;
-        while let Some(chunk) = stream.next().await {
+        let started = tokio::time::Instant::now();
+        let stall = std::time::Duration::from_secs(state.cfg.request_timeout_secs.max(1));
+        let min_rate = state.cfg.min_upload_bytes_per_sec;
+        loop {
+            // No chunk for the request timeout, or slower than the minimum rate on average
+            // after a grace period, ends the upload: a trickle cannot hold the connection.
+            let next = tokio::time::timeout(stall, stream.next())
+                .await
+                .map_err(|_| Refusal::BadRequest(format!("upload stalled: no data for {} s", stall.as_secs())))?;
+            let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|e| Refusal::BadRequest(format!("upload interrupted: {e}")))?;
             total += chunk.len() as u64;
+            let elapsed = started.elapsed().as_secs_f64();
+            if elapsed > UPLOAD_GRACE_SECS && (total as f64) < elapsed * min_rate as f64 {
+                return Err(Refusal::BadRequest(format!(
+                    "upload slower than {min_rate} bytes/s (min_upload_bytes_per_sec)"
+                )));
+            }
             if total > state.cfg.max_upload_bytes {
                 return Err(Refusal::BadRequest(format!(
                     "the bundle exceeds the {}-byte upload limit",
@@ -644,11 +778,12 @@ async fn audit_log(
 #[openapi(
     info(title = "Tern update server", description = "Release repository, device registry, director and deployments. Management endpoints take `Authorization: Bearer TOKEN` (roles admin, releaser, viewer); devices sign their check-ins."),
     paths(
-        repo_metadata, repo_target, repo_recipients, add_recipients, enroll, checkin, poll, list_devices, get_device, device_action, list_releases,
+        repo_metadata, repo_target, repo_recipients, add_recipients, enrollment_challenge, enroll, device_challenge, checkin, poll,
+        list_devices, get_device, reset_device, device_action, list_releases,
         get_release, upload_release, set_root, list_deployments, create_deployment, get_deployment,
         cancel_deployment, abandon_device, create_enrollment_token, audit_log
     ),
-    components(schemas(ErrorBody, ErrorDetail, TokenResponse, PollResponse)),
+    components(schemas(ErrorBody, ErrorDetail, TokenResponse, PollResponse, ChallengeResponse)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -13,6 +13,14 @@
 //! snapshot_expiry_secs = 604800
 //! max_upload_bytes = 17179869184
 //! max_db_connections = 16
+//! max_connections = 10000                 # open connections, all peers together
+//! max_connections_per_peer = 1024         # from one IP address (a NAT may hide a fleet)
+//! header_timeout_secs = 10                # to receive a request's headers
+//! idle_timeout_secs = 60                  # a connection with no request, or a reader not reading
+//! request_timeout_secs = 30               # a request's body and handling (uploads: a minimum rate)
+//! min_upload_bytes_per_sec = 16384        # an upload slower than this on average (after 10 s) stops
+//! max_pending_per_token = 1000            # devices one enrollment token keeps waiting for approval
+//! enrollments_per_minute = 600            # enrollment attempts per token and minute (per process)
 //!
 //! [tls]                                   # optional: HTTPS through rustls
 //! cert = "server.crt"
@@ -80,6 +88,32 @@ pub struct ServerConfig {
     /// Database pool size.
     #[serde(default = "default_connections")]
     pub max_db_connections: u32,
+    /// Open connections, all peers together; more are closed as they arrive.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Open connections from one IP address.
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: u32,
+    /// Seconds to receive a request's headers.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_secs: u64,
+    /// Seconds a connection may wait for its next request, or a response wait for its
+    /// reader to take more bytes.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Seconds to receive a request's body and answer it (bundle uploads have a minimum
+    /// rate instead).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// Slowest average rate of a bundle upload after its first 10 seconds, bytes a second.
+    #[serde(default = "default_min_upload_rate")]
+    pub min_upload_bytes_per_sec: u64,
+    /// Devices one enrollment token may keep waiting for approval.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_per_token: u64,
+    /// Enrollment attempts per token and minute, in each server process.
+    #[serde(default = "default_enrollments_per_minute")]
+    pub enrollments_per_minute: u64,
     /// HTTPS.
     pub tls: Option<TlsConfig>,
 }
@@ -108,6 +142,30 @@ fn default_max_upload() -> u64 {
 fn default_connections() -> u32 {
     16
 }
+fn default_max_connections() -> u32 {
+    10_000
+}
+fn default_max_connections_per_peer() -> u32 {
+    1024
+}
+fn default_header_timeout() -> u64 {
+    10
+}
+fn default_idle_timeout() -> u64 {
+    60
+}
+fn default_request_timeout() -> u64 {
+    30
+}
+fn default_min_upload_rate() -> u64 {
+    16 << 10
+}
+fn default_max_pending() -> u64 {
+    1000
+}
+fn default_enrollments_per_minute() -> u64 {
+    600
+}
 
 impl ServerConfig {
     /// Defaults for a data directory.
@@ -125,6 +183,14 @@ impl ServerConfig {
             snapshot_expiry_secs: default_snapshot_expiry(),
             max_upload_bytes: default_max_upload(),
             max_db_connections: default_connections(),
+            max_connections: default_max_connections(),
+            max_connections_per_peer: default_max_connections_per_peer(),
+            header_timeout_secs: default_header_timeout(),
+            idle_timeout_secs: default_idle_timeout(),
+            request_timeout_secs: default_request_timeout(),
+            min_upload_bytes_per_sec: default_min_upload_rate(),
+            max_pending_per_token: default_max_pending(),
+            enrollments_per_minute: default_enrollments_per_minute(),
             tls: None,
         }
     }
@@ -134,7 +200,11 @@ impl ServerConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let mut cfg: ServerConfig =
             toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::path::absolute(parent).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -167,6 +237,10 @@ impl ServerConfig {
                 v.parse::<u64>()
                     .map_err(|_| Error::Config(format!("{k}: `{v}` is not a number")))
             };
+            let num32 = |v: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| Error::Config(format!("{k}: `{v}` is not a number up to {}", u32::MAX)))
+            };
             match name {
                 "LISTEN" => self.listen = v,
                 "DATA_DIR" => self.data_dir = v.into(),
@@ -179,7 +253,15 @@ impl ServerConfig {
                 "TIMESTAMP_EXPIRY_SECS" => self.timestamp_expiry_secs = num(&v)?,
                 "SNAPSHOT_EXPIRY_SECS" => self.snapshot_expiry_secs = num(&v)?,
                 "MAX_UPLOAD_BYTES" => self.max_upload_bytes = num(&v)?,
-                "MAX_DB_CONNECTIONS" => self.max_db_connections = num(&v)? as u32,
+                "MAX_DB_CONNECTIONS" => self.max_db_connections = num32(&v)?,
+                "MAX_CONNECTIONS" => self.max_connections = num32(&v)?,
+                "MAX_CONNECTIONS_PER_PEER" => self.max_connections_per_peer = num32(&v)?,
+                "HEADER_TIMEOUT_SECS" => self.header_timeout_secs = num(&v)?,
+                "IDLE_TIMEOUT_SECS" => self.idle_timeout_secs = num(&v)?,
+                "REQUEST_TIMEOUT_SECS" => self.request_timeout_secs = num(&v)?,
+                "MIN_UPLOAD_BYTES_PER_SEC" => self.min_upload_bytes_per_sec = num(&v)?,
+                "MAX_PENDING_PER_TOKEN" => self.max_pending_per_token = num(&v)?,
+                "ENROLLMENTS_PER_MINUTE" => self.enrollments_per_minute = num(&v)?,
                 _ => return Err(Error::Config(format!("{k}: unknown setting"))),
             }
         }

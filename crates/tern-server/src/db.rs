@@ -9,6 +9,9 @@ use crate::{random_hex, unix_now, Result};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Characters of an audit entry's detail kept (the rest is summarised by its length).
+pub const MAX_AUDIT_DETAIL: usize = 512;
+
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -62,6 +65,9 @@ impl Db {
         let open = |n: u32| {
             AnyPoolOptions::new()
                 .max_connections(n)
+                // Well inside a request's timeout: a database that is down is an error the
+                // client gets promptly, and the pool reconnects when it is back.
+                .acquire_timeout(std::time::Duration::from_secs(10))
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
                         if backend == Backend::Sqlite {
@@ -93,8 +99,17 @@ impl Db {
         Ok(Db { pool, write, backend })
     }
 
-    /// Append to the audit log.
+    /// Append to the audit log. Every field is shortened and escaped (`tern_core::text`):
+    /// callers pass what requests said, and a row stays under about 1 KiB whatever they said.
     pub async fn audit(&self, actor: &str, action: &str, subject: &str, outcome: &str, detail: &str) -> Result<()> {
+        use tern_core::text::shown_max;
+        let (actor, action, subject, outcome) = (
+            shown_max(actor, 160),
+            shown_max(action, 64),
+            shown_max(subject, 200),
+            shown_max(outcome, 16),
+        );
+        let detail = shown_max(detail, MAX_AUDIT_DETAIL);
         let at_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as i64);
@@ -103,11 +118,11 @@ impl Db {
         )
         .bind(random_hex(12))
         .bind(at_us)
-        .bind(actor)
-        .bind(action)
-        .bind(subject)
-        .bind(outcome)
-        .bind(detail)
+        .bind(&actor)
+        .bind(&action)
+        .bind(&subject)
+        .bind(&outcome)
+        .bind(&detail)
         .execute(&self.write)
         .await?;
         Ok(())

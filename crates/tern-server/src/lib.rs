@@ -21,6 +21,7 @@ pub mod fleet;
 pub mod keys;
 pub mod recipients;
 pub mod repo;
+pub mod serve;
 pub mod session;
 pub mod tls;
 
@@ -95,61 +96,148 @@ pub struct AppState {
     pub keys: keys::OnlineKeys,
     /// This process's name in leases and in `created_by` columns.
     pub instance: String,
-    /// Enrolled device keys by device id. A device's key never changes (enrollment refuses
-    /// another key for an enrolled id), so the cache cannot go stale.
+    /// Enrolled device keys by device id: a cache, used only when the key id the registry
+    /// names for the device now is the cached key's (a reset registration may come back with
+    /// another key), and emptied of a device whenever a fleet event names it.
     pub device_keys: std::sync::Mutex<std::collections::HashMap<String, tern_core::PublicKey>>,
     /// Signs and checks session tokens (`KEY_DIR/session.key`).
     pub session_key: aws_lc_rs::hmac::Key,
     /// What polls need to know about the fleet, in memory.
     pub fleet: session::Fleet,
-    /// Refusals of unauthenticated requests audited this second, and those left out.
-    refusal_budget: std::sync::Mutex<(i64, u32, u64)>,
+    /// Refusals audited this second, per caller and in all.
+    refusals: std::sync::Mutex<RefusalBudget>,
+    /// Enrollment attempts per token this minute.
+    enrollments: std::sync::Mutex<std::collections::HashMap<String, (i64, u64)>>,
 }
 
-/// Refusals of unauthenticated requests audited one by one per second and process; beyond
-/// that they are counted and summarised, so that a flood cannot fill the database or starve
-/// the (single SQLite) writer.
+/// Refusals audited one by one per second and process, all callers together; beyond that
+/// they are counted and summarised, so that a flood can neither fill the database nor
+/// starve the (single SQLite) writer.
 const REFUSALS_PER_SECOND: u32 = 50;
+/// Refusals audited one by one per second for one caller: an API token, or all
+/// unauthenticated requests together (their claims of who they are prove nothing), so
+/// that one noisy caller cannot crowd the others out of the audit log.
+const REFUSALS_PER_CALLER: u32 = 10;
+/// Callers tracked in one second; more share the summary.
+const MAX_CALLERS: usize = 4096;
+
+/// Who a refusal is charged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller<'a> {
+    /// A request whose sender is not authenticated (what it claims is only a claim).
+    Unauthenticated,
+    /// An authenticated API token, by id.
+    Token(&'a str),
+}
+
+#[derive(Debug, Default)]
+struct RefusalBudget {
+    second: i64,
+    total: u32,
+    callers: std::collections::HashMap<String, u32>,
+    left_out: u64,
+}
+
+impl RefusalBudget {
+    /// Whether this refusal is audited one by one; and the count left out in the last
+    /// second, once, when a new second starts.
+    fn charge(&mut self, caller: Caller<'_>, now: i64) -> (bool, Option<u64>) {
+        let mut summary = None;
+        if self.second != now {
+            if self.left_out > 0 {
+                summary = Some(self.left_out);
+            }
+            *self = RefusalBudget {
+                second: now,
+                ..Default::default()
+            };
+        }
+        let key = match caller {
+            Caller::Unauthenticated => "",
+            Caller::Token(id) => id,
+        };
+        if !self.callers.contains_key(key) && self.callers.len() >= MAX_CALLERS {
+            self.left_out += 1;
+            return (false, summary);
+        }
+        let mine = self.callers.entry(key.to_owned()).or_default();
+        *mine += 1;
+        let mine = *mine;
+        self.total += 1;
+        let allowed = mine <= REFUSALS_PER_CALLER && self.total <= REFUSALS_PER_SECOND;
+        if !allowed {
+            self.left_out += 1;
+        }
+        (allowed, summary)
+    }
+}
 
 impl AppState {
     /// Audit the refusal of a request whose sender is not authenticated, within the budget.
     pub async fn audit_refusal(&self, actor: &str, action: &str, subject: &str, detail: &str) {
-        let now = unix_now();
-        let (allowed, summary) = match self.refusal_budget.lock() {
-            Ok(mut b) => {
-                let mut summary = None;
-                if b.0 != now {
-                    if b.2 > 0 {
-                        summary = Some(b.2);
-                    }
-                    *b = (now, 0, 0);
-                }
-                b.1 += 1;
-                let allowed = b.1 <= REFUSALS_PER_SECOND;
-                if !allowed {
-                    b.2 += 1;
-                }
-                (allowed, summary)
-            }
+        self.audit_refusal_of(Caller::Unauthenticated, actor, action, subject, detail)
+            .await
+    }
+
+    /// Audit a refusal charged to `caller`, within the budgets.
+    pub async fn audit_refusal_of(&self, caller: Caller<'_>, actor: &str, action: &str, subject: &str, detail: &str) {
+        let (allowed, summary) = match self.refusals.lock() {
+            Ok(mut b) => b.charge(caller, unix_now()),
             Err(_) => (true, None),
         };
         if let Some(n) = summary {
-            let _ = self
-                .db
-                .audit(
-                    "server",
-                    "audit.summary",
-                    "refusals",
-                    "refused",
-                    &format!("{n} further refusals of unauthenticated requests in one second, not logged one by one"),
-                )
-                .await;
+            self.audit_summary(n).await;
         }
         if allowed {
             if let Err(e) = self.db.audit(actor, action, subject, "refused", detail).await {
                 eprintln!("tern server: audit write failed: {e}");
             }
         }
+    }
+
+    /// Write the summary of the refusals left out in a second that has ended (called every
+    /// second, so that a burst's summary does not wait for the next refusal).
+    pub async fn flush_refusals(&self) {
+        let left_out = match self.refusals.lock() {
+            Ok(mut b) if b.second != unix_now() && b.left_out > 0 => std::mem::take(&mut b.left_out),
+            _ => return,
+        };
+        self.audit_summary(left_out).await;
+    }
+
+    async fn audit_summary(&self, left_out: u64) {
+        let detail =
+            format!("{left_out} further refusals in one second, over the audit budgets, not logged one by one");
+        if let Err(e) = self
+            .db
+            .audit("server", "audit.summary", "refusals", "refused", &detail)
+            .await
+        {
+            eprintln!("tern server: audit write failed: {e}");
+        }
+    }
+
+    /// Count an enrollment attempt with token `id`; refused beyond the configured rate.
+    pub fn enrollment_rate(&self, id: &str) -> std::result::Result<(), fleet::Refusal> {
+        let minute = unix_now() / 60;
+        let limit = self.cfg.enrollments_per_minute;
+        let Ok(mut m) = self.enrollments.lock() else {
+            return Ok(());
+        };
+        if m.len() > MAX_CALLERS {
+            m.retain(|_, (at, _)| *at == minute);
+        }
+        let entry = m.entry(id.to_owned()).or_insert((minute, 0));
+        if entry.0 != minute {
+            *entry = (minute, 0);
+        }
+        entry.1 += 1;
+        if entry.1 > limit {
+            return Err(fleet::Refusal::TooMany(format!(
+                "enrollment token {id} made more than {limit} enrollment attempts this minute; try again later"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -177,7 +265,8 @@ pub async fn open(cfg: ServerConfig) -> Result<Arc<AppState>> {
         device_keys: Default::default(),
         session_key,
         fleet: Default::default(),
-        refusal_budget: Default::default(),
+        refusals: Default::default(),
+        enrollments: Default::default(),
     });
     state.fleet.refresh(&state, true).await?;
     Ok(state)
@@ -213,38 +302,20 @@ pub async fn start(state: Arc<AppState>) -> Result<Running> {
         .listen
         .parse()
         .map_err(|e| Error::Config(format!("listen `{}`: {e}", state.cfg.listen)))?;
-    tokio::spawn(repo::resign_loop(state.clone()));
-    tokio::spawn(session::run(state.clone()));
-    if let Some(tls) = &state.cfg.tls {
-        let rustls_cfg = tls::server_config(tls)?;
-        let std_listener = std::net::TcpListener::bind(addr).map_err(|e| Error::Io(addr.to_string(), e))?;
-        std_listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::Io(addr.to_string(), e))?;
-        let bound = std_listener.local_addr().map_err(|e| Error::Io(addr.to_string(), e))?;
-        let acceptor = tls::PeerCertAcceptor::new(axum_server::tls_rustls::RustlsAcceptor::new(rustls_cfg));
-        let server = axum_server::from_tcp(std_listener)
-            .map_err(|e| Error::Io(addr.to_string(), e))?
-            .acceptor(acceptor);
-        let task = tokio::spawn(async move {
-            server
-                .serve(app.into_make_service())
-                .await
-                .map_err(|e| Error::Io("serve".into(), e))
-        });
-        return Ok(Running { addr: bound, task });
-    }
+    let tls = state.cfg.tls.as_ref().map(tls::acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Io(addr.to_string(), e))?;
     let bound = listener.local_addr().map_err(|e| Error::Io(addr.to_string(), e))?;
+    tokio::spawn(repo::resign_loop(state.clone()));
+    tokio::spawn(session::run(state.clone()));
+    let limits = serve::Limits::of(&state.cfg);
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .map_err(|e| Error::Io("serve".into(), e))
+        serve::serve(listener, app, tls, limits, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| Error::Io("serve".into(), e))
     });
     Ok(Running { addr: bound, task })
 }

@@ -287,7 +287,7 @@ fn verify_bundle(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime) ->
             for (_, tmp) in &written {
                 let _ = std::fs::remove_file(tmp);
             }
-            return Err(Error::Invalid(format!("bundle refused: {e}")));
+            return Err(bundle_refusal(e));
         }
     };
     // Every payload verified. They stay in tmp/ until the publication's checks pass
@@ -357,6 +357,16 @@ fn verify_bundle(bundle: &Path, root: &[u8], artifacts: &Path, now: DateTime) ->
     }
 }
 
+/// A bundle's refusal: what is wrong with the bundle is the uploader's to read; a local
+/// file that failed (the upload's own path) is an internal error, kept in the log.
+fn bundle_refusal(e: tern_bundle::Error) -> Error {
+    match e {
+        tern_bundle::Error::Io { path, source } => Error::Io(path.display().to_string(), source),
+        tern_bundle::Error::Fs(f) => Error::Fs(f),
+        other => Error::Invalid(format!("bundle refused: {other}")),
+    }
+}
+
 /// New roots and role versions as the verified bundle carries them.
 type BundleMetadata = (u64, Vec<(u64, Vec<u8>)>, Vec<(String, u64, Vec<u8>)>);
 
@@ -364,11 +374,11 @@ type BundleMetadata = (u64, Vec<(u64, Vec<u8>)>, Vec<(String, u64, Vec<u8>)>);
 /// and its targets roles with their bytes.
 fn bundle_metadata(bundle: &Path, root: &[u8], report: &tern_bundle::VerifyReport) -> Result<BundleMetadata> {
     // The metadata as the bundle carries it.
-    let index = tern_bundle::BundleIndex::open(bundle).map_err(|e| Error::Invalid(format!("bundle: {e}")))?;
+    let index = tern_bundle::BundleIndex::open(bundle).map_err(bundle_refusal)?;
     let read_entry = |name: &str| -> Result<Vec<u8>> {
         let (_, r) = index
             .read(name, 0)
-            .map_err(|e| Error::Invalid(format!("bundle: {e}")))?
+            .map_err(bundle_refusal)?
             .ok_or_else(|| Error::Invalid(format!("bundle has no {name}")))?;
         let mut buf = Vec::new();
         r.take(tern_core::metadata::MAX_METADATA_BYTES as u64)

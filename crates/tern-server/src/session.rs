@@ -9,9 +9,11 @@
 //! The token is `v1.DEVICE.EXPIRY.MAC`, MAC = HMAC-SHA256(session key, "tern-session-v1",
 //! device, expiry), so any server process holding the key (`KEY_DIR/session.key`, 0600)
 //! checks it without shared state. The in-memory fleet view (devices with an order waiting,
-//! devices no longer approved) is reloaded whenever the database's `fleet` counter moves;
-//! every process checks the counter every 250 ms, and a process that changes the fleet
-//! reloads at once.
+//! devices not approved) follows the database's `fleet` counter: every change that matters
+//! to polls writes an event numbered by the counter (a device id, or `*` for a change to
+//! many), every process checks the counter every 250 ms and looks up only the devices the
+//! new events name, so an enrollment or a report costs a few statements, not a reload of
+//! the fleet; a process that changes the fleet applies its event at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -66,7 +68,7 @@ pub struct FleetView {
     generation: i64,
     /// Devices with a deployment row waiting for them to fetch an order.
     pending: HashSet<String>,
-    /// Devices that are not approved (rejected, decommissioned, pending).
+    /// Devices that are not approved (rejected, decommissioned, pending, reset).
     blocked: HashSet<String>,
 }
 
@@ -89,6 +91,13 @@ pub enum PollAnswer {
     Blocked,
 }
 
+/// Events read per refresh; a process further behind reloads the whole view.
+const EVENT_BATCH: i64 = 10_000;
+/// Device ids per `IN (…)` lookup.
+const LOOKUP_CHUNK: usize = 500;
+/// How long events are kept (a process that slept longer reloads everything).
+const EVENT_RETENTION_SECS: i64 = 3600;
+
 impl Fleet {
     /// Answer a poll from memory and note the time.
     pub fn poll(&self, device: &str) -> PollAnswer {
@@ -105,7 +114,9 @@ impl Fleet {
         answer
     }
 
-    /// Reload the view if the database's counter moved (or `force`).
+    /// Bring the view up to the database's counter: apply the events since the last
+    /// refresh device by device, or reload everything (`force`, a `*` event, a gap, or
+    /// more than [`EVENT_BATCH`] events behind).
     pub async fn refresh(&self, state: &AppState, force: bool) -> Result<()> {
         let _one = self.reload.lock().await;
         let generation: i64 = sqlx::query("SELECT value FROM counters WHERE name = 'fleet'")
@@ -116,6 +127,34 @@ impl Fleet {
         if generation == known && !force {
             return Ok(());
         }
+        if !force && known >= 0 && generation > known && generation - known <= EVENT_BATCH {
+            let rows = sqlx::query("SELECT seq, device_id FROM fleet_events WHERE seq > $1 AND seq <= $2 ORDER BY seq")
+                .bind(known)
+                .bind(generation)
+                .fetch_all(&state.db.pool)
+                .await?;
+            let mut ids = Vec::with_capacity(rows.len());
+            let mut expected = known + 1;
+            let mut whole = false;
+            for r in &rows {
+                let seq: i64 = r.try_get(0)?;
+                let id: String = r.try_get(1)?;
+                // A gap: events were pruned while this process slept; only a reload is sure.
+                whole |= seq != expected || id == "*";
+                expected = seq + 1;
+                ids.push(id);
+            }
+            whole |= expected != generation + 1;
+            if !whole {
+                ids.sort();
+                ids.dedup();
+                return self.apply_devices(state, generation, &ids).await;
+            }
+        }
+        self.reload_all(state, generation).await
+    }
+
+    async fn reload_all(&self, state: &AppState, generation: i64) -> Result<()> {
         let pending = sqlx::query(
             "SELECT DISTINCT dd.device_id FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
              WHERE dd.status IN ('queued', 'downloading', 'installing') AND d.status = 'active'",
@@ -131,12 +170,68 @@ impl Fleet {
             .iter()
             .map(|r| r.try_get::<String, _>(0))
             .collect::<std::result::Result<HashSet<_>, _>>()?;
+        if let Ok(mut keys) = state.device_keys.lock() {
+            keys.clear();
+        }
         if let Ok(mut v) = self.view.write() {
             *v = FleetView {
                 generation,
                 pending,
                 blocked,
             };
+        }
+        Ok(())
+    }
+
+    /// Look up `ids` again (a few statements per [`LOOKUP_CHUNK`] devices) and update them.
+    async fn apply_devices(&self, state: &AppState, generation: i64, ids: &[String]) -> Result<()> {
+        let mut approved = HashSet::new();
+        let mut pending = HashSet::new();
+        for chunk in ids.chunks(LOOKUP_CHUNK) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+            let marks = marks.join(", ");
+            let sql = format!("SELECT id FROM devices WHERE status = 'approved' AND id IN ({marks})");
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            for r in q.fetch_all(&state.db.pool).await? {
+                approved.insert(r.try_get::<String, _>(0)?);
+            }
+            let sql = format!(
+                "SELECT DISTINCT dd.device_id FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
+                 WHERE dd.status IN ('queued', 'downloading', 'installing') AND d.status = 'active' AND dd.device_id IN ({marks})"
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            for r in q.fetch_all(&state.db.pool).await? {
+                pending.insert(r.try_get::<String, _>(0)?);
+            }
+        }
+        // A device whose registration changed may have a new key (a reset and a new
+        // enrollment): the cached one goes.
+        if let Ok(mut keys) = state.device_keys.lock() {
+            for id in ids {
+                keys.remove(id);
+            }
+        }
+        if let Ok(mut v) = self.view.write() {
+            for id in ids {
+                if approved.contains(id) {
+                    v.blocked.remove(id);
+                } else {
+                    // Not approved, or no longer registered at all.
+                    v.blocked.insert(id.clone());
+                }
+                if pending.contains(id) {
+                    v.pending.insert(id.clone());
+                } else {
+                    v.pending.remove(id);
+                }
+            }
+            v.generation = v.generation.max(generation);
         }
         Ok(())
     }
@@ -163,32 +258,72 @@ impl Fleet {
     }
 }
 
-/// Record a fleet change (in the caller's transaction or alone): every process reloads.
-pub async fn bump<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(executor: E) -> Result<()> {
-    sqlx::query("UPDATE counters SET value = value + 1 WHERE name = 'fleet'")
-        .execute(executor)
+/// Record, in the caller's transaction (the one making the change, so that the change and
+/// its event commit together or not at all), that `device` (`*`: the whole fleet) changed
+/// in a way polls must learn: the counter moves and the event gets its number.
+pub async fn record_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, device: &str) -> Result<()> {
+    let seq: i64 = sqlx::query("UPDATE counters SET value = value + 1 WHERE name = 'fleet' RETURNING value")
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get(0)?;
+    sqlx::query("INSERT INTO fleet_events (seq, device_id, at) VALUES ($1, $2, $3)")
+        .bind(seq)
+        .bind(device)
+        .bind(unix_now())
+        .execute(&mut **tx)
         .await?;
     Ok(())
 }
 
-/// After a local change: bump and reload now.
-pub async fn changed(state: &AppState) -> Result<()> {
-    bump(&state.db.write).await?;
+/// [`record_in`] a transaction of its own.
+pub async fn record(state: &AppState, device: &str) -> Result<()> {
+    let mut tx = state.db.write.begin().await?;
+    record_in(&mut tx, device).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// After a local change to one device: record it and update this process's view now.
+pub async fn device_changed(state: &AppState, device: &str) -> Result<()> {
+    record(state, device).await?;
     state.fleet.refresh(state, false).await
 }
 
-/// The background task: reload on change every 250 ms, flush last-seen times every 5 s.
+/// After a local change to many devices (a deployment created or cancelled): every
+/// process reloads its whole view, once.
+pub async fn changed(state: &AppState) -> Result<()> {
+    record(state, "*").await?;
+    state.fleet.refresh(state, false).await
+}
+
+/// The background task: follow the counter every 250 ms, flush last-seen times every 5 s,
+/// prune old events every minute and reload everything every 10 minutes (a safety net for
+/// a change made without an event: a bulk import with `Db::register_devices`).
 pub async fn run(state: Arc<AppState>) {
     let mut ticks = 0u64;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if let Err(e) = state.fleet.refresh(&state, false).await {
+        ticks += 1;
+        let force = ticks.is_multiple_of(2400);
+        if let Err(e) = state.fleet.refresh(&state, force).await {
             eprintln!("tern server: fleet view refresh failed: {e}");
         }
-        ticks += 1;
+        if ticks.is_multiple_of(4) {
+            state.flush_refusals().await;
+        }
         if ticks.is_multiple_of(20) {
             if let Err(e) = state.fleet.flush_seen(&state).await {
                 eprintln!("tern server: last-seen flush failed: {e}");
+            }
+        }
+        if ticks.is_multiple_of(240) {
+            let old = unix_now() - EVENT_RETENTION_SECS;
+            if let Err(e) = sqlx::query("DELETE FROM fleet_events WHERE at < $1")
+                .bind(old)
+                .execute(&state.db.write)
+                .await
+            {
+                eprintln!("tern server: pruning fleet events failed: {e}");
             }
         }
     }

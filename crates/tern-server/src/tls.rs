@@ -3,19 +3,12 @@
 //! With a `client_ca`, the server asks for a client certificate but does not require one
 //! (the management API and token enrollment work without); a certificate that is offered
 //! must chain to the device CA, or the handshake fails. The verified certificate reaches
-//! the handlers as a [`PeerCert`] request extension.
+//! the handlers as a [`PeerCert`] request extension (`crate::serve`).
 
 use std::sync::Arc;
 
-use axum::middleware::AddExtension;
-use axum::Extension;
-use axum_server::accept::Accept;
-use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
-use futures_util::future::BoxFuture;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tower_layer::Layer;
 
 use crate::config::TlsConfig;
 use crate::{Error, Result};
@@ -28,8 +21,8 @@ fn tls_err(what: &std::path::Path, e: impl std::fmt::Display) -> Error {
     Error::Config(format!("tls {}: {e}", what.display()))
 }
 
-/// The rustls configuration for `tls`.
-pub fn server_config(tls: &TlsConfig) -> Result<RustlsConfig> {
+/// The rustls acceptor for `tls`.
+pub fn acceptor(tls: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
         .map_err(|e| tls_err(&tls.cert, e))?
@@ -57,44 +50,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<RustlsConfig> {
         .with_single_cert(certs, key)
         .map_err(|e| tls_err(&tls.cert, e))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(RustlsConfig::from_config(Arc::new(cfg)))
-}
-
-/// The rustls acceptor, adding the peer's certificate to every request of the connection.
-#[derive(Clone)]
-pub struct PeerCertAcceptor {
-    inner: RustlsAcceptor,
-}
-
-impl PeerCertAcceptor {
-    /// Wrap a rustls acceptor.
-    pub fn new(inner: RustlsAcceptor) -> Self {
-        PeerCertAcceptor { inner }
-    }
-}
-
-impl<I, S> Accept<I, S> for PeerCertAcceptor
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Send + 'static,
-{
-    type Stream = tokio_rustls::server::TlsStream<I>;
-    type Service = AddExtension<S, PeerCert>;
-    type Future = BoxFuture<'static, std::io::Result<(Self::Stream, Self::Service)>>;
-
-    fn accept(&self, stream: I, service: S) -> Self::Future {
-        let acceptor = self.inner.clone();
-        Box::pin(async move {
-            let (stream, service) = acceptor.accept(stream, service).await?;
-            let peer = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| Arc::new(c.as_ref().to_vec()));
-            Ok((stream, Extension(PeerCert(peer)).layer(service)))
-        })
-    }
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 /// The common name and the raw subject public key of a (verified) device certificate.

@@ -26,7 +26,7 @@
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -91,7 +91,7 @@ impl CustomBootloader {
     /// Run one verb; its trimmed stdout on success.
     fn call(&self, args: &[&str]) -> Result<String> {
         let what = format!("`{} {}`", self.command.display(), args.join(" "));
-        let mut child = Command::new(&self.command)
+        let mut child = crate::hooks::clean_command(&self.command)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -296,7 +296,7 @@ impl UbootEnv {
     }
 
     fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
+        let mut cmd = crate::hooks::clean_command(std::path::Path::new(program));
         cmd.arg("-c").arg(&self.config);
         cmd
     }
@@ -358,7 +358,7 @@ impl GrubEnv {
                 ),
             });
         }
-        let mut cmd = Command::new("grub-editenv");
+        let mut cmd = crate::hooks::clean_command(std::path::Path::new("grub-editenv"));
         cmd.arg(&self.grubenv).arg(verb);
         Ok(cmd)
     }

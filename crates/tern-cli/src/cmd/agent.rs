@@ -35,6 +35,9 @@ pub enum DeviceCommand {
     Reject(crate::cmd::server::DeviceIdArgs),
     /// Decommission a device: it gets no more orders (admin).
     Decommission(crate::cmd::server::DeviceIdArgs),
+    /// Forget a pending or rejected registration, so that the id can enroll again (admin):
+    /// for an id someone else claimed first, or a device re-flashed with new keys.
+    Reset(crate::cmd::server::DeviceIdArgs),
     /// The device's keys.
     #[command(subcommand)]
     Key(DeviceKeyCommand),
@@ -290,18 +293,13 @@ pub fn reboot(a: ConfigArgs) -> anyhow::Result<()> {
 }
 
 fn fetch(url: &str, state_dir: &Path) -> anyhow::Result<PathBuf> {
-    use std::io::Read;
     let limits = tern_client::Limits::default();
     let transport = tern_client::HttpTransport::new(&limits)?;
-    let fetched = tern_client::Transport::fetch(&transport, url, 0)?;
     let dest = state_dir.join("download.tern");
     let mut out = tern_fs::AtomicFile::create(&dest, 0o600)?;
-    // The bundle is verified as it is installed; this only bounds what is stored.
+    // The bundle is verified as it is installed; this bounds what is stored, and how slowly.
     let limit: u64 = 64 << 30;
-    let copied = std::io::copy(&mut fetched.body.take(limit + 1), out.file())?;
-    if copied > limit {
-        bail!("{url}: larger than {limit} bytes");
-    }
+    tern_client::fetch_to(&transport, url, out.file(), limit, &limits)?;
     out.commit()?;
     Ok(dest)
 }
@@ -404,7 +402,7 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                         );
                     }
                     if let Some(e) = &st.last_error {
-                        println!("error     {}: {}", e.kind, e.message);
+                        println!("error     {}: {}", e.kind, tern_core::text::escaped(&e.message));
                     }
                     Ok(())
                 }
@@ -443,26 +441,53 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                             }
                         }
                         Err(e) if a.once => return Err(e.into()),
-                        Err(e) => eprintln!("server: {e}"),
+                        Err(e) => eprintln!("server: {}", crate::output::chain(&e)),
                     }
                 }
                 for src in &mut sources {
-                    if let Some(offer) = src.poll()? {
-                        eprintln!("{}: installing {}", src.name(), offer.bundle.display());
-                        let result = Agent::open(cfg.clone())
-                            .and_then(|mut agent| agent.install(&offer.bundle, now(), &mut |_| {}));
-                        // A refusal that may pass later (busy, a reboot pending) keeps the offer.
-                        let transient = matches!(
-                            &result,
-                            Err(tern_agent::Error::Busy { .. } | tern_agent::Error::State { .. })
+                    let handled = install::status(&cfg).map(|s| s.handled_offers).unwrap_or_default();
+                    let Some(offer) = src.poll(&handled)? else {
+                        continue;
+                    };
+                    let shown = tern_core::text::shown(&offer.bundle.display().to_string());
+                    eprintln!("{}: installing {shown}", src.name());
+                    let result =
+                        Agent::open(cfg.clone()).and_then(|mut agent| agent.install_offer(&offer, now(), &mut |_| {}));
+                    // A refusal that may pass later (busy, a reboot pending, a read error on
+                    // a flaky stick, a full disk, a hook saying "not now") keeps the offer.
+                    let transient = matches!(
+                        &result,
+                        Err(tern_agent::Error::Busy { .. }
+                            | tern_agent::Error::State { .. }
+                            | tern_agent::Error::Io { .. }
+                            | tern_agent::Error::DiskFull { .. }
+                            | tern_agent::Error::Hook { .. })
+                    );
+                    match &result {
+                        Ok(r) => eprintln!("installed: {}", serde_json::to_string(r).unwrap_or_default()),
+                        Err(e) => eprintln!("refused {shown}: {}", crate::output::chain(e)),
+                    }
+                    if transient {
+                        continue;
+                    }
+                    // An install that succeeded recorded the offer itself, before any reboot.
+                    if result.is_err() {
+                        if let Err(e) = Agent::open(cfg.clone()).and_then(|mut agent| agent.offer_handled(&offer)) {
+                            eprintln!(
+                                "{}: recording {shown} as handled: {}",
+                                src.name(),
+                                crate::output::chain(&e)
+                            );
+                        }
+                    }
+                    // The rename is a courtesy: a read-only stick keeps the file, and the
+                    // recorded offer keeps it from being installed again.
+                    if let Err(e) = src.done(&offer) {
+                        eprintln!(
+                            "{}: {shown} stays where it is: {}",
+                            src.name(),
+                            crate::output::chain(&e)
                         );
-                        match result {
-                            Ok(r) => eprintln!("installed: {}", serde_json::to_string(&r).unwrap_or_default()),
-                            Err(e) => eprintln!("refused {}: {e}", offer.bundle.display()),
-                        }
-                        if !transient {
-                            src.done(&offer)?;
-                        }
                     }
                 }
                 if a.once {

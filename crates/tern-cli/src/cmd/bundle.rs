@@ -180,42 +180,45 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             match a.output {
                 Format::Json => json(&i),
                 Format::Text => {
+                    // Nothing here is verified: every string is the bundle's word, shown
+                    // shortened and escaped so that it cannot rewrite the terminal.
+                    use tern_core::text::shown as t;
                     println!(
                         "bundle   {} (format {} v{}; NOT verified: use `tern bundle verify`)",
                         a.bundle.display(),
-                        i.header.format,
+                        t(&i.header.format),
                         i.header.format_version
                     );
                     println!("roots    {:?}", i.root_versions);
                     for (role, (version, expires)) in &i.roles {
-                        println!("role     {role:<20} version {version:<5} expires {expires}");
+                        println!("role     {:<20} version {version:<5} expires {}", t(role), t(expires));
                     }
                     for p in &i.payloads {
-                        println!("payload  {} ({} bytes)", p.target, p.size);
+                        println!("payload  {} ({} bytes)", t(&p.target), p.size);
                         if let Some(m) = &p.manifest {
                             println!(
-                                "         version {} device-type {} hardware {:?} installer {} slot {} compression {}",
-                                m.version,
-                                m.device_type,
-                                m.hardware,
+                                "         version {} device-type {} hardware {} installer {} slot {} compression {}",
+                                t(&m.version),
+                                t(&m.device_type),
+                                t(&m.hardware.join(",")),
                                 m.installer,
-                                m.slot_class.as_deref().or(m.install_path.as_deref()).unwrap_or("-"),
+                                t(m.slot_class.as_deref().or(m.install_path.as_deref()).unwrap_or("-")),
                                 m.compression
                             );
                             if let Some(e) = &m.encryption {
                                 println!(
                                     "         encrypted {} ({} plaintext bytes, {}-byte records), {} recipient(s): {}",
-                                    e.scheme,
+                                    t(&e.scheme),
                                     e.plaintext_length,
                                     e.record_size,
                                     p.recipients.len(),
-                                    p.recipients.join(" ")
+                                    t(&p.recipients.join(" "))
                                 );
                             }
                         }
                         if let Some(l) = &p.listed {
                             for (alg, h) in &l.hashes {
-                                println!("         {alg} {h}");
+                                println!("         {} {}", t(alg), t(h));
                             }
                         }
                     }

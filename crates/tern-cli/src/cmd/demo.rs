@@ -139,6 +139,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         compression: Compression::Zstd,
         encryption: None,
         delta_base: None,
+        installed_length: Some(std::fs::metadata(&image)?.len()),
     };
     repo.add_target(
         &AddTarget {

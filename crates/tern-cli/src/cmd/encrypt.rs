@@ -198,7 +198,7 @@ pub fn add_recipients(a: AddRecipientsArgs) -> anyhow::Result<()> {
                 &api,
                 reqwest::Method::POST,
                 "/api/v1/recipients",
-                Some(reqwest::Body::from(bytes.clone())),
+                Some(bytes.clone().into()),
             )?);
         }
     }

@@ -1,9 +1,6 @@
 //! One module per subcommand, each with its arguments and a `run`.
 
 pub mod agent;
-pub mod bench;
-pub mod bench_encrypted;
-pub mod bench_server;
 pub mod bundle;
 pub mod demo;
 pub mod encrypt;

@@ -292,7 +292,7 @@ fn open(c: &Common) -> anyhow::Result<Repository> {
     Ok(Repository::open(&c.repo)?)
 }
 
-fn manifest(a: &TargetArgs) -> anyhow::Result<Option<serde_json::Value>> {
+fn manifest(a: &TargetArgs, file: &std::path::Path) -> anyhow::Result<Option<serde_json::Value>> {
     let mut custom = match &a.custom {
         Some(s) => {
             let v: serde_json::Value = serde_json::from_str(s).context("--custom is not JSON")?;
@@ -335,6 +335,15 @@ fn manifest(a: &TargetArgs) -> anyhow::Result<Option<serde_json::Value>> {
             },
             encryption: None,
             delta_base: None,
+            // What decompression may produce; the repository sets it to what it counts.
+            installed_length: match a.compression {
+                CompressionArg::None => None,
+                CompressionArg::Zstd => Some(
+                    std::fs::metadata(file)
+                        .with_context(|| file.display().to_string())?
+                        .len(),
+                ),
+            },
         };
         m.validate(a.name.as_deref().unwrap_or("new target"))?;
         let obj = custom.get_or_insert_with(|| serde_json::json!({}));
@@ -371,7 +380,7 @@ pub fn add_target_request(file: &std::path::Path, a: &TargetArgs) -> anyhow::Res
         role: a.role.clone(),
         name: TargetPath::new(&name)?,
         source: file.to_owned(),
-        custom: manifest(a)?,
+        custom: manifest(a, file)?,
         hashes,
         compression: match a.compression {
             CompressionArg::None => Compression::None,

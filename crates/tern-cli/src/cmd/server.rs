@@ -174,26 +174,58 @@ pub struct Api {
 }
 
 /// A tiny management client: one request, the JSON answer or the server's refusal.
-pub fn call(
-    api: &Api,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<reqwest::Body>,
-) -> anyhow::Result<serde_json::Value> {
+/// Largest answer the management client reads.
+const MAX_ANSWER: usize = 256 << 20;
+
+/// A request body: bytes, or a file streamed as it is sent.
+pub enum Upload {
+    /// In memory.
+    Bytes(Vec<u8>),
+    /// Read as it is sent.
+    File(std::fs::File),
+}
+
+impl From<Vec<u8>> for Upload {
+    fn from(v: Vec<u8>) -> Self {
+        Upload::Bytes(v)
+    }
+}
+
+impl From<String> for Upload {
+    fn from(v: String) -> Self {
+        Upload::Bytes(v.into_bytes())
+    }
+}
+
+pub fn call(api: &Api, method: reqwest::Method, path: &str, body: Option<Upload>) -> anyhow::Result<serde_json::Value> {
     let url = format!("{}{path}", api.server.trim_end_matches('/'));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let client = reqwest::Client::builder().no_proxy().build()?;
+        // A server that does not answer, or stops sending, is given up on.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .read_timeout(std::time::Duration::from_secs(120))
+            .build()?;
         let mut req = client.request(method, &url);
         if let Some(t) = &api.token {
             req = req.bearer_auth(t);
         }
-        if let Some(b) = body {
-            req = req.body(b);
+        match body {
+            Some(Upload::Bytes(b)) => req = req.body(b),
+            Some(Upload::File(f)) => req = req.body(reqwest::Body::from(tokio::fs::File::from_std(f))),
+            None => {}
         }
-        let resp = req.send().await.with_context(|| url.clone())?;
+        let mut resp = req.send().await.with_context(|| url.clone())?;
         let status = resp.status();
-        let bytes = resp.bytes().await?;
+        // The server's answer is bounded like anything read from the network.
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp.chunk().await? {
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() > MAX_ANSWER {
+                bail!("{url}: the answer exceeds {MAX_ANSWER} bytes");
+            }
+        }
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
         if !status.is_success() {
             let msg = value
@@ -265,7 +297,8 @@ fn targets_line(v: &serde_json::Value) -> String {
 pub fn release(cmd: ReleaseCommand) -> anyhow::Result<()> {
     match cmd {
         ReleaseCommand::Upload(a) => {
-            let bytes = std::fs::read(&a.bundle).with_context(|| a.bundle.display().to_string())?;
+            // Streamed from the file: a bundle of several GiB does not pass through memory.
+            let file = std::fs::File::open(&a.bundle).with_context(|| a.bundle.display().to_string())?;
             let path = match &a.name {
                 Some(n) => format!(
                     "/api/v1/releases?name={}",
@@ -273,7 +306,7 @@ pub fn release(cmd: ReleaseCommand) -> anyhow::Result<()> {
                 ),
                 None => "/api/v1/releases".into(),
             };
-            let v = call(&a.api, reqwest::Method::POST, &path, Some(bytes.into()))?;
+            let v = call(&a.api, reqwest::Method::POST, &path, Some(Upload::File(file)))?;
             print(&a.api, &v, |v| {
                 println!(
                     "published release {}: {}",
@@ -443,6 +476,10 @@ pub fn deployment(cmd: DeploymentCommand) -> anyhow::Result<()> {
 pub struct DeviceIdArgs {
     /// The device.
     pub id: String,
+    /// Only if its registration has this key id (as `tern device key export` shows it on
+    /// the device): an id someone else claimed first is not approved by mistake.
+    #[arg(long)]
+    pub keyid: Option<String>,
     #[command(flatten)]
     pub api: Api,
 }
@@ -457,6 +494,16 @@ pub struct DeviceListArgs {
     pub api: Api,
 }
 
+/// `s` percent-encoded for one URL path segment or query value.
+fn segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// A string field of a server's answer, shortened and escaped for the terminal.
+fn field(v: &serde_json::Value, key: &str) -> String {
+    tern_core::text::shown(v[key].as_str().unwrap_or("-"))
+}
+
 /// `tern device list`.
 pub fn device_list(a: DeviceListArgs) -> anyhow::Result<()> {
     let path = match &a.status {
@@ -467,30 +514,50 @@ pub fn device_list(a: DeviceListArgs) -> anyhow::Result<()> {
     print(&a.api, &v, |v| {
         for d in v.as_array().into_iter().flatten() {
             println!(
-                "{:<20} {:<14} {:<12} {:<8} phase {}",
-                d["id"].as_str().unwrap_or("?"),
-                d["status"].as_str().unwrap_or("?"),
-                d["device_type"].as_str().unwrap_or("?"),
-                d["hardware"].as_str().unwrap_or("?"),
-                d["phase"].as_str().unwrap_or("-")
+                "{:<20} {:<14} {:<12} {:<8} key {:.16} encryption {:<16} phase {}",
+                field(d, "id"),
+                field(d, "status"),
+                field(d, "device_type"),
+                field(d, "hardware"),
+                field(d, "keyid"),
+                field(d, "encryption_kid"),
+                field(d, "phase")
             );
         }
     })
 }
 
-/// `tern device approve|reject|decommission`.
+/// `tern device approve|reject|decommission`: the device's key ids are printed, to be
+/// compared with what `tern device key export` shows on the device.
 pub fn device_action(action: &str, a: DeviceIdArgs) -> anyhow::Result<()> {
+    let mut path = format!("/api/v1/devices/{}/{action}", segment(&a.id));
+    if let Some(k) = &a.keyid {
+        path.push_str(&format!("?keyid={}", segment(k)));
+    }
+    let v = call(&a.api, reqwest::Method::POST, &path, None)?;
+    print(&a.api, &v, |v| {
+        println!(
+            "device {}: {} (key {}, encryption key {})",
+            field(v, "id"),
+            field(v, "status"),
+            field(v, "keyid"),
+            field(v, "encryption_kid")
+        )
+    })
+}
+
+/// `tern device reset`: forget a pending or rejected registration.
+pub fn device_reset(a: DeviceIdArgs) -> anyhow::Result<()> {
     let v = call(
         &a.api,
         reqwest::Method::POST,
-        &format!("/api/v1/devices/{}/{action}", a.id),
+        &format!("/api/v1/devices/{}/reset", segment(&a.id)),
         None,
     )?;
-    print(&a.api, &v, |v| {
+    print(&a.api, &v, |_| {
         println!(
-            "device {}: {}",
-            v["id"].as_str().unwrap_or("?"),
-            v["status"].as_str().unwrap_or("?")
+            "device {}: registration forgotten; the id can enroll again",
+            tern_core::text::shown(&a.id)
         )
     })
 }

@@ -27,6 +27,7 @@ pub fn s(p: &Path) -> String {
 pub struct Pg {
     dir: tempfile::TempDir,
     child: Child,
+    port: u16,
     pub url: String,
 }
 
@@ -93,8 +94,18 @@ impl Pg {
             .unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
+        let child = Self::postmaster(dir.path(), port);
+        Pg {
+            dir,
+            child,
+            port,
+            url: format!("postgres://tern@127.0.0.1:{port}/postgres"),
+        }
+    }
+
+    fn postmaster(dir: &Path, port: u16) -> Child {
         let child = as_postgres(&pg_bin("postgres"))
-            .args(["-D", &s(&data), "-p", &port.to_string(), "-k", &s(dir.path())])
+            .args(["-D", &s(&dir.join("data")), "-p", &port.to_string(), "-k", &s(dir)])
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -112,18 +123,12 @@ impl Pg {
             assert!(Instant::now() < deadline, "PostgreSQL did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Pg {
-            dir,
-            child,
-            url: format!("postgres://tern@127.0.0.1:{port}/postgres"),
-        }
+        child
     }
-}
 
-impl Drop for Pg {
-    fn drop(&mut self) {
-        // SIGQUIT to the postmaster (not to `runuser`, which would not pass it on):
-        // immediate shutdown of it and its children.
+    /// Stop the cluster at once (SIGQUIT to the postmaster, not to `runuser`, which would
+    /// not pass it on: connections drop, no checkpoint).
+    pub fn stop(&mut self) {
         let pid = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid"))
             .ok()
             .and_then(|t| t.lines().next().map(str::to_owned));
@@ -131,6 +136,24 @@ impl Drop for Pg {
             let _ = Command::new("kill").args(["-QUIT", &pid]).status();
         }
         let _ = self.child.wait();
+        // The postmaster's pid file goes once its children are gone.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.dir.path().join("data/postmaster.pid").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Start it again on the same port (after [`Pg::stop`]).
+    pub fn start_again(&mut self) {
+        self.child = Self::postmaster(self.dir.path(), self.port);
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // SIGQUIT to the postmaster (not to `runuser`, which would not pass it on):
+        // immediate shutdown of it and its children.
+        self.stop();
     }
 }
 
@@ -184,6 +207,11 @@ impl Server {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             port,
         }
+    }
+
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: no chance to flush anything.
@@ -252,6 +280,54 @@ pub fn try_http(method: &str, url: &str, token: Option<&str>, body: Option<Vec<u
             content_range: None,
         })
     })
+}
+
+/// The challenge device `id`'s next check-in must answer.
+pub fn challenge(url: &str, id: &str) -> String {
+    let a = http("GET", &format!("{url}/api/v1/devices/{id}/challenge"), None, None);
+    assert_eq!(a.status, 200, "challenge of {id}: {}", a.body);
+    a.body["challenge"].as_str().unwrap().to_owned()
+}
+
+/// An idle check-in of `id` answering `challenge`.
+pub fn checkin_doc(id: &str, challenge: &str, phase: &str) -> tern_core::director::CheckIn {
+    tern_core::director::CheckIn {
+        kind: tern_core::director::CHECKIN_TYPE.into(),
+        device_id: id.into(),
+        nonce: tern_server::random_hex(16),
+        challenge: challenge.into(),
+        time: tern_agent::remote::now().to_string(),
+        phase: phase.into(),
+        slots: vec![],
+        deployment: None,
+        refused_order: None,
+    }
+}
+
+/// An enrollment document for `id` naming `public_key`, signed by `signer`, for the fleet
+/// token `token` (`ternenroll_ID_SECRET`) and a fresh challenge from the server at `url`.
+pub fn enrollment_body(
+    url: &str,
+    id: &str,
+    public_key: &tern_core::PublicKey,
+    signer: &tern_core::SigningKey,
+    encryption_key: Option<Value>,
+    token: &str,
+) -> Vec<u8> {
+    let c = http("GET", &format!("{url}/api/v1/devices/enroll/challenge"), None, None);
+    assert_eq!(c.status, 200, "{}", c.body);
+    let doc = tern_core::enrollment::Enrollment {
+        kind: tern_core::enrollment::ENROLLMENT_TYPE.into(),
+        device_id: id.into(),
+        public_key: public_key.to_value().clone(),
+        encryption_key,
+        device_type: "tern-sim".into(),
+        hardware: "rev-a".into(),
+        tags: vec![],
+        token_id: token.split('_').nth(1).map(str::to_owned),
+        challenge: c.body["challenge"].as_str().unwrap().to_owned(),
+    };
+    tern_core::director::sign_document("enrollment", &doc, signer).unwrap()
 }
 
 /// The release engineer, the server and its operator.
@@ -527,6 +603,19 @@ impl Fleet {
             &[],
         );
         dir.join(target.replace('/', "%2F"))
+    }
+
+    /// Enroll `id` with a document signed by `signer` naming `signer`'s own key.
+    pub fn enroll_signed(&self, id: &str, signer: &tern_core::SigningKey, encryption_key: Option<Value>) -> Answer {
+        let body = enrollment_body(
+            &self.server.url,
+            id,
+            signer.public(),
+            signer,
+            encryption_key,
+            &self.enrollment,
+        );
+        self.api("POST", "/api/v1/devices/enroll", Some(&self.enrollment), Some(body))
     }
 
     pub fn audit(&self) -> Vec<Value> {

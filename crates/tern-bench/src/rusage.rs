@@ -1,4 +1,4 @@
-//! Peak resident memory of finished child processes, for benchmarks.
+//! Peak resident memory of finished child processes.
 
 /// The largest peak RSS, in bytes, of any child process this process has waited for.
 #[allow(unsafe_code)]

@@ -1,4 +1,4 @@
-//! `tern bench encrypted`: the cost of encryption, each figure beside its comparison point
+//! `tern-bench encrypted`: the cost of encryption, each figure beside its comparison point
 //! measured in the same run.
 //!
 //! 1. Install of a random image from an encrypted bundle against the same image in a plain
@@ -17,8 +17,9 @@ use anyhow::{bail, Context};
 use tern_core::keywrap::{DataKey, RecipientSecret};
 use tern_core::stream_aead;
 
-use super::bench::{best_of, make_bundle_of, parse_size, timed_install_with_key, write_random, VerifyArgs};
+use crate::fixture::{best_of, make_bundle_of, parse_size, timed_install, work_dir, write_random};
 use crate::output::{json, Format};
+use crate::verify::Args;
 
 /// `openssl speed -evp aes-256-gcm -bytes 16384` in bytes per second (`-decrypt` if asked).
 fn openssl_speed(decrypt: bool) -> anyhow::Result<f64> {
@@ -71,11 +72,11 @@ fn decrypt_speed(plain: &[u8], log2: u8, runs: u32) -> anyhow::Result<f64> {
     Ok(plain.len() as f64 / best.as_secs_f64())
 }
 
-/// `tern bench encrypted`.
-pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
+/// Run the benchmark.
+pub fn run(a: Args) -> anyhow::Result<()> {
     let size = parse_size(&a.size)?;
-    let (dir, _temp) = super::work_dir(a.dir.as_ref(), "tern-bench-encrypted-")?;
-    let exe = std::env::current_exe()?;
+    let exe = crate::product::tern()?;
+    let (dir, _temp) = work_dir(a.dir.as_ref(), "tern-bench-encrypted-")?;
     eprintln!(
         "preparing a {size}-byte image, a plain and an encrypted bundle in {}",
         dir.display()
@@ -100,25 +101,11 @@ pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
     let mut enc_rss = 0;
     for run in 0..a.runs.max(1) {
         let key = Some(device_pem.as_str());
-        enc = enc.min(timed_install_with_key(
-            &exe,
-            &enc_dir,
-            &enc_root,
-            &enc_bundle,
-            size,
-            key,
-        )?);
+        enc = enc.min(timed_install(&exe, &enc_dir, &enc_root, &enc_bundle, size, key)?);
         if run == 0 {
             enc_rss = crate::rusage::children_peak_rss();
         }
-        plain = plain.min(timed_install_with_key(
-            &exe,
-            &plain_dir,
-            &plain_root,
-            &plain_bundle,
-            size,
-            None,
-        )?);
+        plain = plain.min(timed_install(&exe, &plain_dir, &plain_root, &plain_bundle, size, None)?);
     }
     let install_ratio = plain.as_secs_f64() / enc.as_secs_f64();
     let plain_size = std::fs::metadata(&plain_bundle)?.len();

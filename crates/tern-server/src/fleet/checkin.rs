@@ -1,0 +1,425 @@
+//! Signed check-ins (DESIGN §3, §6): verify, record the report, answer with an order.
+//!
+//! Replays are refused by a per-device challenge: every accepted check-in must carry the
+//! challenge the server gave the device in its last answer (or from
+//! `GET /api/v1/devices/ID/challenge`), and is recorded by a compare-and-swap on it that
+//! sets the next one. A captured check-in answers a challenge that is no longer current,
+//! however soon it is replayed, so it gets neither a session token nor an order.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use tern_core::director::{self, CheckIn, Order, OrderTarget, Stage};
+use tern_core::text::{shown, shown_max};
+use tern_core::{DateTime, PublicKey};
+
+use super::{claimed, Refusal, R, TERMINAL};
+use crate::repo::ReleaseTarget;
+use crate::{random_hex, unix_now, AppState, Error};
+
+/// How far a device's clock may be ahead of the server's, in seconds.
+const CLOCK_SLACK: i64 = 300;
+/// Characters kept of what a device says about a failure or a refused order.
+const MAX_REASON: usize = 512;
+
+/// The server's answer to a check-in.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckinResponse {
+    /// Seconds until the next check-in.
+    pub poll_interval_secs: u64,
+    /// A session token for polls (`GET /api/v1/devices/{id}/poll`) until `session_expires`.
+    pub session: String,
+    /// When the session token expires (Unix seconds).
+    pub session_expires: i64,
+    /// A signed director order, when a deployment is pending for this device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub order: Option<serde_json::Value>,
+    /// The challenge the device's next check-in must carry.
+    pub challenge: String,
+}
+
+/// The challenge a device's next check-in must answer (`GET /api/v1/devices/ID/challenge`):
+/// what a device that lost its last answer (or its state) asks for. Not secret: only the
+/// device's key can sign a check-in carrying it.
+pub async fn challenge(state: &AppState, id: &str) -> R<String> {
+    for _ in 0..2 {
+        let row = sqlx::query("SELECT challenge FROM devices WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&state.db.pool)
+            .await?
+            .ok_or_else(|| Refusal::NotFound(format!("no device `{}`", shown(id))))?;
+        if let Some(c) = row.try_get::<Option<String>, _>(0)? {
+            return Ok(c);
+        }
+        // Enrolled before challenges existed: give it its first.
+        sqlx::query("UPDATE devices SET challenge = $1 WHERE id = $2 AND challenge IS NULL")
+            .bind(random_hex(16))
+            .bind(id)
+            .execute(&state.db.write)
+            .await?;
+    }
+    Err(Refusal::Conflict("the device's challenge changed; ask again".into()))
+}
+
+/// A device check-in: verify, record the report, answer with an order if one is pending.
+pub async fn checkin(state: &AppState, path_id: &str, body: &[u8]) -> R<CheckinResponse> {
+    let outcome = checkin_inner(state, path_id, body).await;
+    if let Err(e) = &outcome {
+        // Refusals are audited (within the budget for unauthenticated requests); accepted
+        // check-ins are not (they are the fleet's heartbeat; the changes they cause are).
+        let who = claimed(path_id);
+        state.audit_refusal(&who, "device.checkin", &who, &e.to_string()).await;
+    }
+    outcome
+}
+
+struct PendingRow {
+    deployment: String,
+    release: String,
+    target: String,
+    length: i64,
+    hashes: String,
+    version: String,
+    status: String,
+}
+
+async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<CheckinResponse> {
+    let (env, c) = director::parse_checkin(body).map_err(|e| Refusal::BadRequest(format!("check-in: {e}")))?;
+    if c.device_id != path_id {
+        return Err(Refusal::BadRequest(format!(
+            "check-in is for device `{}`, sent to `{}`",
+            shown(&c.device_id),
+            shown(path_id)
+        )));
+    }
+    let row = sqlx::query("SELECT status, keyid, challenge, refused_order FROM devices WHERE id = $1")
+        .bind(path_id)
+        .fetch_optional(&state.db.pool)
+        .await?
+        .ok_or_else(|| Refusal::NotFound(format!("no device `{}`", shown(path_id))))?;
+    let status: String = row.try_get(0)?;
+    let keyid: String = row.try_get(1)?;
+    let current: Option<String> = row.try_get(2)?;
+    let refused_before: Option<String> = row.try_get(3)?;
+    let key = device_key(state, path_id, &keyid).await?;
+    director::verify_checkin(&env, &key)
+        .map_err(|e| Refusal::Unauthorized(format!("check-in is not signed by device `{path_id}`'s key: {e}")))?;
+    let time = DateTime::parse(&c.time).map_err(Refusal::BadRequest)?.unix();
+    let now = unix_now();
+    // One far-future check-in must not be taken as the device's clock.
+    if time > now + CLOCK_SLACK {
+        return Err(Refusal::BadRequest(format!(
+            "check-in time {} is {} s ahead of the server's clock",
+            c.time,
+            time - now
+        )));
+    }
+    if status != "approved" {
+        return Err(Refusal::Forbidden(format!("device `{path_id}` is {status}")));
+    }
+    let stale = || {
+        Refusal::StaleChallenge(format!(
+            "check-in from `{path_id}` does not answer its current challenge (a replay, or a device that lost \
+             its last answer: GET /api/v1/devices/{path_id}/challenge)"
+        ))
+    };
+    let Some(current) = current else {
+        return Err(stale());
+    };
+    if !tern_core::digest::ct_eq(current.as_bytes(), c.challenge.as_bytes()) {
+        return Err(stale());
+    }
+    let next = random_hex(16);
+    let slots = serde_json::to_string(&c.slots).unwrap_or_default();
+    let refused_order = c.refused_order.as_deref().map(|r| shown_max(r, MAX_REASON));
+    // Compare-and-swap on the challenge: of two check-ins answering it, one is recorded.
+    let fresh = sqlx::query(
+        "UPDATE devices SET last_seen = $1, last_time = $2, last_nonce = $3, phase = $4, slots = $5, refused_order = $6,
+                            challenge = $7
+         WHERE id = $8 AND status = 'approved' AND challenge = $9",
+    )
+    .bind(now)
+    .bind(time)
+    .bind(&c.nonce)
+    .bind(shown_max(&c.phase, 32))
+    .bind(&slots)
+    .bind(&refused_order)
+    .bind(&next)
+    .bind(path_id)
+    .bind(&current)
+    .execute(&state.db.write)
+    .await?;
+    if fresh.rows_affected() != 1 {
+        return Err(stale());
+    }
+    // Audited when it changes: a device repeating its last refusal adds no row.
+    if let Some(refused) = refused_order.as_ref().filter(|r| refused_before.as_ref() != Some(*r)) {
+        let _ = state
+            .db
+            .audit(
+                &format!("device:{path_id}"),
+                "device.refused-order",
+                &format!("device:{path_id}"),
+                "refused",
+                refused,
+            )
+            .await;
+    }
+    let pending = pending_row(state, path_id).await?;
+    if let Some(report) = &c.deployment {
+        record_report(state, path_id, &c, report).await?;
+    }
+    // Re-read after the report: it may have finished the deployment.
+    let pending = match (&c.deployment, pending) {
+        (Some(_), _) => pending_row(state, path_id).await?,
+        (None, p) => p,
+    };
+    let order = match pending {
+        Some(p) if matches!(p.status.as_str(), "queued" | "downloading" | "installing") => {
+            let hashes: BTreeMap<String, String> = serde_json::from_str(&p.hashes).unwrap_or_default();
+            let order = Order {
+                kind: director::ORDER_TYPE.into(),
+                device_id: path_id.to_owned(),
+                nonce: c.nonce.clone(),
+                deployment: p.deployment,
+                release: p.release,
+                targets: vec![OrderTarget {
+                    name: p.target,
+                    length: p.length as u64,
+                    hashes,
+                }],
+                expires: DateTime::from_unix(now + state.cfg.order_ttl_secs as i64).to_string(),
+            };
+            let _ = p.version;
+            let bytes = director::sign_document("order", &order, &state.keys.director)
+                .map_err(|e| Refusal::Internal(e.into()))?;
+            Some(serde_json::from_slice(&bytes).map_err(|e| Refusal::Internal(Error::Refused(e.to_string())))?)
+        }
+        _ => None,
+    };
+    let session_expires = now + state.cfg.session_ttl_secs as i64;
+    Ok(CheckinResponse {
+        poll_interval_secs: state.cfg.poll_interval_secs,
+        session: crate::session::issue(&state.session_key, path_id, session_expires),
+        session_expires,
+        order,
+        challenge: next,
+    })
+}
+
+/// The enrolled key of a device, whose key id is `keyid` in the row just read. Cached
+/// (`AppState::device_keys`), but only ever used when it is the key the registry names now:
+/// a registration that was reset and enrolled again with another key is never checked
+/// against the old one, in this process or another.
+async fn device_key(state: &AppState, id: &str, keyid: &str) -> R<PublicKey> {
+    if let Some(k) = state.device_keys.lock().map_err(|_| poisoned())?.get(id) {
+        if k.keyid().as_str() == keyid {
+            return Ok(k.clone());
+        }
+    }
+    let row = sqlx::query("SELECT public_key FROM devices WHERE id = $1 AND keyid = $2")
+        .bind(id)
+        .bind(keyid)
+        .fetch_optional(&state.db.pool)
+        .await?
+        .ok_or_else(|| Refusal::Conflict(format!("device `{id}`'s registration changed; check in again")))?;
+    let key_json: String = row.try_get(0)?;
+    let value: serde_json::Value =
+        serde_json::from_str(&key_json).map_err(|e| Refusal::Internal(Error::Refused(e.to_string())))?;
+    let key = PublicKey::from_value("device key", &value).map_err(|e| Refusal::Internal(e.into()))?;
+    if key.keyid().as_str() != keyid {
+        return Err(Refusal::Internal(Error::Refused(format!(
+            "device `{id}`: stored key id differs from its key"
+        ))));
+    }
+    let mut cache = state.device_keys.lock().map_err(|_| poisoned())?;
+    if cache.len() >= 1_000_000 {
+        cache.clear();
+    }
+    cache.insert(id.to_owned(), key.clone());
+    Ok(key)
+}
+
+fn poisoned() -> Refusal {
+    Refusal::Internal(Error::Refused("device key cache lock poisoned".into()))
+}
+
+async fn pending_row(state: &AppState, device_id: &str) -> R<Option<PendingRow>> {
+    let row = sqlx::query(
+        "SELECT dd.deployment_id, d.release_name, dd.target, dd.target_length, dd.target_hashes, dd.version, dd.status
+         FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
+         WHERE dd.device_id = $1 AND dd.status IN ('queued', 'downloading', 'installing', 'rebooting', 'trial')
+           AND (d.status = 'active' OR dd.status NOT IN ('queued', 'downloading'))
+         ORDER BY dd.created_at LIMIT 1",
+    )
+    .bind(device_id)
+    .fetch_optional(&state.db.pool)
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(PendingRow {
+        deployment: r.try_get(0)?,
+        release: r.try_get(1)?,
+        target: r.try_get(2)?,
+        length: r.try_get(3)?,
+        hashes: r.try_get(4)?,
+        version: r.try_get(5)?,
+        status: r.try_get(6)?,
+    }))
+}
+
+/// Whether a deployment's target is a slot image (raw installer, or no manifest).
+async fn installs_into_slot(state: &AppState, deployment: &str, target: &str) -> R<bool> {
+    let row =
+        sqlx::query("SELECT r.targets FROM releases r JOIN deployments d ON d.release_name = r.name WHERE d.id = $1")
+            .bind(deployment)
+            .fetch_optional(&state.db.pool)
+            .await?;
+    let Some(row) = row else { return Ok(true) };
+    let targets: Vec<ReleaseTarget> = serde_json::from_str(&row.try_get::<String, _>(0)?).unwrap_or_default();
+    Ok(targets
+        .iter()
+        .find(|t| t.name == target)
+        .is_none_or(|t| t.installer.is_empty() || t.installer == "raw"))
+}
+
+/// Where a deployment row's status stands in the order stages follow.
+fn status_rank(status: &str) -> u8 {
+    match status {
+        "queued" => 0,
+        "downloading" => 1,
+        "installing" => 2,
+        "rebooting" => 3,
+        "trial" => 4,
+        _ => 5,
+    }
+}
+
+fn stage_rank(stage: Stage) -> u8 {
+    match stage {
+        Stage::Downloading => 1,
+        Stage::Installing => 2,
+        Stage::Rebooting => 3,
+        Stage::Trial => 4,
+        Stage::Committed | Stage::RolledBack | Stage::Failed => 5,
+    }
+}
+
+/// Apply a device's report on a deployment to its row.
+async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &director::DeploymentReport) -> R<()> {
+    let row = sqlx::query(
+        "SELECT target, version, status, progress_done, reason FROM deployment_devices WHERE deployment_id = $1 AND device_id = $2",
+    )
+    .bind(&report.deployment)
+    .bind(device_id)
+    .fetch_optional(&state.db.pool)
+    .await?;
+    let Some(row) = row else { return Ok(()) };
+    let target: String = row.try_get(0)?;
+    let version: String = row.try_get(1)?;
+    let status: String = row.try_get(2)?;
+    let old_done: Option<i64> = row.try_get(3)?;
+    if TERMINAL.contains(&status.as_str()) {
+        return Ok(());
+    }
+    // Stages only move forward: a device repeating an earlier one (a download started
+    // again) changes nothing, and cannot make the row flap.
+    if stage_rank(report.stage) < status_rank(&status) {
+        return Ok(());
+    }
+    let (new_status, reason) = match report.stage {
+        Stage::Downloading => ("downloading", None),
+        Stage::Installing => ("installing", None),
+        Stage::Rebooting => ("rebooting", None),
+        Stage::Trial => ("trial", None),
+        // A file or archive payload is installed in place, not into a slot: its Committed
+        // report is the outcome.
+        Stage::Committed if !installs_into_slot(state, &report.deployment, &target).await? => ("succeeded", None),
+        Stage::Committed => match c.booted() {
+            Some(b)
+                if b.target.as_deref() == Some(target.as_str()) && b.version.as_deref() == Some(version.as_str()) =>
+            {
+                ("succeeded", None)
+            }
+            Some(b) => (
+                "failed",
+                Some(format!(
+                    "reported committed while booted from {} holding {} {}, not {target} {version}",
+                    shown(&b.name),
+                    shown(b.target.as_deref().unwrap_or("nothing")),
+                    shown(b.version.as_deref().unwrap_or(""))
+                )),
+            ),
+            None => ("failed", Some("reported committed but no booted slot".to_owned())),
+        },
+        Stage::RolledBack => (
+            "rolled-back",
+            Some(
+                report
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "the bootloader fell back".into()),
+            ),
+        ),
+        Stage::Failed => (
+            "failed",
+            Some(report.reason.clone().unwrap_or_else(|| "unknown".into())),
+        ),
+    };
+    // What the device says is stored shortened and escaped: it is shown to operators.
+    let reason = reason.map(|r| shown_max(&r, MAX_REASON));
+    let done = report.progress.map(|p| p.done as i64);
+    let total = report.progress.map(|p| p.total as i64);
+    if new_status == status && done == old_done {
+        return Ok(());
+    }
+    // Compare-and-swap on the status read: a cancel, a supersede or a decommission that
+    // committed meanwhile stands (the report is about a row that no longer is what it was).
+    let mut tx = state.db.write.begin().await?;
+    let done = sqlx::query(
+        "UPDATE deployment_devices SET status = $1, progress_done = $2, progress_total = $3, reason = $4, updated_at = $5
+         WHERE deployment_id = $6 AND device_id = $7 AND status = $8",
+    )
+    .bind(new_status)
+    .bind(done)
+    .bind(total)
+    .bind(&reason)
+    .bind(unix_now())
+    .bind(&report.deployment)
+    .bind(device_id)
+    .bind(&status)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Ok(());
+    }
+    // Polls only need to learn when the device leaves (or enters) the set with an order
+    // waiting: queued → downloading → installing is one state to them, and writes no event
+    // (the first reports of a deployment would otherwise all queue on the counter's row).
+    let waiting = |st: &str| matches!(st, "queued" | "downloading" | "installing");
+    let polls_care = waiting(&status) != waiting(new_status);
+    if polls_care {
+        crate::session::record_in(&mut tx, device_id).await?;
+    }
+    tx.commit().await?;
+    if polls_care {
+        state.fleet.refresh(state, false).await?;
+    }
+    if new_status != status {
+        state
+            .db
+            .audit(
+                &format!("device:{device_id}"),
+                "deployment.device-status",
+                &format!("deployment:{}", report.deployment),
+                "ok",
+                &format!(
+                    "{status} -> {new_status}{}",
+                    reason.map(|r| format!(": {r}")).unwrap_or_default()
+                ),
+            )
+            .await?;
+    }
+    Ok(())
+}

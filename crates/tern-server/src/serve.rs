@@ -1,0 +1,317 @@
+//! Accepting connections with limits and timeouts: what a hostile network can do to the
+//! listener is bounded.
+//!
+//! - **Connections**: at most `max_connections` open in all and `max_connections_per_peer`
+//!   from one IPv4 address or IPv6 /64; one over a limit is closed as it arrives.
+//! - **Headers**: a request's headers must arrive within `header_timeout_secs` (hyper's
+//!   header-read timeout): a client sending one byte every few seconds is cut off.
+//! - **Idle**: a connection that moves no byte either way for `idle_timeout_secs` while no
+//!   request is being handled is closed: an idle keep-alive connection, and a client that
+//!   stopped reading its response (whose writes would otherwise wait for ever).
+//! - **TLS**: the handshake must finish within the header timeout.
+//!
+//! Request bodies and handlers are bounded by the router (`api`): a whole-request timeout,
+//! and a minimum rate for bundle uploads.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+
+use crate::tls::PeerCert;
+
+/// The listener's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open connections in all.
+    pub max_connections: usize,
+    /// Open connections from one IP address.
+    pub max_per_peer: usize,
+    /// To receive a request's headers (and finish a TLS handshake).
+    pub header_timeout: Duration,
+    /// With no byte moving while no request is handled.
+    pub idle_timeout: Duration,
+}
+
+impl Limits {
+    /// The configuration's limits.
+    pub fn of(cfg: &crate::ServerConfig) -> Self {
+        // Timeouts of a day at most: a huge value must not overflow the clock.
+        Limits {
+            max_connections: cfg.max_connections.max(1) as usize,
+            max_per_peer: cfg.max_connections_per_peer.max(1) as usize,
+            header_timeout: Duration::from_secs(cfg.header_timeout_secs.clamp(1, 86_400)),
+            idle_timeout: Duration::from_secs(cfg.idle_timeout_secs.clamp(1, 86_400)),
+        }
+    }
+}
+
+/// The client's address, as a request extension.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// What the per-peer limit counts by: an IPv4 address, or an IPv6 /64 (what one customer
+/// usually gets, and can spread connections over).
+fn peer_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Open connections per IP address; an entry goes when its last connection closes.
+#[derive(Default)]
+struct PeerCounts(Mutex<HashMap<IpAddr, usize>>);
+
+struct PeerSlot {
+    counts: Arc<PeerCounts>,
+    ip: IpAddr,
+}
+
+impl PeerCounts {
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut m = self.0.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.counts.0.lock() {
+            if let Some(n) = m.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// Requests being handled on one connection (the idle rule does not apply meanwhile).
+#[derive(Default)]
+struct Busy(AtomicUsize);
+
+struct BusyGuard(Arc<Busy>);
+
+impl Busy {
+    fn enter(self: &Arc<Self>) -> BusyGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        BusyGuard(self.clone())
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection that fails with `TimedOut` when no byte moved either way for `timeout`
+/// while no request is being handled.
+struct IdleIo<T> {
+    inner: T,
+    timeout: Duration,
+    deadline: Instant,
+    sleep: Pin<Box<Sleep>>,
+    busy: Arc<Busy>,
+}
+
+impl<T> IdleIo<T> {
+    fn new(inner: T, timeout: Duration, busy: Arc<Busy>) -> Self {
+        let deadline = Instant::now() + timeout;
+        IdleIo {
+            inner,
+            timeout,
+            deadline,
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            busy,
+        }
+    }
+
+    fn moved(&mut self) {
+        // Only the deadline moves here; the timer is re-armed when it fires early.
+        self.deadline = Instant::now() + self.timeout;
+    }
+
+    /// Called when the inner I/O is pending: `Err` once the connection has been idle too long.
+    fn idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+            if self.busy.0.load(Ordering::Relaxed) > 0 {
+                self.moved();
+            }
+            let now = Instant::now();
+            if self.deadline <= now {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle"));
+            }
+            let d = self.deadline;
+            self.sleep.as_mut().reset(d);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.moved();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.idle(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.moved();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match self.idle(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => match self.idle(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            ready => ready,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accept connections on `listener` and serve `app` on each (over TLS with `tls`) until
+/// `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let peers = Arc::new(PeerCounts::default());
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment rather than spin.
+                    eprintln!("tern server: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            continue;
+        };
+        let Some(slot) = peers.take(peer_group(addr.ip()), limits.max_per_peer) else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _held = (permit, slot);
+            connection(tcp, addr, app, tls, limits).await;
+        });
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    app: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
+) {
+    let busy = Arc::new(Busy::default());
+    let io = IdleIo::new(tcp, limits.idle_timeout, busy.clone());
+    match tls {
+        None => http(io, addr, PeerCert(None), app, busy, limits).await,
+        Some(acceptor) => {
+            let Ok(Ok(stream)) = tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await else {
+                return;
+            };
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| Arc::new(c.as_ref().to_vec()));
+            http(stream, addr, PeerCert(cert), app, busy, limits).await
+        }
+    }
+}
+
+async fn http<I>(io: I, addr: SocketAddr, cert: PeerCert, app: axum::Router, busy: Arc<Busy>, limits: Limits)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use tower::ServiceExt;
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let app = app.clone();
+        let busy = busy.clone();
+        req.extensions_mut().insert(cert.clone());
+        req.extensions_mut().insert(Peer(addr));
+        async move {
+            let _handling = busy.enter();
+            app.oneshot(req.map(axum::body::Body::new)).await
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
+}
