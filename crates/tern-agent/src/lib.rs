@@ -25,6 +25,7 @@ pub mod keystore;
 pub mod remote;
 pub mod source;
 pub mod state;
+mod status;
 mod stream;
 
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -19,6 +19,7 @@ use tern_core::trust::{Freshness, MetadataSource, TrustedRepository};
 use tern_core::{DateTime, KeyId, PublicKey, SigningKey, TargetPath};
 
 use crate::config::RepoConfig;
+use crate::payload_io::{compress, DigestReader, DigestWriter};
 use crate::store::{require_signer, sign_with, Authority};
 use crate::{Error, Repository, Result, RoleWrite};
 
@@ -986,59 +987,4 @@ fn write_report(role: &str, env: &Envelope, version: u64, auth: &Authority) -> R
         valid: auth.count(role, env)?,
         threshold: auth.threshold,
     })
-}
-
-struct DigestReader<R: Read> {
-    inner: R,
-    digester: Digester,
-}
-
-impl<R: Read> Read for DigestReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.digester.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
-struct DigestWriter<W: Write> {
-    inner: W,
-    digester: Digester,
-}
-
-impl<W: Write> Write for DigestWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.digester.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Copy `input` to `out`, compressed as asked; returns the bytes read (what is installed).
-fn compress(input: &mut impl Read, out: &mut impl Write, compression: Compression) -> std::io::Result<u64> {
-    match compression {
-        Compression::None => copy(input, out),
-        Compression::Zstd => {
-            let mut enc = zstd::stream::write::Encoder::new(out, 3)?;
-            let n = copy(input, &mut enc)?;
-            enc.finish()?;
-            Ok(n)
-        }
-    }
-}
-
-fn copy(input: &mut impl Read, out: &mut impl Write) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0;
-    loop {
-        let n = input.read(&mut buf)?;
-        if n == 0 {
-            return Ok(total);
-        }
-        out.write_all(&buf[..n])?;
-        total += n as u64;
-    }
 }

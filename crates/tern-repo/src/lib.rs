@@ -28,6 +28,7 @@
 
 mod config;
 mod edit;
+mod payload_io;
 mod store;
 
 pub use config::{parse_duration, Expiry, RepoConfig};

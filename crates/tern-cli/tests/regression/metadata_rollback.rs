@@ -5,10 +5,11 @@
 
 use crate::device::{fails, ok, Device, Releases};
 
-#[test]
-fn a_bundle_with_older_targets_metadata_than_the_device_saw_is_refused() {
+/// 2.0.0 is published, bundled, then withdrawn (it bricks a board); 1.1.0 replaces it and
+/// a device installs and commits 1.1.0. Returns the releases, the withdrawn release's
+/// bundle and the device.
+fn withdrawn_then_current() -> (Releases, std::path::PathBuf, Device) {
     let rel = Releases::new();
-    // 2.0.0 is published, bundled, then withdrawn (it bricks a board); 1.1.0 replaces it.
     let (withdrawn, _) = rel.bundle("2.0.0", "tern-sim", &[], 100_000, false);
     ok(&[
         "repo",
@@ -23,6 +24,12 @@ fn a_bundle_with_older_targets_metadata_than_the_device_saw_is_refused() {
     let dev = Device::new(&rel.root());
     dev.install(&current);
     assert_eq!(dev.reboot()["boot_step"]["outcome"], "committed");
+    (rel, withdrawn, dev)
+}
+
+#[test]
+fn a_bundle_with_older_targets_metadata_than_the_device_saw_is_refused() {
+    let (_rel, withdrawn, dev) = withdrawn_then_current();
     let floors: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dev.path("state/tuf/floors.json")).unwrap()).unwrap();
     let seen = floors["roles"]["targets"]["version"].as_u64().unwrap();
@@ -62,21 +69,7 @@ fn entries(bundle: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn older_targets_metadata_cannot_come_back_through_a_root_that_added_a_key() {
-    let rel = Releases::new();
-    let (withdrawn, _) = rel.bundle("2.0.0", "tern-sim", &[], 100_000, false);
-    ok(&[
-        "repo",
-        "remove-target",
-        "--repo",
-        &rel.p("repo"),
-        "rootfs-2.0.0-tern-sim.img",
-        "--key",
-        &rel.key(),
-    ]);
-    let (current, _) = rel.bundle("1.1.0", "tern-sim", &[], 100_000, false);
-    let dev = Device::new(&rel.root());
-    dev.install(&current);
-    assert_eq!(dev.reboot()["boot_step"]["outcome"], "committed");
+    let (rel, withdrawn, dev) = withdrawn_then_current();
     // Later, root 2 adds a second targets key (the old one stays).
     ok(&["key", "generate", "--out", &rel.p("k2")]);
     ok(&[
