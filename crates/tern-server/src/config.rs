@@ -21,6 +21,8 @@
 //! min_upload_bytes_per_sec = 16384        # an upload slower than this on average (after 10 s) stops
 //! max_pending_per_token = 1000            # devices one enrollment token keeps waiting for approval
 //! enrollments_per_minute = 600            # enrollment attempts per token and minute (per process)
+//! require_rollout_approval = false        # every rollout waits for a second admin's approval
+//! rollout_tick_ms = 1000                  # how often the rollout engine looks at running rollouts
 //!
 //! [tls]                                   # optional: HTTPS through rustls
 //! cert = "server.crt"
@@ -114,8 +116,18 @@ pub struct ServerConfig {
     /// Enrollment attempts per token and minute, in each server process.
     #[serde(default = "default_enrollments_per_minute")]
     pub enrollments_per_minute: u64,
+    /// Whether every rollout must be approved by an admin other than its creator.
+    #[serde(default)]
+    pub require_rollout_approval: bool,
+    /// Milliseconds between passes of the rollout engine (phases, thresholds, timeouts).
+    #[serde(default = "default_rollout_tick")]
+    pub rollout_tick_ms: u64,
     /// HTTPS.
     pub tls: Option<TlsConfig>,
+}
+
+fn default_rollout_tick() -> u64 {
+    1000
 }
 
 fn default_listen() -> String {
@@ -191,6 +203,8 @@ impl ServerConfig {
             min_upload_bytes_per_sec: default_min_upload_rate(),
             max_pending_per_token: default_max_pending(),
             enrollments_per_minute: default_enrollments_per_minute(),
+            require_rollout_approval: false,
+            rollout_tick_ms: default_rollout_tick(),
             tls: None,
         }
     }
@@ -262,6 +276,14 @@ impl ServerConfig {
                 "MIN_UPLOAD_BYTES_PER_SEC" => self.min_upload_bytes_per_sec = num(&v)?,
                 "MAX_PENDING_PER_TOKEN" => self.max_pending_per_token = num(&v)?,
                 "ENROLLMENTS_PER_MINUTE" => self.enrollments_per_minute = num(&v)?,
+                "REQUIRE_ROLLOUT_APPROVAL" => {
+                    self.require_rollout_approval = match v.as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(Error::Config(format!("{k}: `{v}` is not true or false"))),
+                    }
+                }
+                "ROLLOUT_TICK_MS" => self.rollout_tick_ms = num(&v)?,
                 _ => return Err(Error::Config(format!("{k}: unknown setting"))),
             }
         }

@@ -99,6 +99,28 @@ impl Db {
         Ok(Db { pool, write, backend })
     }
 
+    /// Give every device registered before rollouts existed its bucket (a hash of its id,
+    /// `fleet::policy::bucket`), in transactions of 500.
+    pub async fn fill_buckets(&self) -> Result<()> {
+        loop {
+            let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM devices WHERE bucket IS NULL LIMIT 500")
+                .fetch_all(&self.pool)
+                .await?;
+            if ids.is_empty() {
+                return Ok(());
+            }
+            let mut tx = self.write.begin().await?;
+            for (id,) in &ids {
+                sqlx::query("UPDATE devices SET bucket = $1 WHERE id = $2")
+                    .bind(i64::from(crate::fleet::policy::bucket(id)))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
+    }
+
     /// Append to the audit log. Every field is shortened and escaped (`tern_core::text`):
     /// callers pass what requests said, and a row stays under about 1 KiB whatever they said.
     pub async fn audit(&self, actor: &str, action: &str, subject: &str, outcome: &str, detail: &str) -> Result<()> {
@@ -284,9 +306,9 @@ impl Db {
                         "device `{id}` is decommissioned: it cannot be registered again"
                     )));
                 }
-                // $1 is the time; each row's six columns follow.
+                // $1 is the time; each row's seven columns follow.
                 let sql = format!(
-                    "INSERT INTO devices (id, public_key, keyid, device_type, hardware, tags, status, enrolled_via, created_at, updated_at)
+                    "INSERT INTO devices (id, public_key, keyid, device_type, hardware, tags, bucket, status, enrolled_via, created_at, updated_at)
                      VALUES {}
                      ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, keyid = excluded.keyid,
                        device_type = excluded.device_type, hardware = excluded.hardware, tags = excluded.tags,
@@ -294,7 +316,7 @@ impl Db {
                        last_nonce = CASE WHEN devices.keyid = excluded.keyid THEN devices.last_nonce END,
                        last_time = CASE WHEN devices.keyid = excluded.keyid THEN devices.last_time END
                      WHERE devices.status <> 'decommissioned'",
-                    values(batch.len(), 6, 2, ", 'approved', 'import', $1, $1"),
+                    values(batch.len(), 7, 2, ", 'approved', 'import', $1, $1"),
                 );
                 let mut insert = sqlx::query(&sql).bind(now);
                 for d in batch {
@@ -304,7 +326,8 @@ impl Db {
                         .bind(&d.keyid)
                         .bind(&d.device_type)
                         .bind(&d.hardware)
-                        .bind(serde_json::to_string(&d.tags).unwrap_or_else(|_| "[]".into()));
+                        .bind(serde_json::to_string(&d.tags).unwrap_or_else(|_| "[]".into()))
+                        .bind(i64::from(crate::fleet::policy::bucket(&d.id)));
                 }
                 insert.execute(&mut *tx).await?;
 

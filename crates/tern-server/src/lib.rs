@@ -3,8 +3,8 @@
 //! What it does: publishes the release repository (the release engineer's offline-signed
 //! root, targets and delegations, with snapshot and timestamp signed here by online keys),
 //! keeps the device registry (enrollment by fleet token and operator approval), answers
-//! signed device check-ins with orders signed by the director's online key, tracks
-//! deployments device by device from the agents' reports, and offers a management API
+//! signed device check-ins with orders signed by the director's online key, runs phased
+//! rollouts (thresholds, windows, timeouts, approval) tracked from the agents' reports, and offers a management API
 //! authenticated by role-scoped tokens, every change and refusal audited.
 //!
 //! What it does not do: hold any offline key, or trust a device's report without its
@@ -19,6 +19,7 @@ pub mod config;
 pub mod db;
 pub mod fleet;
 pub mod keys;
+pub mod metrics;
 pub mod recipients;
 pub mod repo;
 pub mod serve;
@@ -104,6 +105,8 @@ pub struct AppState {
     pub session_key: aws_lc_rs::hmac::Key,
     /// What polls need to know about the fleet, in memory.
     pub fleet: session::Fleet,
+    /// This process's counters and latencies for `/metrics`.
+    pub metrics: metrics::Metrics,
     /// Refusals audited this second, per caller and in all.
     refusals: std::sync::Mutex<RefusalBudget>,
     /// Enrollment attempts per token this minute.
@@ -265,9 +268,11 @@ pub async fn open(cfg: ServerConfig) -> Result<Arc<AppState>> {
         device_keys: Default::default(),
         session_key,
         fleet: Default::default(),
+        metrics: Default::default(),
         refusals: Default::default(),
         enrollments: Default::default(),
     });
+    state.db.fill_buckets().await?;
     state.fleet.refresh(&state, true).await?;
     Ok(state)
 }
@@ -309,6 +314,7 @@ pub async fn start(state: Arc<AppState>) -> Result<Running> {
     let bound = listener.local_addr().map_err(|e| Error::Io(addr.to_string(), e))?;
     tokio::spawn(repo::resign_loop(state.clone()));
     tokio::spawn(session::run(state.clone()));
+    tokio::spawn(fleet::engine::run(state.clone()));
     let limits = serve::Limits::of(&state.cfg);
     let task = tokio::spawn(async move {
         serve::serve(listener, app, tls, limits, async {

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use sqlx::Row;
 
+use crate::fleet::policy::{self, RolloutSpec};
 use crate::{unix_now, AppState, Error, Result};
 
 const CONTEXT: &[u8] = b"tern-session-v1";
@@ -62,14 +63,52 @@ pub fn check(key: &aws_lc_rs::hmac::Key, token: &str, device: &str, now: i64) ->
     Ok(())
 }
 
+/// The event that tells every process to reload the list of running rollouts.
+pub const ROLLOUTS_CHANGED: &str = "#rollouts";
+
+/// A running rollout as polls and check-ins need it.
+#[derive(Debug, Clone)]
+pub struct ViewRollout {
+    /// Id.
+    pub id: String,
+    /// Created (Unix seconds): newer rollouts are offered first.
+    pub created_at: i64,
+    /// Release.
+    pub release: String,
+    /// The release's targets.
+    pub targets: Arc<Vec<crate::repo::ReleaseTarget>>,
+    /// What it does.
+    pub spec: Arc<RolloutSpec>,
+    /// Its offset (`policy::offset`).
+    pub offset: u32,
+    /// The cut-offs of its open phases.
+    pub open: Vec<u64>,
+    /// Whether its maintenance window is open (refreshed every tick).
+    pub window_open: bool,
+}
+
+impl ViewRollout {
+    /// The open phase holding `device`, if any.
+    pub fn phase_of(&self, device_bucket: u32) -> Option<usize> {
+        policy::phase_of(policy::position(device_bucket, self.offset), &self.open)
+    }
+}
+
 /// The fleet as far as polls need it.
 #[derive(Debug, Default)]
 pub struct FleetView {
     generation: i64,
-    /// Devices with a deployment row waiting for them to fetch an order.
+    /// Devices with a rollout row waiting for them to fetch an order.
     pending: HashSet<String>,
+    /// Devices with an unfinished row (rebooting, on trial): they report on their own.
+    busy: HashSet<String>,
     /// Devices that are not approved (rejected, decommissioned, pending, reset).
     blocked: HashSet<String>,
+    /// Running rollouts, newest first.
+    rollouts: Arc<Vec<ViewRollout>>,
+    /// Per running rollout, devices known to need nothing from it (not selected, or
+    /// finished): learned from check-ins and from finished rows.
+    settled: HashMap<String, HashSet<String>>,
 }
 
 /// The view, its refresher, and the last-seen times polls leave behind.
@@ -104,7 +143,20 @@ impl Fleet {
         let answer = match self.view.read() {
             Ok(v) if v.blocked.contains(device) => PollAnswer::Blocked,
             Ok(v) if v.pending.contains(device) => PollAnswer::CheckIn,
-            Ok(_) => PollAnswer::Nothing,
+            Ok(v) if v.busy.contains(device) || v.rollouts.is_empty() => PollAnswer::Nothing,
+            Ok(v) => {
+                let b = policy::bucket(device);
+                let offered = v.rollouts.iter().any(|r| {
+                    r.window_open
+                        && r.phase_of(b).is_some()
+                        && !v.settled.get(&r.id).is_some_and(|s| s.contains(device))
+                });
+                if offered {
+                    PollAnswer::CheckIn
+                } else {
+                    PollAnswer::Nothing
+                }
+            }
             // A poisoned view: make the device check in, which reads the database.
             Err(_) => PollAnswer::CheckIn,
         };
@@ -112,6 +164,49 @@ impl Fleet {
             seen.insert(device.to_owned(), unix_now());
         }
         answer
+    }
+
+    /// The running rollouts, newest first.
+    pub fn running(&self) -> Arc<Vec<ViewRollout>> {
+        self.view.read().map(|v| v.rollouts.clone()).unwrap_or_default()
+    }
+
+    /// Whether `device` is known to need nothing from rollout `id`.
+    pub fn is_settled(&self, id: &str, device: &str) -> bool {
+        self.view
+            .read()
+            .is_ok_and(|v| v.settled.get(id).is_some_and(|s| s.contains(device)))
+    }
+
+    /// Note that `device` needs nothing from these running rollouts (what its check-in found).
+    pub fn settle(&self, device: &str, rollouts: &[String]) {
+        if rollouts.is_empty() {
+            return;
+        }
+        if let Ok(mut v) = self.view.write() {
+            for id in rollouts {
+                if v.rollouts.iter().any(|r| &r.id == id) {
+                    v.settled.entry(id.clone()).or_default().insert(device.to_owned());
+                }
+            }
+        }
+    }
+
+    /// Open or close maintenance windows by the clock.
+    pub fn tick_windows(&self, now: i64) {
+        let Ok(mut v) = self.view.write() else { return };
+        let changed: Vec<bool> = v
+            .rollouts
+            .iter()
+            .map(|r| r.spec.window.as_ref().is_none_or(|w| w.is_open(now)))
+            .collect();
+        if v.rollouts.iter().zip(&changed).any(|(r, open)| r.window_open != *open) {
+            let mut list = (*v.rollouts).clone();
+            for (r, open) in list.iter_mut().zip(changed) {
+                r.window_open = open;
+            }
+            v.rollouts = Arc::new(list);
+        }
     }
 
     /// Bring the view up to the database's counter: apply the events since the last
@@ -136,40 +231,74 @@ impl Fleet {
             let mut ids = Vec::with_capacity(rows.len());
             let mut expected = known + 1;
             let mut whole = false;
+            let mut rollouts = false;
             for r in &rows {
                 let seq: i64 = r.try_get(0)?;
                 let id: String = r.try_get(1)?;
                 // A gap: events were pruned while this process slept; only a reload is sure.
                 whole |= seq != expected || id == "*";
                 expected = seq + 1;
-                ids.push(id);
+                if id == ROLLOUTS_CHANGED {
+                    rollouts = true;
+                } else {
+                    ids.push(id);
+                }
             }
             whole |= expected != generation + 1;
             if !whole {
                 ids.sort();
                 ids.dedup();
+                if rollouts {
+                    self.reload_rollouts(state).await?;
+                }
                 return self.apply_devices(state, generation, &ids).await;
             }
         }
         self.reload_all(state, generation).await
     }
 
+    /// Read the running rollouts again; the settled sets of rollouts still running stay.
+    async fn reload_rollouts(&self, state: &AppState) -> Result<()> {
+        let list = load_running(state).await?;
+        if let Ok(mut v) = self.view.write() {
+            v.settled.retain(|id, _| list.iter().any(|r| &r.id == id));
+            v.rollouts = Arc::new(list);
+        }
+        Ok(())
+    }
+
     async fn reload_all(&self, state: &AppState, generation: i64) -> Result<()> {
-        let pending = sqlx::query(
-            "SELECT DISTINCT dd.device_id FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
-             WHERE dd.status IN ('queued', 'downloading', 'installing') AND d.status = 'active'",
+        let ids = |rows: Vec<sqlx::any::AnyRow>| {
+            rows.iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<std::result::Result<HashSet<_>, _>>()
+        };
+        let pending = ids(sqlx::query(&format!(
+            "SELECT DISTINCT rd.device_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
+             WHERE {WANTS_ORDER}"
+        ))
+        .fetch_all(&state.db.pool)
+        .await?)?;
+        let busy = ids(sqlx::query(
+            "SELECT DISTINCT device_id FROM rollout_devices WHERE status IN ('rebooting', 'trial')",
         )
         .fetch_all(&state.db.pool)
-        .await?
-        .iter()
-        .map(|r| r.try_get::<String, _>(0))
-        .collect::<std::result::Result<HashSet<_>, _>>()?;
-        let blocked = sqlx::query("SELECT id FROM devices WHERE status <> 'approved'")
+        .await?)?;
+        let blocked = ids(sqlx::query("SELECT id FROM devices WHERE status <> 'approved'")
             .fetch_all(&state.db.pool)
-            .await?
-            .iter()
-            .map(|r| r.try_get::<String, _>(0))
-            .collect::<std::result::Result<HashSet<_>, _>>()?;
+            .await?)?;
+        let rollouts = load_running(state).await?;
+        let mut settled: HashMap<String, HashSet<String>> = HashMap::new();
+        for r in &rollouts {
+            let done = sqlx::query(
+                "SELECT device_id FROM rollout_devices WHERE rollout_id = $1
+                 AND status IN ('succeeded', 'failed', 'rolled-back', 'timed-out', 'cancelled')",
+            )
+            .bind(&r.id)
+            .fetch_all(&state.db.pool)
+            .await?;
+            settled.insert(r.id.clone(), ids(done)?);
+        }
         if let Ok(mut keys) = state.device_keys.lock() {
             keys.clear();
         }
@@ -177,7 +306,10 @@ impl Fleet {
             *v = FleetView {
                 generation,
                 pending,
+                busy,
                 blocked,
+                rollouts: Arc::new(rollouts),
+                settled,
             };
         }
         Ok(())
@@ -187,28 +319,42 @@ impl Fleet {
     async fn apply_devices(&self, state: &AppState, generation: i64, ids: &[String]) -> Result<()> {
         let mut approved = HashSet::new();
         let mut pending = HashSet::new();
+        let mut busy = HashSet::new();
         for chunk in ids.chunks(LOOKUP_CHUNK) {
             let marks: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
             let marks = marks.join(", ");
-            let sql = format!("SELECT id FROM devices WHERE status = 'approved' AND id IN ({marks})");
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id);
-            }
-            for r in q.fetch_all(&state.db.pool).await? {
-                approved.insert(r.try_get::<String, _>(0)?);
-            }
-            let sql = format!(
-                "SELECT DISTINCT dd.device_id FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
-                 WHERE dd.status IN ('queued', 'downloading', 'installing') AND d.status = 'active' AND dd.device_id IN ({marks})"
+            let lookup = |sql: String| async move {
+                let mut q = sqlx::query_as::<_, (String,)>(&sql);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                q.fetch_all(&state.db.pool).await
+            };
+            approved.extend(
+                lookup(format!(
+                    "SELECT id FROM devices WHERE status = 'approved' AND id IN ({marks})"
+                ))
+                .await?
+                .into_iter()
+                .map(|r| r.0),
             );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id);
-            }
-            for r in q.fetch_all(&state.db.pool).await? {
-                pending.insert(r.try_get::<String, _>(0)?);
-            }
+            pending.extend(
+                lookup(format!(
+                    "SELECT DISTINCT rd.device_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
+                     WHERE {WANTS_ORDER} AND rd.device_id IN ({marks})"
+                ))
+                .await?
+                .into_iter()
+                .map(|r| r.0),
+            );
+            busy.extend(
+                lookup(format!(
+                    "SELECT DISTINCT device_id FROM rollout_devices WHERE status IN ('rebooting', 'trial') AND device_id IN ({marks})"
+                ))
+                .await?
+                .into_iter()
+                .map(|r| r.0),
+            );
         }
         // A device whose registration changed may have a new key (a reset and a new
         // enrollment): the cached one goes.
@@ -225,10 +371,17 @@ impl Fleet {
                     // Not approved, or no longer registered at all.
                     v.blocked.insert(id.clone());
                 }
-                if pending.contains(id) {
-                    v.pending.insert(id.clone());
-                } else {
-                    v.pending.remove(id);
+                let v = &mut *v;
+                for (set, now) in [(&mut v.pending, pending.contains(id)), (&mut v.busy, busy.contains(id))] {
+                    if now {
+                        set.insert(id.clone());
+                    } else {
+                        set.remove(id);
+                    }
+                }
+                // Its tags, type or rows may have changed: what it needs is learned again.
+                for s in v.settled.values_mut() {
+                    s.remove(id);
                 }
             }
             v.generation = v.generation.max(generation);
@@ -256,6 +409,43 @@ impl Fleet {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Rows whose device must check in for its order: ordered, downloading or installing in a
+/// running or paused rollout, or installing in any (an install under way finishes).
+const WANTS_ORDER: &str =
+    "(rd.status = 'installing' OR (rd.status IN ('queued', 'downloading') AND r.status IN ('running', 'paused')))";
+
+/// The running rollouts with their releases' targets, newest first.
+async fn load_running(state: &AppState) -> Result<Vec<ViewRollout>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {} FROM rollouts WHERE status = 'running' ORDER BY created_at DESC, id",
+        crate::fleet::ROLLOUT_COLUMNS
+    ))
+    .fetch_all(&state.db.pool)
+    .await?;
+    let now = unix_now();
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let r = crate::fleet::rollout_from_row(row).map_err(|e| Error::Refused(e.to_string()))?;
+        let targets = crate::repo::release(state, &r.release)
+            .await
+            .map_err(|e| Error::Refused(e.to_string()))?
+            .map(|rel| rel.targets)
+            .unwrap_or_default();
+        let open = r.cutoffs.iter().take(r.opened).copied().collect();
+        out.push(ViewRollout {
+            offset: policy::offset(&r.id),
+            window_open: r.spec.window.as_ref().is_none_or(|w| w.is_open(now)),
+            id: r.id,
+            created_at: r.created_at,
+            release: r.release,
+            targets: Arc::new(targets),
+            spec: Arc::new(r.spec),
+            open,
+        });
+    }
+    Ok(out)
 }
 
 /// Record, in the caller's transaction (the one making the change, so that the change and
@@ -305,6 +495,7 @@ pub async fn run(state: Arc<AppState>) {
         tokio::time::sleep(Duration::from_millis(250)).await;
         ticks += 1;
         let force = ticks.is_multiple_of(2400);
+        state.fleet.tick_windows(unix_now());
         if let Err(e) = state.fleet.refresh(&state, force).await {
             eprintln!("tern server: fleet view refresh failed: {e}");
         }

@@ -14,7 +14,8 @@ use tern_core::director::{self, CheckIn, Order, OrderTarget, Stage};
 use tern_core::text::{shown, shown_max};
 use tern_core::{DateTime, PublicKey};
 
-use super::{claimed, Refusal, R, TERMINAL};
+use super::rows::{self, TERMINAL};
+use super::{claimed, Refusal, R};
 use crate::repo::ReleaseTarget;
 use crate::{random_hex, unix_now, AppState, Error};
 
@@ -75,16 +76,6 @@ pub async fn checkin(state: &AppState, path_id: &str, body: &[u8]) -> R<CheckinR
     outcome
 }
 
-struct PendingRow {
-    deployment: String,
-    release: String,
-    target: String,
-    length: i64,
-    hashes: String,
-    version: String,
-    status: String,
-}
-
 async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<CheckinResponse> {
     let (env, c) = director::parse_checkin(body).map_err(|e| Refusal::BadRequest(format!("check-in: {e}")))?;
     if c.device_id != path_id {
@@ -94,15 +85,20 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
             shown(path_id)
         )));
     }
-    let row = sqlx::query("SELECT status, keyid, challenge, refused_order FROM devices WHERE id = $1")
-        .bind(path_id)
-        .fetch_optional(&state.db.pool)
-        .await?
-        .ok_or_else(|| Refusal::NotFound(format!("no device `{}`", shown(path_id))))?;
+    let row = sqlx::query(
+        "SELECT status, keyid, challenge, refused_order, device_type, hardware, tags FROM devices WHERE id = $1",
+    )
+    .bind(path_id)
+    .fetch_optional(&state.db.pool)
+    .await?
+    .ok_or_else(|| Refusal::NotFound(format!("no device `{}`", shown(path_id))))?;
     let status: String = row.try_get(0)?;
     let keyid: String = row.try_get(1)?;
     let current: Option<String> = row.try_get(2)?;
     let refused_before: Option<String> = row.try_get(3)?;
+    let device_type: String = row.try_get(4)?;
+    let hardware: String = row.try_get(5)?;
+    let tags: Vec<String> = serde_json::from_str(&row.try_get::<String, _>(6)?).unwrap_or_default();
     let key = device_key(state, path_id, &keyid).await?;
     director::verify_checkin(&env, &key)
         .map_err(|e| Refusal::Unauthorized(format!("check-in is not signed by device `{path_id}`'s key: {e}")))?;
@@ -133,11 +129,12 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
     }
     let next = random_hex(16);
     let slots = serde_json::to_string(&c.slots).unwrap_or_default();
+    let installed = c.booted().and_then(|b| b.version.as_deref()).map(|v| shown_max(v, 64));
     let refused_order = c.refused_order.as_deref().map(|r| shown_max(r, MAX_REASON));
     // Compare-and-swap on the challenge: of two check-ins answering it, one is recorded.
     let fresh = sqlx::query(
         "UPDATE devices SET last_seen = $1, last_time = $2, last_nonce = $3, phase = $4, slots = $5, refused_order = $6,
-                            challenge = $7
+                            challenge = $7, installed_version = $10
          WHERE id = $8 AND status = 'approved' AND challenge = $9",
     )
     .bind(now)
@@ -149,6 +146,7 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
     .bind(&next)
     .bind(path_id)
     .bind(&current)
+    .bind(&installed)
     .execute(&state.db.write)
     .await?;
     if fresh.rows_affected() != 1 {
@@ -156,6 +154,13 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
     }
     // Audited when it changes: a device repeating its last refusal adds no row.
     if let Some(refused) = refused_order.as_ref().filter(|r| refused_before.as_ref() != Some(*r)) {
+        super::history::refused_order(
+            state,
+            path_id,
+            c.deployment.as_ref().map(|d| d.deployment.as_str()),
+            refused,
+        )
+        .await?;
         let _ = state
             .db
             .audit(
@@ -167,23 +172,25 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
             )
             .await;
     }
-    let pending = pending_row(state, path_id).await?;
     if let Some(report) = &c.deployment {
         record_report(state, path_id, &c, report).await?;
     }
-    // Re-read after the report: it may have finished the deployment.
-    let pending = match (&c.deployment, pending) {
-        (Some(_), _) => pending_row(state, path_id).await?,
-        (None, p) => p,
+    let attrs = super::orders::DeviceAttrs {
+        id: path_id,
+        device_type: &device_type,
+        hardware: &hardware,
+        tags: &tags,
     };
+    let (pending, settled) = super::orders::choose(state, &attrs).await?;
+    state.fleet.settle(path_id, &settled);
     let order = match pending {
-        Some(p) if matches!(p.status.as_str(), "queued" | "downloading" | "installing") => {
+        Some(p) if p.wants_order() => {
             let hashes: BTreeMap<String, String> = serde_json::from_str(&p.hashes).unwrap_or_default();
             let order = Order {
                 kind: director::ORDER_TYPE.into(),
                 device_id: path_id.to_owned(),
                 nonce: c.nonce.clone(),
-                deployment: p.deployment,
+                deployment: p.rollout,
                 release: p.release,
                 targets: vec![OrderTarget {
                     name: p.target,
@@ -192,9 +199,10 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
                 }],
                 expires: DateTime::from_unix(now + state.cfg.order_ttl_secs as i64).to_string(),
             };
-            let _ = p.version;
+            let signing = std::time::Instant::now();
             let bytes = director::sign_document("order", &order, &state.keys.director)
                 .map_err(|e| Refusal::Internal(e.into()))?;
+            state.metrics.order_signed(signing.elapsed());
             Some(serde_json::from_slice(&bytes).map_err(|e| Refusal::Internal(Error::Refused(e.to_string())))?)
         }
         _ => None,
@@ -246,33 +254,10 @@ fn poisoned() -> Refusal {
     Refusal::Internal(Error::Refused("device key cache lock poisoned".into()))
 }
 
-async fn pending_row(state: &AppState, device_id: &str) -> R<Option<PendingRow>> {
-    let row = sqlx::query(
-        "SELECT dd.deployment_id, d.release_name, dd.target, dd.target_length, dd.target_hashes, dd.version, dd.status
-         FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
-         WHERE dd.device_id = $1 AND dd.status IN ('queued', 'downloading', 'installing', 'rebooting', 'trial')
-           AND (d.status = 'active' OR dd.status NOT IN ('queued', 'downloading'))
-         ORDER BY dd.created_at LIMIT 1",
-    )
-    .bind(device_id)
-    .fetch_optional(&state.db.pool)
-    .await?;
-    let Some(r) = row else { return Ok(None) };
-    Ok(Some(PendingRow {
-        deployment: r.try_get(0)?,
-        release: r.try_get(1)?,
-        target: r.try_get(2)?,
-        length: r.try_get(3)?,
-        hashes: r.try_get(4)?,
-        version: r.try_get(5)?,
-        status: r.try_get(6)?,
-    }))
-}
-
 /// Whether a deployment's target is a slot image (raw installer, or no manifest).
 async fn installs_into_slot(state: &AppState, deployment: &str, target: &str) -> R<bool> {
     let row =
-        sqlx::query("SELECT r.targets FROM releases r JOIN deployments d ON d.release_name = r.name WHERE d.id = $1")
+        sqlx::query("SELECT r.targets FROM releases r JOIN rollouts d ON d.release_name = r.name WHERE d.id = $1")
             .bind(deployment)
             .fetch_optional(&state.db.pool)
             .await?;
@@ -309,7 +294,7 @@ fn stage_rank(stage: Stage) -> u8 {
 /// Apply a device's report on a deployment to its row.
 async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &director::DeploymentReport) -> R<()> {
     let row = sqlx::query(
-        "SELECT target, version, status, progress_done, reason FROM deployment_devices WHERE deployment_id = $1 AND device_id = $2",
+        "SELECT target, version, status, progress_done, phase FROM rollout_devices WHERE rollout_id = $1 AND device_id = $2",
     )
     .bind(&report.deployment)
     .bind(device_id)
@@ -320,6 +305,7 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
     let version: String = row.try_get(1)?;
     let status: String = row.try_get(2)?;
     let old_done: Option<i64> = row.try_get(3)?;
+    let phase: i64 = row.try_get(4)?;
     if TERMINAL.contains(&status.as_str()) {
         return Ok(());
     }
@@ -377,49 +363,34 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
     // Compare-and-swap on the status read: a cancel, a supersede or a decommission that
     // committed meanwhile stands (the report is about a row that no longer is what it was).
     let mut tx = state.db.write.begin().await?;
-    let done = sqlx::query(
-        "UPDATE deployment_devices SET status = $1, progress_done = $2, progress_total = $3, reason = $4, updated_at = $5
-         WHERE deployment_id = $6 AND device_id = $7 AND status = $8",
+    let moved = rows::transition(
+        &mut tx,
+        &rows::Move {
+            rollout: &report.deployment,
+            device: device_id,
+            phase,
+            from: &status,
+            to: new_status,
+            reason: reason.as_deref(),
+            progress: done.zip(total),
+        },
     )
-    .bind(new_status)
-    .bind(done)
-    .bind(total)
-    .bind(&reason)
-    .bind(unix_now())
-    .bind(&report.deployment)
-    .bind(device_id)
-    .bind(&status)
-    .execute(&mut *tx)
     .await?;
-    if done.rows_affected() != 1 {
+    if !moved {
         return Ok(());
     }
-    // Polls only need to learn when the device leaves (or enters) the set with an order
-    // waiting: queued → downloading → installing is one state to them, and writes no event
-    // (the first reports of a deployment would otherwise all queue on the counter's row).
-    let waiting = |st: &str| matches!(st, "queued" | "downloading" | "installing");
-    let polls_care = waiting(&status) != waiting(new_status);
+    // Polls learn when the device enters or leaves the set with an order waiting, or the
+    // set that reports on its own (rebooting, on trial): queued → downloading → installing
+    // is one state to them and writes no event (the first reports of a rollout would
+    // otherwise all queue on the counter's row).
+    let busy = |st: &str| matches!(st, "rebooting" | "trial");
+    let polls_care = rows::wants_order(&status) != rows::wants_order(new_status) || busy(&status) != busy(new_status);
     if polls_care {
         crate::session::record_in(&mut tx, device_id).await?;
     }
     tx.commit().await?;
     if polls_care {
         state.fleet.refresh(state, false).await?;
-    }
-    if new_status != status {
-        state
-            .db
-            .audit(
-                &format!("device:{device_id}"),
-                "deployment.device-status",
-                &format!("deployment:{}", report.deployment),
-                "ok",
-                &format!(
-                    "{status} -> {new_status}{}",
-                    reason.map(|r| format!(": {r}")).unwrap_or_default()
-                ),
-            )
-            .await?;
     }
     Ok(())
 }

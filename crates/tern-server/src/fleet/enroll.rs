@@ -168,7 +168,6 @@ async fn enroll_inner(
         }
         if insert(state, &doc, &key, &voucher, encryption_key.as_deref()).await? {
             if matches!(voucher, Voucher::Certificate) {
-                super::deployments::join_active_deployments(state, &doc.device_id).await?;
                 crate::session::device_changed(state, &doc.device_id).await?;
             }
             // A pending device is not the polls' concern: it has no session to poll with.
@@ -263,8 +262,8 @@ async fn insert(
     let mut tx = state.db.write.begin().await?;
     let done = sqlx::query(
         "INSERT INTO devices (id, public_key, keyid, device_type, hardware, tags, status, enrolled_via, created_at, updated_at,
-                              encryption_key, enrollment_token, challenge)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING",
+                              encryption_key, enrollment_token, challenge, bucket)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12, $13) ON CONFLICT (id) DO NOTHING",
     )
     .bind(&doc.device_id)
     .bind(doc.public_key.to_string())
@@ -278,6 +277,7 @@ async fn insert(
     .bind(encryption_key)
     .bind(token_id)
     .bind(random_hex(16))
+    .bind(i64::from(super::policy::bucket(&doc.device_id)))
     .execute(&mut *tx)
     .await?;
     if done.rows_affected() != 1 {

@@ -1,17 +1,26 @@
-//! Devices, deployments and the check-in: the director's side of DESIGN §3.
+//! Devices, rollouts and the check-in: the director's side of DESIGN §3.
 //!
 //! - [`enroll`]: a device proves possession of its key and waits for approval;
 //! - this module: the registry (approve, reject, decommission, reset);
-//! - [`deployments`]: a deployment is materialised into one row per device when it is
-//!   created (and for a device approved later that it selects), holding the exact target
-//!   chosen for that device;
+//! - [`history`]: inventory search, tags, and each device's history;
+//! - [`policy`] (pure): rollout specifications, phase membership, thresholds, windows;
+//! - [`rollouts`]: the operator's side of rollouts, a constant number of writes each;
+//! - [`engine`]: the background task that opens phases, stops, finishes and times out;
+//! - [`orders`] and [`rows`]: a device's row in a rollout, made at its own check-in;
+//! - [`deployments`]: the older one-phase view, kept for its API and CLI;
 //! - [`checkin`]: signed check-ins answering a per-device challenge; device status follows
 //!   only the device's signed reports, and a device counts as succeeded only when it
 //!   reports Committed while booted from a slot holding the deployed target.
 
 mod checkin;
 mod deployments;
+pub mod engine;
 mod enroll;
+mod history;
+mod orders;
+pub mod policy;
+mod rollouts;
+pub mod rows;
 
 pub use checkin::{challenge, checkin, CheckinResponse};
 pub use deployments::{
@@ -19,6 +28,9 @@ pub use deployments::{
     DeviceDeployment,
 };
 pub use enroll::{enroll, enrollment_challenge, EnrollmentChallenge};
+pub use history::{history, search, set_tags, DevicePage, DeviceSearch, HistoryEntry};
+pub use rollouts::{act, create_rollout, rollout, rollouts, Action, PhaseStatus, Rollout, RolloutRequest, Start};
+pub(crate) use rollouts::{rollout_from_row, ROLLOUT_COLUMNS};
 
 use serde::Serialize;
 use sqlx::Row;
@@ -148,7 +160,7 @@ pub(crate) async fn audit<T>(state: &AppState, actor: &str, action: &str, subjec
         .await;
 }
 
-fn device_from_row(r: &sqlx::any::AnyRow) -> R<Device> {
+pub(crate) fn device_from_row(r: &sqlx::any::AnyRow) -> R<Device> {
     let tags: String = r.try_get("tags")?;
     let encryption_key: Option<serde_json::Value> = r
         .try_get::<Option<String>, _>("encryption_key")?
@@ -173,7 +185,7 @@ fn device_from_row(r: &sqlx::any::AnyRow) -> R<Device> {
     })
 }
 
-const DEVICE_COLUMNS: &str =
+pub(crate) const DEVICE_COLUMNS: &str =
     "id, status, device_type, hardware, tags, keyid, last_seen, phase, slots, refused_order, encryption_key";
 
 /// One device.
@@ -254,21 +266,33 @@ pub async fn set_device_status(
             });
         }
         if to == "decommissioned" {
-            sqlx::query(
-                "UPDATE deployment_devices SET status = 'cancelled', reason = 'device decommissioned', updated_at = $1
-                 WHERE device_id = $2 AND status IN ('queued', 'downloading', 'installing')",
+            let open = sqlx::query(
+                "SELECT rollout_id, phase, status FROM rollout_devices
+                 WHERE device_id = $1 AND status IN ('queued', 'downloading', 'installing')",
             )
-            .bind(unix_now())
             .bind(id)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
+            for r in open {
+                let (rollout, phase, status): (String, i64, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+                rows::transition(
+                    &mut tx,
+                    &rows::Move {
+                        rollout: &rollout,
+                        device: id,
+                        phase,
+                        from: &status,
+                        to: "cancelled",
+                        reason: Some("device decommissioned"),
+                        progress: None,
+                    },
+                )
+                .await?;
+            }
         }
         crate::session::record_in(&mut tx, id).await?;
         tx.commit().await?;
         state.fleet.refresh(state, false).await?;
-        if to == "approved" {
-            deployments::join_active_deployments(state, id).await?;
-        }
         device(state, id)
             .await?
             .ok_or_else(|| Refusal::NotFound(format!("no device `{id}`")))
@@ -319,6 +343,3 @@ pub async fn reset_device(state: &AppState, id: &str, actor: &str) -> R<()> {
     audit(state, actor, "device.reset", &format!("device:{}", shown(id)), &outcome).await;
     outcome
 }
-
-/// Deployment statuses a device's row does not leave.
-const TERMINAL: [&str; 4] = ["succeeded", "failed", "rolled-back", "cancelled"];

@@ -13,6 +13,8 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
+mod rollouts;
+
 use crate::fleet::{self, Refusal};
 use crate::{random_hex, recipients, repo, AppState};
 
@@ -104,6 +106,11 @@ impl Role {
 
 /// Check the bearer token for at least `need`; refusals are audited.
 async fn authorize(state: &AppState, headers: &HeaderMap, need: Role, action: &str) -> R<String> {
+    Ok(authorize_token(state, headers, need, action).await?.0)
+}
+
+/// [`authorize`], with the token's id beside the audit actor.
+async fn authorize_token(state: &AppState, headers: &HeaderMap, need: Role, action: &str) -> R<(String, String)> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -144,7 +151,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap, need: Role, action: &s
         )
         .await;
     }
-    Ok(actor)
+    Ok((actor, id))
 }
 
 /// The router: every route but the bundle upload runs under the request timeout (its
@@ -172,8 +179,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(checkin).layer(DefaultBodyLimit::max(tern_core::director::MAX_CHECKIN_BYTES)),
         )
         .route("/api/v1/devices/{id}/poll", get(poll))
-        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices", get(rollouts::list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
+        .route("/api/v1/devices/{id}/history", get(rollouts::device_history))
+        .route("/api/v1/devices/{id}/tags", axum::routing::put(rollouts::set_tags))
         .route("/api/v1/devices/{id}/reset", post(reset_device))
         .route("/api/v1/devices/{id}/{action}", post(device_action))
         .route("/api/v1/releases", get(list_releases))
@@ -186,6 +195,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/deployments/{id}/devices/{device}/abandon",
             post(abandon_device),
         )
+        .route("/api/v1/rollouts", get(rollouts::list).post(rollouts::create))
+        .route("/api/v1/rollouts/{id}", get(rollouts::get_one))
+        .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
+        .route("/metrics", get(rollouts::metrics))
         .route("/api/v1/enrollment-tokens", post(create_enrollment_token))
         .route("/api/v1/audit", get(audit_log))
         .layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout));
@@ -451,7 +464,9 @@ async fn device_challenge(State(state): St, Path(id): Path<String>) -> R<Json<Ch
 #[utoipa::path(post, path = "/api/v1/devices/{id}/checkin", params(("id" = String, Path)),
     responses((status = 200, body = fleet::CheckinResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn checkin(State(state): St, Path(id): Path<String>, body: axum::body::Bytes) -> R<Json<fleet::CheckinResponse>> {
-    Ok(Json(fleet::checkin(&state, &id, &body).await?))
+    let answer = fleet::checkin(&state, &id, &body).await;
+    state.metrics.checkin(answer.is_ok());
+    Ok(Json(answer?))
 }
 
 /// The answer to a poll.
@@ -474,6 +489,7 @@ async fn poll(State(state): St, Path(id): Path<String>, headers: HeaderMap) -> R
         .ok_or_else(|| Refusal::Unauthorized("no session token: send a signed check-in".into()))?;
     crate::session::check(&state.session_key, token, &id, crate::unix_now())
         .map_err(|e| Refusal::Unauthorized(format!("{e}: send a signed check-in")))?;
+    state.metrics.poll();
     let checkin = match state.fleet.poll(&id) {
         crate::session::PollAnswer::Blocked => {
             return Err(Refusal::Forbidden(format!("device `{id}` is not approved")))
@@ -485,25 +501,6 @@ async fn poll(State(state): St, Path(id): Path<String>, headers: HeaderMap) -> R
         poll_interval_secs: state.cfg.poll_interval_secs,
         checkin,
     }))
-}
-
-/// Device filter.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-struct DeviceQuery {
-    /// Only devices of this status.
-    status: Option<String>,
-}
-
-/// The device registry.
-#[utoipa::path(get, path = "/api/v1/devices", params(DeviceQuery), security(("token" = [])),
-    responses((status = 200, body = Vec<fleet::Device>), (status = 401, body = ErrorBody)))]
-async fn list_devices(
-    State(state): St,
-    headers: HeaderMap,
-    Query(q): Query<DeviceQuery>,
-) -> R<Json<Vec<fleet::Device>>> {
-    authorize(&state, &headers, Role::Viewer, "device.list").await?;
-    Ok(Json(fleet::devices(&state, q.status.as_deref()).await?))
 }
 
 /// One device.
@@ -597,6 +594,7 @@ async fn upload_release(
     body: Body,
 ) -> R<Json<repo::Release>> {
     let actor = authorize(&state, &headers, Role::Releaser, "release.upload").await?;
+    let upload_started = std::time::Instant::now();
     let dir = state.cfg.artifact_dir().join("uploads");
     tokio::fs::create_dir_all(&dir)
         .await
@@ -656,6 +654,7 @@ async fn upload_release(
         }
     };
     let _ = tokio::fs::remove_file(&path).await;
+    state.metrics.upload(upload_started.elapsed());
     Ok(Json(result?))
 }
 
@@ -687,10 +686,10 @@ async fn create_deployment(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> R<Json<fleet::Deployment>> {
-    let actor = authorize(&state, &headers, Role::Releaser, "deployment.create").await?;
+    let (actor, token) = authorize_token(&state, &headers, Role::Releaser, "deployment.create").await?;
     let req: fleet::DeploymentRequest =
         serde_json::from_slice(&body).map_err(|e| Refusal::BadRequest(format!("deployment request: {e}")))?;
-    Ok(Json(fleet::create_deployment(&state, req, &actor).await?))
+    Ok(Json(fleet::create_deployment(&state, req, &actor, &token).await?))
 }
 
 /// A deployment with per-device status.
@@ -708,8 +707,8 @@ async fn get_deployment(State(state): St, headers: HeaderMap, Path(id): Path<Str
 #[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", params(("id" = String, Path)), security(("token" = [])),
     responses((status = 200, body = fleet::Deployment), (status = 409, body = ErrorBody)))]
 async fn cancel_deployment(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> R<Json<fleet::Deployment>> {
-    let actor = authorize(&state, &headers, Role::Releaser, "deployment.cancel").await?;
-    Ok(Json(fleet::cancel_deployment(&state, &id, &actor).await?))
+    let (actor, token) = authorize_token(&state, &headers, Role::Releaser, "deployment.cancel").await?;
+    Ok(Json(fleet::cancel_deployment(&state, &id, &actor, &token).await?))
 }
 
 /// Release one device from a deployment whatever its stage (releaser).
@@ -776,12 +775,13 @@ async fn audit_log(
 /// The OpenAPI document of everything above.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    info(title = "Tern update server", description = "Release repository, device registry, director and deployments. Management endpoints take `Authorization: Bearer TOKEN` (roles admin, releaser, viewer); devices sign their check-ins."),
+    info(title = "Tern update server", description = "Release repository, device registry, director, rollouts and deployments (one-phase rollouts). Management endpoints take `Authorization: Bearer TOKEN` (roles admin, releaser, viewer); devices sign their check-ins."),
     paths(
         repo_metadata, repo_target, repo_recipients, add_recipients, enrollment_challenge, enroll, device_challenge, checkin, poll,
-        list_devices, get_device, reset_device, device_action, list_releases,
-        get_release, upload_release, set_root, list_deployments, create_deployment, get_deployment,
-        cancel_deployment, abandon_device, create_enrollment_token, audit_log
+        rollouts::list_devices, get_device, rollouts::device_history, rollouts::set_tags, reset_device, device_action,
+        list_releases, get_release, upload_release, set_root, list_deployments, create_deployment, get_deployment,
+        cancel_deployment, abandon_device, rollouts::list, rollouts::create, rollouts::get_one, rollouts::act,
+        rollouts::metrics, create_enrollment_token, audit_log
     ),
     components(schemas(ErrorBody, ErrorDetail, TokenResponse, PollResponse, ChallengeResponse)),
     modifiers(&BearerAuth)

@@ -1,0 +1,246 @@
+//! The rollout engine: once a second, in the one server process holding the `rollouts`
+//! lease, start scheduled rollouts whose time has come, time out stuck devices, and open
+//! the next phase, stop or finish each running rollout by [`policy::decide`] over its
+//! counters. Every decision is one transaction on the rollout's row (compare-and-swap on
+//! its status and phases) with its fleet event, so a kill leaves it made or not made.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Row;
+
+use super::policy::{self, Decision};
+use super::rollouts::{count_selected, phase_counts, rollout_from_row, RolloutRow, ROLLOUT_COLUMNS};
+use super::rows::{self, Move};
+use super::R;
+use crate::{unix_now, AppState};
+
+/// How long the engine's lease lasts; renewed every tick.
+const LEASE_MS: i64 = 5_000;
+/// How often the selection of a running rollout is counted again (devices enrolled,
+/// approved, re-tagged or decommissioned change it).
+const RECOUNT_SECS: i64 = 30;
+/// Stuck devices timed out per rollout and tick.
+const TIMEOUT_BATCH: i64 = 1_000;
+
+/// Run the engine until the process ends.
+pub async fn run(state: Arc<AppState>) {
+    let mut last_count = std::collections::HashMap::<String, i64>::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(state.cfg.rollout_tick_ms.clamp(50, 60_000))).await;
+        match state.db.try_lease("rollouts", &state.instance, LEASE_MS).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                eprintln!("tern server: rollout lease failed: {e}");
+                continue;
+            }
+        }
+        if let Err(e) = tick(&state, &mut last_count).await {
+            eprintln!("tern server: rollout engine: {e}");
+        }
+    }
+}
+
+/// One pass over the rollouts that can change.
+pub async fn tick(state: &AppState, last_count: &mut std::collections::HashMap<String, i64>) -> R<()> {
+    let now = unix_now();
+    let started = sqlx::query("SELECT id FROM rollouts WHERE status = 'scheduled' AND start_at <= $1")
+        .bind(now)
+        .fetch_all(&state.db.pool)
+        .await?;
+    for r in started {
+        let id: String = r.try_get(0)?;
+        change(state, &id, "scheduled", None, "running", None, None, "rollout.start").await?;
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE status IN ('running', 'paused') ORDER BY created_at"
+    ))
+    .fetch_all(&state.db.pool)
+    .await?;
+    for row in &rows {
+        let mut r = rollout_from_row(row)?;
+        if let Some(limit) = r.spec.timeout_secs {
+            time_out_stuck(state, &r, limit as i64, now).await?;
+        }
+        if r.status != "running" {
+            continue;
+        }
+        let due = last_count.get(&r.id).is_none_or(|t| now - t >= RECOUNT_SECS);
+        if due {
+            recount(state, &mut r).await?;
+            last_count.insert(r.id.clone(), now);
+        }
+        let counts: Vec<_> = phase_counts(state, &r).await?.into_iter().map(|(c, _)| c).collect();
+        let mut decision = policy::decide(&r.spec, r.opened, &counts);
+        if matches!(decision, Decision::OpenNext | Decision::Finish) && !due {
+            // Decide on a fresh count of the selection, not one up to RECOUNT_SECS old.
+            recount(state, &mut r).await?;
+            last_count.insert(r.id.clone(), now);
+            let counts: Vec<_> = phase_counts(state, &r).await?.into_iter().map(|(c, _)| c).collect();
+            decision = policy::decide(&r.spec, r.opened, &counts);
+        }
+        match decision {
+            Decision::Hold => {}
+            Decision::OpenNext => {
+                change(
+                    state,
+                    &r.id,
+                    "running",
+                    Some(r.opened),
+                    "running",
+                    Some(r.opened + 1),
+                    None,
+                    "rollout.open-phase",
+                )
+                .await?;
+            }
+            Decision::Stop(reason) => {
+                change(
+                    state,
+                    &r.id,
+                    "running",
+                    Some(r.opened),
+                    "stopped",
+                    None,
+                    Some(&reason),
+                    "rollout.stop",
+                )
+                .await?;
+            }
+            Decision::Finish => {
+                change(
+                    state,
+                    &r.id,
+                    "running",
+                    Some(r.opened),
+                    "finished",
+                    None,
+                    None,
+                    "rollout.finish",
+                )
+                .await?;
+            }
+        }
+    }
+    last_count.retain(|id, _| {
+        rows.iter()
+            .any(|r| r.try_get::<String, _>("id").is_ok_and(|x| &x == id))
+    });
+    Ok(())
+}
+
+/// Count the selection again and store it if it changed (one row).
+async fn recount(state: &AppState, r: &mut RolloutRow) -> R<()> {
+    let selected = count_selected(state, &r.spec, &r.id, &r.cutoffs).await?;
+    if selected != r.selected {
+        sqlx::query("UPDATE rollouts SET selected = $1 WHERE id = $2")
+            .bind(serde_json::to_string(&selected).unwrap_or_default())
+            .bind(&r.id)
+            .execute(&state.db.write)
+            .await?;
+        r.selected = selected;
+    }
+    Ok(())
+}
+
+/// Move a rollout from (`from`, `opened`) to (`to`, `new_opened`), audited as the server.
+#[allow(clippy::too_many_arguments)]
+async fn change(
+    state: &AppState,
+    id: &str,
+    from: &str,
+    opened: Option<usize>,
+    to: &str,
+    new_opened: Option<usize>,
+    reason: Option<&str>,
+    action: &str,
+) -> R<()> {
+    let mut tx = state.db.write.begin().await?;
+    let done = sqlx::query(
+        "UPDATE rollouts SET status = $1, opened = COALESCE($2, opened), reason = COALESCE($3, reason), updated_at = $4
+         WHERE id = $5 AND status = $6 AND ($7 < 0 OR opened = $7)",
+    )
+    .bind(to)
+    .bind(new_opened.map(|n| n as i64))
+    .bind(reason)
+    .bind(unix_now())
+    .bind(id)
+    .bind(from)
+    .bind(opened.map_or(-1, |n| n as i64))
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        // An operator acted first (a pause, a cancel): their change stands.
+        return Ok(());
+    }
+    crate::session::record_in(&mut tx, crate::session::ROLLOUTS_CHANGED).await?;
+    tx.commit().await?;
+    state.fleet.refresh(state, false).await?;
+    let detail = match (new_opened, reason) {
+        (Some(n), _) => format!("phase {n} opened"),
+        (None, Some(r)) => r.to_owned(),
+        (None, None) => format!("{from} -> {to}"),
+    };
+    let _ = state
+        .db
+        .audit(
+            &format!("server:{}", state.instance),
+            action,
+            &format!("rollout:{id}"),
+            "ok",
+            &detail,
+        )
+        .await;
+    Ok(())
+}
+
+/// Devices installing, rebooting or on trial for longer than `limit` seconds count as
+/// failed: their rows become `timed-out`, with the stage and the time in the reason.
+async fn time_out_stuck(state: &AppState, r: &RolloutRow, limit: i64, now: i64) -> R<()> {
+    let stuck = sqlx::query(
+        "SELECT device_id, status, phase, status_since FROM rollout_devices
+         WHERE rollout_id = $1 AND status IN ('installing', 'rebooting', 'trial') AND status_since < $2
+         ORDER BY status_since LIMIT $3",
+    )
+    .bind(&r.id)
+    .bind(now - limit)
+    .bind(TIMEOUT_BATCH)
+    .fetch_all(&state.db.pool)
+    .await?;
+    if stuck.is_empty() {
+        return Ok(());
+    }
+    let mut tx = state.db.write.begin().await?;
+    let mut moved = Vec::new();
+    for row in &stuck {
+        let device: String = row.try_get(0)?;
+        let status: String = row.try_get(1)?;
+        let phase: i64 = row.try_get(2)?;
+        let since: i64 = row.try_get(3)?;
+        let reason = format!(
+            "timed out: {status} for {} s, more than the rollout's limit of {limit} s",
+            now - since
+        );
+        let m = Move {
+            rollout: &r.id,
+            device: &device,
+            phase,
+            from: &status,
+            to: "timed-out",
+            reason: Some(&reason),
+            progress: None,
+        };
+        if rows::transition(&mut tx, &m).await? {
+            if rows::wants_order(&status) {
+                crate::session::record_in(&mut tx, &device).await?;
+            }
+            moved.push(device);
+        }
+    }
+    tx.commit().await?;
+    if !moved.is_empty() {
+        state.fleet.refresh(state, false).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! Which order a device gets at its check-in. The device first follows its unfinished row
+//! (an order it already has); otherwise, and while that row has not begun installing, the
+//! newest running rollout that selects it, whose open phases hold it and whose window is
+//! open, gives it a row and an order. Rows are only ever created here, in answer to the
+//! device's own signed check-in, and only while the rollout is running with the device's
+//! phase open: the insert checks that in the same statement.
+
+use sqlx::Row;
+
+use super::rows::{self, Move, NewRow};
+use super::{policy, R};
+use crate::repo::ReleaseTarget;
+use crate::session::ViewRollout;
+use crate::{unix_now, AppState};
+
+/// A device as its check-in's order depends on it.
+pub(crate) struct DeviceAttrs<'a> {
+    pub id: &'a str,
+    pub device_type: &'a str,
+    pub hardware: &'a str,
+    pub tags: &'a [String],
+}
+
+/// A row the device follows.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    pub rollout: String,
+    pub rollout_status: String,
+    pub rollout_created: i64,
+    pub release: String,
+    pub phase: i64,
+    pub target: String,
+    pub length: i64,
+    pub hashes: String,
+    pub status: String,
+}
+
+impl Pending {
+    /// Whether the device should be given its order now.
+    pub fn wants_order(&self) -> bool {
+        self.status == "installing"
+            || (rows::wants_order(&self.status) && matches!(self.rollout_status.as_str(), "running" | "paused"))
+    }
+}
+
+/// The device's oldest unfinished row.
+pub(crate) async fn unfinished(state: &AppState, device: &str) -> R<Option<Pending>> {
+    let row = sqlx::query(
+        "SELECT rd.rollout_id, r.status, r.created_at, r.release_name, rd.phase, rd.target, rd.target_length,
+                rd.target_hashes, rd.status
+         FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
+         WHERE rd.device_id = $1 AND rd.status IN ('queued', 'downloading', 'installing', 'rebooting', 'trial')
+         ORDER BY rd.created_at, rd.rollout_id LIMIT 1",
+    )
+    .bind(device)
+    .fetch_optional(&state.db.pool)
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(Pending {
+        rollout: r.try_get(0)?,
+        rollout_status: r.try_get(1)?,
+        rollout_created: r.try_get(2)?,
+        release: r.try_get(3)?,
+        phase: r.try_get(4)?,
+        target: r.try_get(5)?,
+        length: r.try_get(6)?,
+        hashes: r.try_get(7)?,
+        status: r.try_get(8)?,
+    }))
+}
+
+fn choose_target<'a>(targets: &'a [ReleaseTarget], device_type: &str, hardware: &str) -> Option<&'a ReleaseTarget> {
+    targets
+        .iter()
+        .find(|t| t.device_type == device_type && (t.hardware.is_empty() || t.hardware.iter().any(|h| h == hardware)))
+}
+
+/// The row the device follows after this check-in, and the running rollouts it is now known
+/// to need nothing from (for polls).
+pub(crate) async fn choose(state: &AppState, dev: &DeviceAttrs<'_>) -> R<(Option<Pending>, Vec<String>)> {
+    let mut pending = unfinished(state, dev.id).await?;
+    // A row not yet installing in a rollout that was cancelled or stopped: the device learns
+    // of it now, and its row says so.
+    for _ in 0..4 {
+        let Some(p) = &pending else { break };
+        if !matches!(p.status.as_str(), "queued" | "downloading")
+            || matches!(p.rollout_status.as_str(), "running" | "paused")
+        {
+            break;
+        }
+        let reason = format!("rollout {} is {}", p.rollout, p.rollout_status);
+        let mut tx = state.db.write.begin().await?;
+        rows::transition(
+            &mut tx,
+            &Move {
+                rollout: &p.rollout,
+                device: dev.id,
+                phase: p.phase,
+                from: &p.status,
+                to: "cancelled",
+                reason: Some(&reason),
+                progress: None,
+            },
+        )
+        .await?;
+        crate::session::record_in(&mut tx, dev.id).await?;
+        tx.commit().await?;
+        state.fleet.refresh(state, false).await?;
+        pending = unfinished(state, dev.id).await?;
+    }
+    // Installing or later: the device finishes that first.
+    if pending
+        .as_ref()
+        .is_some_and(|p| !matches!(p.status.as_str(), "queued" | "downloading"))
+    {
+        return Ok((pending, Vec::new()));
+    }
+    let mut settled = Vec::new();
+    let bucket = policy::bucket(dev.id);
+    let now = unix_now();
+    for r in state.fleet.running().iter() {
+        if let Some(p) = &pending {
+            // Only a newer rollout supersedes the order the device has.
+            if r.id == p.rollout || r.created_at < p.rollout_created {
+                continue;
+            }
+        }
+        if state.fleet.is_settled(&r.id, dev.id) {
+            continue;
+        }
+        if !r.spec.selector.matches(dev.id, dev.device_type, dev.hardware, dev.tags) {
+            settled.push(r.id.clone());
+            continue;
+        }
+        let Some(phase) = r.phase_of(bucket) else { continue };
+        if !r.spec.window.as_ref().is_none_or(|w| w.is_open(now)) {
+            continue;
+        }
+        let has_row = sqlx::query("SELECT 1 FROM rollout_devices WHERE rollout_id = $1 AND device_id = $2")
+            .bind(&r.id)
+            .bind(dev.id)
+            .fetch_optional(&state.db.pool)
+            .await?
+            .is_some();
+        if has_row {
+            settled.push(r.id.clone());
+            continue;
+        }
+        match enter(state, r, dev, phase, pending.as_ref()).await? {
+            Entered::Ordered(p) => return Ok((Some(p), settled)),
+            Entered::NoTarget => settled.push(r.id.clone()),
+            Entered::NotNow => {}
+        }
+    }
+    Ok((pending, settled))
+}
+
+enum Entered {
+    Ordered(Pending),
+    NoTarget,
+    NotNow,
+}
+
+/// Give the device its row in rollout `r` (superseding `pending`, an order it has not begun
+/// installing), in one transaction.
+async fn enter(
+    state: &AppState,
+    r: &ViewRollout,
+    dev: &DeviceAttrs<'_>,
+    phase: usize,
+    pending: Option<&Pending>,
+) -> R<Entered> {
+    let chosen = choose_target(&r.targets, dev.device_type, dev.hardware);
+    let hashes = chosen
+        .map(|t| serde_json::to_string(&t.hashes).unwrap_or_default())
+        .unwrap_or_else(|| "{}".into());
+    let reason = format!(
+        "release {} has no target for device type {} hardware {}",
+        r.release, dev.device_type, dev.hardware
+    );
+    let row = NewRow {
+        rollout: &r.id,
+        device: dev.id,
+        phase,
+        target: chosen.map_or("", |t| t.name.as_str()),
+        length: chosen.map_or(0, |t| t.length as i64),
+        hashes: &hashes,
+        version: chosen.map_or("", |t| t.version.as_str()),
+        status: if chosen.is_some() { "queued" } else { "failed" },
+        reason: if chosen.is_some() { None } else { Some(&reason) },
+        only_if_open: true,
+    };
+    let mut tx = state.db.write.begin().await?;
+    if !rows::insert(&mut tx, &row).await? {
+        return Ok(Entered::NotNow);
+    }
+    if chosen.is_none() {
+        tx.commit().await?;
+        return Ok(Entered::NoTarget);
+    }
+    // Only a rollout that has something for this device supersedes an older order.
+    if let Some(p) = pending {
+        let reason = format!("superseded by rollout {}", r.id);
+        let moved = rows::transition(
+            &mut tx,
+            &Move {
+                rollout: &p.rollout,
+                device: dev.id,
+                phase: p.phase,
+                from: &p.status,
+                to: "cancelled",
+                reason: Some(&reason),
+                progress: None,
+            },
+        )
+        .await?;
+        if !moved {
+            // The device's report moved that row meanwhile: nothing is changed.
+            return Ok(Entered::NotNow);
+        }
+    }
+    crate::session::record_in(&mut tx, dev.id).await?;
+    tx.commit().await?;
+    state.fleet.refresh(state, false).await?;
+    Ok(Entered::Ordered(Pending {
+        rollout: r.id.clone(),
+        rollout_status: "running".into(),
+        rollout_created: r.created_at,
+        release: r.release.clone(),
+        phase: phase as i64,
+        target: row.target.to_owned(),
+        length: row.length,
+        hashes,
+        status: "queued".into(),
+    }))
+}
