@@ -51,7 +51,10 @@ enum Command {
     /// Releases on the server.
     #[command(subcommand)]
     Release(cmd::server::ReleaseCommand),
-    /// Deployments on the server.
+    /// Phased rollouts on the server: create, list, status, start, pause, resume, cancel, approve.
+    #[command(subcommand)]
+    Rollout(cmd::rollout::RolloutCommand),
+    /// Deployments on the server (one-phase rollouts, kept for scripts written before rollouts).
     #[command(subcommand)]
     Deployment(cmd::server::DeploymentCommand),
     /// Run the end-to-end demonstration on embedded defaults.
@@ -68,6 +71,8 @@ fn main() -> ExitCode {
         Command::Device(cmd::agent::DeviceCommand::Simulate(a)) => cmd::agent::simulate(a),
         Command::Device(cmd::agent::DeviceCommand::Enroll(a)) => cmd::agent::enroll(a),
         Command::Device(cmd::agent::DeviceCommand::List(a)) => cmd::server::device_list(a),
+        Command::Device(cmd::agent::DeviceCommand::Tag(a)) => cmd::rollout::device_tag(a),
+        Command::Device(cmd::agent::DeviceCommand::History(a)) => cmd::rollout::device_history(a),
         Command::Device(cmd::agent::DeviceCommand::Approve(a)) => cmd::server::device_action("approve", a),
         Command::Device(cmd::agent::DeviceCommand::Reject(a)) => cmd::server::device_action("reject", a),
         Command::Device(cmd::agent::DeviceCommand::Decommission(a)) => cmd::server::device_action("decommission", a),
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
         Command::Server(c) => cmd::server::run(c),
         Command::Release(c) => cmd::server::release(c),
         Command::Deployment(c) => cmd::server::deployment(c),
+        Command::Rollout(c) => cmd::rollout::run(c),
         Command::Sim(cmd::agent::SimCommand::Reboot(a)) => cmd::agent::reboot(a),
         Command::Install(a) => cmd::agent::install_cmd(a),
         Command::Agent(c) => cmd::agent::agent(c),

@@ -19,9 +19,10 @@ fn end_to_end(db_url: Option<&str>) {
     let other = f.device("sim-other", &["field"], &url);
     c.fail_health_check_for("1.1.0");
     let dep = f.deploy("1.1.0", &["--tag", "lab"]);
+    // Nothing is written per device until each checks in: the three wait.
     let d = f.deployment(&dep);
-    assert_eq!(d["devices"].as_array().unwrap().len(), 3, "{d}");
-    assert_eq!(d["counts"]["queued"], 3);
+    assert!(d["devices"].as_array().unwrap().is_empty(), "{d}");
+    assert_eq!(d["counts"]["waiting"], 3, "{d}");
 
     assert_eq!(a.drive(&f, &dep, "sim-a"), "succeeded");
     assert_eq!(b.drive(&f, &dep, "sim-b"), "succeeded");
@@ -58,7 +59,7 @@ fn end_to_end(db_url: Option<&str>) {
 
     // The registry shows what the devices reported.
     let devs = f.api("GET", "/api/v1/devices", Some(&f.admin), None);
-    let listed = devs.body.as_array().unwrap();
+    let listed = devs.body["devices"].as_array().unwrap();
     assert_eq!(listed.len(), 4);
     let a_row = listed.iter().find(|d| d["id"] == "sim-a").unwrap();
     assert_eq!(a_row["phase"], "committed", "{a_row}");
@@ -494,7 +495,7 @@ fn review_regressions() {
     );
     f.ok(&["release", "upload", &s(&cam)]);
     f.deploy("9.0.0", &["--device", "pending-a"]);
-    assert_eq!(f.device_status(&dep, "pending-a"), "queued");
+    assert_eq!(f.device_status(&dep, "pending-a"), "waiting");
 
     // 4. An operator can release a device from a deployment it will never finish; a viewer cannot.
     let viewer = f.token("viewer");

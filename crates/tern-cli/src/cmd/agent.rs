@@ -27,8 +27,12 @@ pub enum DeviceCommand {
     /// On the device: make its key pair (if none) and enroll with the server using a fleet
     /// enrollment token; an operator then approves it.
     Enroll(EnrollArgs),
-    /// The server's device registry.
+    /// The server's device registry, filtered and paged.
     List(crate::cmd::server::DeviceListArgs),
+    /// Replace a device's tags on the server (admin); rollouts select by tags.
+    Tag(crate::cmd::rollout::TagArgs),
+    /// A device's history on the server: every rollout status change and refused order.
+    History(crate::cmd::rollout::HistoryArgs),
     /// Approve a pending device (admin).
     Approve(crate::cmd::server::DeviceIdArgs),
     /// Reject a pending device (admin).

@@ -77,19 +77,29 @@ pub fn resolve(specs: &[String], registry: &Registry) -> anyhow::Result<Vec<Reci
             .with_context(|| format!("resolving recipient {spec}"))?;
             push(device_key(&d)?);
         } else if let Some(tag) = spec.strip_prefix("tag:") {
-            let list = call(
-                &registry.api()?,
-                reqwest::Method::GET,
-                "/api/v1/devices?status=approved",
-                None,
-            )
-            .with_context(|| format!("resolving recipients {spec}"))?;
             let mut n = 0;
-            for d in list.as_array().into_iter().flatten() {
-                let tagged = d["tags"].as_array().is_some_and(|t| t.iter().any(|x| x == tag));
-                if tagged && d.get("encryption_key").is_some_and(|k| !k.is_null()) {
-                    push(device_key(d)?);
-                    n += 1;
+            let mut after = String::new();
+            loop {
+                let page = call(
+                    &registry.api()?,
+                    reqwest::Method::GET,
+                    &format!(
+                        "/api/v1/devices?status=approved&tag={}&after={}",
+                        super::server::segment(tag),
+                        super::server::segment(&after)
+                    ),
+                    None,
+                )
+                .with_context(|| format!("resolving recipients {spec}"))?;
+                for d in page["devices"].as_array().into_iter().flatten() {
+                    if d.get("encryption_key").is_some_and(|k| !k.is_null()) {
+                        push(device_key(d)?);
+                        n += 1;
+                    }
+                }
+                match page["next"].as_str() {
+                    Some(next) => after = next.to_owned(),
+                    None => break,
                 }
             }
             if n == 0 {

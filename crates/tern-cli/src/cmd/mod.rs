@@ -6,6 +6,7 @@ pub mod demo;
 pub mod encrypt;
 pub mod key;
 pub mod repo;
+pub mod rollout;
 pub mod server;
 pub mod tuf;
 

@@ -1,5 +1,6 @@
 //! `tern server …` (the server process and its local administration) and the management
-//! client commands `tern release …`, `tern deployment …` and `tern device list|approve|…`,
+//! client commands `tern release …`, `tern deployment …` (one-phase rollouts) and
+//! `tern device list|approve|…`,
 //! which talk to the management API with a bearer token.
 
 use std::path::PathBuf;
@@ -238,7 +239,7 @@ pub fn call(api: &Api, method: reqwest::Method, path: &str, body: Option<Upload>
     })
 }
 
-fn print(api: &Api, v: &serde_json::Value, text: impl FnOnce(&serde_json::Value)) -> anyhow::Result<()> {
+pub(crate) fn print(api: &Api, v: &serde_json::Value, text: impl FnOnce(&serde_json::Value)) -> anyhow::Result<()> {
     match api.output {
         Format::Json => json(v),
         Format::Text => {
@@ -341,7 +342,8 @@ pub fn release(cmd: ReleaseCommand) -> anyhow::Result<()> {
 /// `tern deployment`.
 #[derive(Debug, Subcommand)]
 pub enum DeploymentCommand {
-    /// Deploy a release to one device, the devices with a tag, or a device type.
+    /// Deploy a release to one device, the devices with a tag, or a device type: a rollout
+    /// of one phase, started at once (`tern rollout` has phases, thresholds and windows).
     Create(CreateDeploymentArgs),
     /// A deployment's status, device by device.
     Status(DeploymentIdArgs),
@@ -490,29 +492,68 @@ pub struct DeviceListArgs {
     /// Only devices of this status (pending, approved, rejected, decommissioned).
     #[arg(long)]
     pub status: Option<String>,
+    /// Only devices carrying this tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Only devices of this type.
+    #[arg(long)]
+    pub device_type: Option<String>,
+    /// Only devices of this hardware revision.
+    #[arg(long)]
+    pub hardware: Option<String>,
+    /// Only devices whose booted slot holds this version.
+    #[arg(long = "installed-version")]
+    pub installed_version: Option<String>,
+    /// Only devices whose agent last reported this state (idle, trial, committed…).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only devices whose id contains this text.
+    #[arg(long)]
+    pub search: Option<String>,
+    /// Devices per page.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u32,
+    /// Start after this id (the `next` of the previous page).
+    #[arg(long)]
+    pub after: Option<String>,
     #[command(flatten)]
     pub api: Api,
 }
 
 /// `s` percent-encoded for one URL path segment or query value.
-fn segment(s: &str) -> String {
+pub(crate) fn segment(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// A string field of a server's answer, shortened and escaped for the terminal.
-fn field(v: &serde_json::Value, key: &str) -> String {
+pub(crate) fn field(v: &serde_json::Value, key: &str) -> String {
     tern_core::text::shown(v[key].as_str().unwrap_or("-"))
 }
 
 /// `tern device list`.
 pub fn device_list(a: DeviceListArgs) -> anyhow::Result<()> {
-    let path = match &a.status {
-        Some(s) => format!("/api/v1/devices?status={s}"),
-        None => "/api/v1/devices".into(),
-    };
+    let mut query = vec![format!("limit={}", a.limit)];
+    for (k, v) in [
+        ("status", &a.status),
+        ("tag", &a.tag),
+        ("device_type", &a.device_type),
+        ("hardware", &a.hardware),
+        ("version", &a.installed_version),
+        ("state", &a.state),
+        ("q", &a.search),
+        ("after", &a.after),
+    ] {
+        if let Some(v) = v {
+            query.push(format!("{k}={}", segment(v)));
+        }
+    }
+    let path = format!("/api/v1/devices?{}", query.join("&"));
     let v = call(&a.api, reqwest::Method::GET, &path, None)?;
     print(&a.api, &v, |v| {
-        for d in v.as_array().into_iter().flatten() {
+        if let Some(next) = v["next"].as_str() {
+            eprintln!("more devices follow: --after {}", tern_core::text::shown(next));
+        }
+        for d in v["devices"].as_array().into_iter().flatten() {
             println!(
                 "{:<20} {:<14} {:<12} {:<8} key {:.16} encryption {:<16} phase {}",
                 field(d, "id"),
