@@ -19,6 +19,7 @@ mod output;
 mod pg;
 mod procfs;
 mod product;
+mod rollout;
 mod rusage;
 mod server;
 mod soak;
@@ -58,6 +59,9 @@ enum Command {
     /// check in for minutes while the database is restarted; checks that no acknowledged
     /// report is lost, that nothing fails after recovery and that memory stays flat.
     Soak(soak::Args),
+    /// Creating a three-phase rollout over every registered device, and its status summary,
+    /// at fleet scale (1,000,000 devices by default; `--postgres` for the figure).
+    Rollout(rollout::Args),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         Command::Server(a) => server::run(a),
         Command::Encrypted(a) => encrypted::run(a),
         Command::Soak(a) => soak::run(a),
+        Command::Rollout(a) => rollout::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
