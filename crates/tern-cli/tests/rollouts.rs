@@ -242,10 +242,13 @@ fn phase_of(rollout: &Value, device: &str) -> usize {
     policy::phase_of(pos, &cutoffs).unwrap()
 }
 
+/// Create a rollout and wait for the engine to count its selection (creation reads no
+/// device).
 fn create(f: &Fleet, token: &str, body: Value) -> Value {
     let a = api(f, "POST", "/api/v1/rollouts", token, Some(body));
     assert_eq!(a.status, 200, "{}", a.body);
-    a.body
+    let id = a.body["id"].as_str().unwrap().to_owned();
+    wait_for(f, &id, "the selection counted", |v| v["counted"] == true)
 }
 
 /// Scrape `/metrics` into `name{labels} value` lines.
@@ -550,6 +553,9 @@ fn killing_the_server_while_creating_and_advancing_leaves_all_or_nothing() {
         f.server.restart();
         let all = api(&f, "GET", "/api/v1/rollouts", &f.admin, None).body;
         for v in all.as_array().unwrap() {
+            let v = &wait_for(&f, v["id"].as_str().unwrap(), "the selection counted", |v| {
+                v["counted"] == true
+            });
             let opened = v["opened"].as_u64().unwrap();
             assert!((1..=2).contains(&opened), "{v}");
             assert_eq!(v["phases"].as_array().unwrap().len(), 2, "{v}");

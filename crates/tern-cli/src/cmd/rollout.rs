@@ -272,6 +272,9 @@ pub fn print_rollout(v: &Value) {
                 .unwrap_or_default()
         );
     }
+    if v["counted"] == false {
+        println!("  selection not counted yet (the server counts it within a second or so)");
+    }
     for p in v["phases"].as_array().into_iter().flatten() {
         let c = &p["counts"];
         let n = |k: &str| c[k].as_u64().unwrap_or(0);

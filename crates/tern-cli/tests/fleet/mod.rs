@@ -547,7 +547,14 @@ impl Fleet {
         let mut args = vec!["deployment", "create", "--release", release, "--output", "json"];
         args.extend(selector);
         let v: Value = serde_json::from_str(&self.ok(&args)).unwrap();
-        v["id"].as_str().unwrap().to_owned()
+        let id = v["id"].as_str().unwrap().to_owned();
+        // Creation reads no device: wait for the server to count the selection.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.deployment(&id)["counted"] != true {
+            assert!(std::time::Instant::now() < deadline, "deployment {id} never counted");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        id
     }
 
     pub fn deployment(&self, id: &str) -> Value {

@@ -68,6 +68,9 @@ pub struct Deployment {
     pub created_by: String,
     /// Devices per status, `waiting` for those not ordered yet.
     pub counts: BTreeMap<String, i64>,
+    /// Whether the selection has been counted (`waiting` is 0 until it has: the server
+    /// counts it within a tick of the creation).
+    pub counted: bool,
     /// Every device with a row (at most 10,000).
     pub devices: Vec<DeviceDeployment>,
 }
@@ -181,6 +184,7 @@ pub async fn deployment(state: &AppState, id: &str) -> R<Option<Deployment>> {
         other => other.to_owned(),
     };
     Ok(Some(Deployment {
+        counted: r.selected.len() == r.spec.phases.len(),
         id: r.id,
         release: r.release,
         selector_kind: kind.into(),

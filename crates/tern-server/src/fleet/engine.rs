@@ -1,5 +1,6 @@
 //! The rollout engine: once a second, in the one server process holding the `rollouts`
-//! lease, start scheduled rollouts whose time has come, time out stuck devices, and open
+//! lease, count the selection of rollouts created since the last tick (creation reads no
+//! device), start scheduled rollouts whose time has come, time out stuck devices, and open
 //! the next phase, stop or finish each running rollout by [`policy::decide`] over its
 //! counters. Every decision is one transaction on the rollout's row (compare-and-swap on
 //! its status and phases) with its fleet event, so a kill leaves it made or not made.
@@ -54,12 +55,22 @@ pub async fn tick(state: &AppState, last_count: &mut std::collections::HashMap<S
         change(state, &id, "scheduled", None, "running", None, None, "rollout.start").await?;
     }
     let rows = sqlx::query(&format!(
-        "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE status IN ('running', 'paused') ORDER BY created_at"
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts
+         WHERE status IN ('running', 'paused', 'ready', 'scheduled', 'waiting-approval') ORDER BY created_at"
     ))
     .fetch_all(&state.db.pool)
     .await?;
     for row in &rows {
         let mut r = rollout_from_row(row)?;
+        if r.selected.len() != r.spec.phases.len() {
+            // Created since the last tick: count its selection once, whatever its status,
+            // so that an operator sees what it selects before starting or approving it.
+            recount(state, &mut r).await?;
+            last_count.insert(r.id.clone(), now);
+        }
+        if !matches!(r.status.as_str(), "running" | "paused") {
+            continue;
+        }
         if let Some(limit) = r.spec.timeout_secs {
             time_out_stuck(state, &r, limit as i64, now).await?;
         }

@@ -369,7 +369,7 @@ pub enum Decision {
     OpenNext,
     /// Stop: the error threshold was crossed.
     Stop(String),
-    /// Every phase is open and every selected device has finished.
+    /// Every phase is open and every selected device (at least one) has finished.
     Finish,
 }
 
@@ -396,7 +396,9 @@ pub fn decide(spec: &RolloutSpec, opened: usize, counts: &[PhaseCounts]) -> Deci
         }
         return Decision::Hold;
     }
-    if open.iter().all(|c| c.in_progress == 0 && c.waiting() == 0) {
+    // A rollout that selects nobody yet stays running: devices that match later join it.
+    let started: u64 = open.iter().map(|c| c.selected).sum();
+    if started > 0 && open.iter().all(|c| c.in_progress == 0 && c.waiting() == 0) {
         return Decision::Finish;
     }
     Decision::Hold
@@ -490,6 +492,8 @@ mod tests {
             decide(&s, 3, &[c(3, 3, 0, 0), c(30, 30, 0, 0), c(300, 300, 0, 0)]),
             Decision::Finish
         );
+        // Nobody selected yet: it waits for devices to match.
+        assert_eq!(decide(&s, 3, &[zero, zero, zero]), Decision::Hold);
     }
 
     #[test]
