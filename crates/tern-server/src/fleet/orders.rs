@@ -69,6 +69,25 @@ pub(crate) async fn unfinished(state: &AppState, device: &str) -> R<Option<Pendi
     }))
 }
 
+/// Move the device's pending row to `cancelled` with `reason` (compare-and-swap on its
+/// status); whether it moved.
+async fn cancel_row(tx: &mut sqlx::Transaction<'_, sqlx::Any>, p: &Pending, device: &str, reason: &str) -> R<bool> {
+    rows::transition(
+        tx,
+        &Move {
+            rollout: &p.rollout,
+            device,
+            phase: p.phase,
+            from: &p.status,
+            to: "cancelled",
+            reason: Some(reason),
+            progress: None,
+        },
+    )
+    .await
+    .map_err(Into::into)
+}
+
 fn choose_target<'a>(targets: &'a [ReleaseTarget], device_type: &str, hardware: &str) -> Option<&'a ReleaseTarget> {
     targets
         .iter()
@@ -90,19 +109,7 @@ pub(crate) async fn choose(state: &AppState, dev: &DeviceAttrs<'_>) -> R<(Option
         }
         let reason = format!("rollout {} is {}", p.rollout, p.rollout_status);
         let mut tx = state.db.write.begin().await?;
-        rows::transition(
-            &mut tx,
-            &Move {
-                rollout: &p.rollout,
-                device: dev.id,
-                phase: p.phase,
-                from: &p.status,
-                to: "cancelled",
-                reason: Some(&reason),
-                progress: None,
-            },
-        )
-        .await?;
+        cancel_row(&mut tx, p, dev.id, &reason).await?;
         crate::session::record_in(&mut tx, dev.id).await?;
         tx.commit().await?;
         state.fleet.refresh(state, false).await?;
@@ -201,19 +208,7 @@ async fn enter(
     // Only a rollout that has something for this device supersedes an older order.
     if let Some(p) = pending {
         let reason = format!("superseded by rollout {}", r.id);
-        let moved = rows::transition(
-            &mut tx,
-            &Move {
-                rollout: &p.rollout,
-                device: dev.id,
-                phase: p.phase,
-                from: &p.status,
-                to: "cancelled",
-                reason: Some(&reason),
-                progress: None,
-            },
-        )
-        .await?;
+        let moved = cancel_row(&mut tx, p, dev.id, &reason).await?;
         if !moved {
             // The device's report moved that row meanwhile: nothing is changed.
             return Ok(Entered::NotNow);
