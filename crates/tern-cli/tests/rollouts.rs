@@ -393,6 +393,35 @@ fn three_phases_on_postgres() {
     three_phases(Some(&pg.url));
 }
 
+/// A count phase is fixed when it opens, not at creation: a canary of 5 created before its
+/// devices are registered still holds 5 devices, and the rest wait for the next phase.
+#[test]
+fn a_count_phase_holds_its_count_of_devices_selected_later() {
+    let f = Fleet::with_env(None, &[("TERN_SERVER_ROLLOUT_TICK_MS", "100")]);
+    f.publish("1.0.0", 16);
+    let r = create(
+        &f,
+        &f.admin,
+        json!({
+            "release": "1.0.0",
+            "selector": {"tags": ["late"]},
+            "phases": [{"count": 5, "success_percent": 100.0}, {"percent": 100.0}],
+        }),
+    );
+    let id = r["id"].as_str().unwrap().to_owned();
+    assert_eq!(r["status"], "running");
+    let mut lights = Lights::register(&f, "late", 40, &["late"]);
+    wait_for(&f, &id, "the canary's cut-off fixed", |v| {
+        v["phases"][0]["counts"]["selected"] == 5
+    });
+    let ordered = lights.sweep(&id);
+    assert_eq!(
+        ordered.len(),
+        5,
+        "the canary phase orders 5 devices, not the fleet: {ordered:?}"
+    );
+}
+
 fn controls(db: Option<&str>) {
     let f = Fleet::with_env(db, &[("TERN_SERVER_ROLLOUT_TICK_MS", "100")]);
     f.publish("1.0.0", 16);

@@ -268,9 +268,8 @@ impl Db {
     /// decommissioning is final. Transactions committed before a refusal or failure stay.
     ///
     /// The caller vouches that ids and tags are well formed and that each `keyid` is its
-    /// key's; ids must be distinct. Not done here: joining deployments already active (only
-    /// approval through the API does), and telling a running server that a key changed (it
-    /// keeps the old one in `AppState::device_keys` until it restarts).
+    /// key's; ids must be distinct. Each transaction records a whole-fleet event, so running
+    /// servers reload their fleet view (and forget cached keys) within a second.
     pub async fn register_devices(&self, devices: &[NewDevice]) -> Result<()> {
         const ROWS: usize = 500;
         const STATEMENTS_PER_TX: usize = 20;
@@ -354,6 +353,9 @@ impl Db {
                     insert.execute(&mut *tx).await?;
                 }
             }
+            // Every server process reloads its fleet view: these devices' tags, types and
+            // keys may have changed.
+            crate::session::record_in(&mut tx, "*").await?;
             tx.commit().await?;
         }
         Ok(())

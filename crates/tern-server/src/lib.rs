@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod batch;
 pub mod config;
 pub mod db;
 pub mod fleet;
@@ -40,6 +41,9 @@ pub enum Error {
     /// The database failed.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The database failed a batch statement this request was part of ([`batch`]).
+    #[error("database: {0}")]
+    DbBatch(batch::BatchError),
     /// A migration failed.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -105,6 +109,8 @@ pub struct AppState {
     pub session_key: aws_lc_rs::hmac::Key,
     /// What polls need to know about the fleet, in memory.
     pub fleet: session::Fleet,
+    /// Check-ins' reads and heartbeat writes, batched.
+    pub(crate) heartbeats: fleet::heartbeat::Heartbeats,
     /// This process's counters and latencies for `/metrics`.
     pub metrics: metrics::Metrics,
     /// Refusals audited this second, per caller and in all.
@@ -260,6 +266,7 @@ pub async fn open(cfg: ServerConfig) -> Result<Arc<AppState>> {
     let instance = format!("{}-{}", std::process::id(), &random_hex(4));
     let session_key = session::load_key(&cfg.key_dir())?;
     sweep_stale(&cfg.artifact_dir());
+    let heartbeats = fleet::heartbeat::Heartbeats::start(&db);
     let state = Arc::new(AppState {
         cfg,
         db,
@@ -267,6 +274,7 @@ pub async fn open(cfg: ServerConfig) -> Result<Arc<AppState>> {
         instance,
         device_keys: Default::default(),
         session_key,
+        heartbeats,
         fleet: Default::default(),
         metrics: Default::default(),
         refusals: Default::default(),

@@ -74,8 +74,24 @@ fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Label
     f
 }
 
+/// Label values escaped as the exposition format requires (`\\`, `\"`, `\n`), since
+/// prometheus-client writes them as given and some come from devices (their agent state
+/// and installed version): a device must not be able to add a series or break the scrape.
 fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), escape(v))).collect()
+}
+
+fn escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 async fn counted(state: &AppState, sql: &str, family: &Family<Labels, Gauge>, label: &str) -> R<()> {
@@ -125,7 +141,10 @@ pub async fn render(state: &AppState) -> R<String> {
     );
     counted(
         state,
-        "SELECT phase, COUNT(*) FROM devices WHERE status = 'approved' GROUP BY phase",
+        &format!(
+            "SELECT phase, COUNT(*) FROM devices WHERE status = 'approved'
+             GROUP BY phase ORDER BY 2 DESC LIMIT {MAX_VERSIONS}"
+        ),
         &agent,
         "state",
     )
@@ -208,4 +227,30 @@ pub async fn render(state: &AppState) -> R<String> {
     let mut out = String::new();
     encode(&mut out, &registry).map_err(|e| Refusal::Internal(crate::Error::Refused(e.to_string())))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_supplied_label_value_cannot_add_a_series() {
+        let mut registry = Registry::with_prefix("tern");
+        let family = gauge_family(&mut registry, "devices_by_agent_state", "help");
+        let evil = "idle\",rollout=\"r-x\"} 999\n# EOF\\";
+        family.get_or_create(&labels(&[("state", evil)])).set(1);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(series.len(), 1, "{text}");
+        assert_eq!(
+            series[0],
+            r#"tern_devices_by_agent_state{state="idle\",rollout=\"r-x\"} 999\n# EOF\\"} 1"#
+        );
+        assert_eq!(
+            text.matches("# EOF").count(),
+            2,
+            "only the escaped one and the real end: {text}"
+        );
+    }
 }

@@ -146,8 +146,11 @@ impl Fleet {
             Ok(v) if v.busy.contains(device) || v.rollouts.is_empty() => PollAnswer::Nothing,
             Ok(v) => {
                 let b = policy::bucket(device);
+                // What the poll can tell of the selector without the device's attributes is
+                // its device id; the rest a check-in learns once (then `settled`).
                 let offered = v.rollouts.iter().any(|r| {
                     r.window_open
+                        && r.spec.selector.device.as_deref().is_none_or(|d| d == device)
                         && r.phase_of(b).is_some()
                         && !v.settled.get(&r.id).is_some_and(|s| s.contains(device))
                 });
@@ -254,31 +257,31 @@ impl Fleet {
                 return self.apply_devices(state, generation, &ids).await;
             }
         }
-        self.reload_all(state, generation).await
+        // The periodic reload with nothing new keeps what check-ins learned of the running
+        // rollouts (devices they do not select); any other reload learns it again.
+        self.reload_all(state, generation, force && generation == known).await
     }
 
-    /// Read the running rollouts again; the settled sets of rollouts still running stay.
+    /// Read the running rollouts again, and the devices with an order waiting (a pause
+    /// holds the orders not begun); the settled sets of rollouts still running stay.
     async fn reload_rollouts(&self, state: &AppState) -> Result<()> {
         let list = load_running(state).await?;
+        let pending = pending_devices(state).await?;
         if let Ok(mut v) = self.view.write() {
             v.settled.retain(|id, _| list.iter().any(|r| &r.id == id));
             v.rollouts = Arc::new(list);
+            v.pending = pending;
         }
         Ok(())
     }
 
-    async fn reload_all(&self, state: &AppState, generation: i64) -> Result<()> {
+    async fn reload_all(&self, state: &AppState, generation: i64, keep_settled: bool) -> Result<()> {
         let ids = |rows: Vec<sqlx::any::AnyRow>| {
             rows.iter()
                 .map(|r| r.try_get::<String, _>(0))
                 .collect::<std::result::Result<HashSet<_>, _>>()
         };
-        let pending = ids(sqlx::query(&format!(
-            "SELECT DISTINCT rd.device_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
-             WHERE {WANTS_ORDER}"
-        ))
-        .fetch_all(&state.db.pool)
-        .await?)?;
+        let pending = pending_devices(state).await?;
         let busy = ids(sqlx::query(
             "SELECT DISTINCT device_id FROM rollout_devices WHERE status IN ('rebooting', 'trial')",
         )
@@ -303,6 +306,13 @@ impl Fleet {
             keys.clear();
         }
         if let Ok(mut v) = self.view.write() {
+            if keep_settled {
+                for (id, learned) in v.settled.drain() {
+                    if let Some(s) = settled.get_mut(&id) {
+                        s.extend(learned);
+                    }
+                }
+            }
             *v = FleetView {
                 generation,
                 pending,
@@ -411,10 +421,25 @@ impl Fleet {
     }
 }
 
-/// Rows whose device must check in for its order: ordered, downloading or installing in a
-/// running or paused rollout, or installing in any (an install under way finishes).
+/// Rows whose device must check in for its order (as `orders::Pending::wants_order`):
+/// installing in any rollout (an install under way finishes), downloading in a running or
+/// paused one, ordered and not begun in a running one (a pause holds those).
 const WANTS_ORDER: &str =
-    "(rd.status = 'installing' OR (rd.status IN ('queued', 'downloading') AND r.status IN ('running', 'paused')))";
+    "(rd.status = 'installing' OR (rd.status = 'downloading' AND r.status IN ('running', 'paused'))
+     OR (rd.status = 'queued' AND r.status = 'running'))";
+
+/// The devices with an order waiting for them.
+async fn pending_devices(state: &AppState) -> Result<HashSet<String>> {
+    sqlx::query(&format!(
+        "SELECT DISTINCT rd.device_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
+         WHERE {WANTS_ORDER}"
+    ))
+    .fetch_all(&state.db.pool)
+    .await?
+    .iter()
+    .map(|r| r.try_get::<String, _>(0).map_err(Into::into))
+    .collect()
+}
 
 /// The running rollouts with their releases' targets, newest first.
 async fn load_running(state: &AppState) -> Result<Vec<ViewRollout>> {
@@ -488,7 +513,7 @@ pub async fn changed(state: &AppState) -> Result<()> {
 
 /// The background task: follow the counter every 250 ms, flush last-seen times every 5 s,
 /// prune old events every minute and reload everything every 10 minutes (a safety net for
-/// a change made without an event: a bulk import with `Db::register_devices`).
+/// a change made without an event, such as an edit by hand in the database).
 pub async fn run(state: Arc<AppState>) {
     let mut ticks = 0u64;
     loop {

@@ -85,20 +85,21 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
             shown(path_id)
         )));
     }
-    let row = sqlx::query(
-        "SELECT status, keyid, challenge, refused_order, device_type, hardware, tags FROM devices WHERE id = $1",
-    )
-    .bind(path_id)
-    .fetch_optional(&state.db.pool)
-    .await?
-    .ok_or_else(|| Refusal::NotFound(format!("no device `{}`", shown(path_id))))?;
-    let status: String = row.try_get(0)?;
-    let keyid: String = row.try_get(1)?;
-    let current: Option<String> = row.try_get(2)?;
-    let refused_before: Option<String> = row.try_get(3)?;
-    let device_type: String = row.try_get(4)?;
-    let hardware: String = row.try_get(5)?;
-    let tags: Vec<String> = serde_json::from_str(&row.try_get::<String, _>(6)?).unwrap_or_default();
+    let dev = state
+        .heartbeats
+        .device(path_id)
+        .await?
+        .ok_or_else(|| Refusal::NotFound(format!("no device `{}`", shown(path_id))))?;
+    let super::heartbeat::DeviceRow {
+        status,
+        keyid,
+        challenge: current,
+        refused_order: refused_before,
+        device_type,
+        hardware,
+        tags,
+        unfinished,
+    } = dev;
     let key = device_key(state, path_id, &keyid).await?;
     director::verify_checkin(&env, &key)
         .map_err(|e| Refusal::Unauthorized(format!("check-in is not signed by device `{path_id}`'s key: {e}")))?;
@@ -132,24 +133,22 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
     let installed = c.booted().and_then(|b| b.version.as_deref()).map(|v| shown_max(v, 64));
     let refused_order = c.refused_order.as_deref().map(|r| shown_max(r, MAX_REASON));
     // Compare-and-swap on the challenge: of two check-ins answering it, one is recorded.
-    let fresh = sqlx::query(
-        "UPDATE devices SET last_seen = $1, last_time = $2, last_nonce = $3, phase = $4, slots = $5, refused_order = $6,
-                            challenge = $7, installed_version = $10
-         WHERE id = $8 AND status = 'approved' AND challenge = $9",
-    )
-    .bind(now)
-    .bind(time)
-    .bind(&c.nonce)
-    .bind(shown_max(&c.phase, 32))
-    .bind(&slots)
-    .bind(&refused_order)
-    .bind(&next)
-    .bind(path_id)
-    .bind(&current)
-    .bind(&installed)
-    .execute(&state.db.write)
-    .await?;
-    if fresh.rows_affected() != 1 {
+    let fresh = state
+        .heartbeats
+        .record(super::heartbeat::Beat {
+            id: path_id.to_owned(),
+            now,
+            time,
+            nonce: c.nonce.clone(),
+            phase: shown_max(&c.phase, 32),
+            slots,
+            refused_order: refused_order.clone(),
+            installed,
+            current,
+            next: next.clone(),
+        })
+        .await?;
+    if !fresh {
         return Err(stale());
     }
     // Audited when it changes: a device repeating its last refusal adds no row.
@@ -172,8 +171,12 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
             )
             .await;
     }
+    // The order the device follows, as read with its row, unless its report moved it.
+    let mut unfinished = Some(unfinished);
     if let Some(report) = &c.deployment {
-        record_report(state, path_id, &c, report).await?;
+        if record_report(state, path_id, &c, report).await? {
+            unfinished = None;
+        }
     }
     let attrs = super::orders::DeviceAttrs {
         id: path_id,
@@ -181,7 +184,7 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
         hardware: &hardware,
         tags: &tags,
     };
-    let (pending, settled) = super::orders::choose(state, &attrs).await?;
+    let (pending, settled) = super::orders::choose(state, &attrs, unfinished).await?;
     state.fleet.settle(path_id, &settled);
     let order = match pending {
         Some(p) if p.wants_order() => {
@@ -291,8 +294,9 @@ fn stage_rank(stage: Stage) -> u8 {
     }
 }
 
-/// Apply a device's report on a deployment to its row.
-async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &director::DeploymentReport) -> R<()> {
+/// Apply a device's report on a deployment to its row; whether the row may have changed
+/// since the check-in read it (it moved, or something else moved it first).
+async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &director::DeploymentReport) -> R<bool> {
     let row = sqlx::query(
         "SELECT target, version, status, progress_done, phase FROM rollout_devices WHERE rollout_id = $1 AND device_id = $2",
     )
@@ -300,19 +304,19 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
     .bind(device_id)
     .fetch_optional(&state.db.pool)
     .await?;
-    let Some(row) = row else { return Ok(()) };
+    let Some(row) = row else { return Ok(false) };
     let target: String = row.try_get(0)?;
     let version: String = row.try_get(1)?;
     let status: String = row.try_get(2)?;
     let old_done: Option<i64> = row.try_get(3)?;
     let phase: i64 = row.try_get(4)?;
     if TERMINAL.contains(&status.as_str()) {
-        return Ok(());
+        return Ok(false);
     }
     // Stages only move forward: a device repeating an earlier one (a download started
     // again) changes nothing, and cannot make the row flap.
     if stage_rank(report.stage) < status_rank(&status) {
-        return Ok(());
+        return Ok(false);
     }
     let (new_status, reason) = match report.stage {
         Stage::Downloading => ("downloading", None),
@@ -358,7 +362,7 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
     let done = report.progress.map(|p| p.done as i64);
     let total = report.progress.map(|p| p.total as i64);
     if new_status == status && done == old_done {
-        return Ok(());
+        return Ok(false);
     }
     // Compare-and-swap on the status read: a cancel, a supersede or a decommission that
     // committed meanwhile stands (the report is about a row that no longer is what it was).
@@ -377,7 +381,7 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
     )
     .await?;
     if !moved {
-        return Ok(());
+        return Ok(true);
     }
     // Polls learn when the device enters or leaves the set with an order waiting, or the
     // set that reports on its own (rebooting, on trial): queued → downloading → installing
@@ -392,5 +396,5 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
     if polls_care {
         state.fleet.refresh(state, false).await?;
     }
-    Ok(())
+    Ok(true)
 }

@@ -249,6 +249,18 @@ pub async fn abandon_device(state: &AppState, id: &str, device_id: &str, actor: 
             }
             None => {
                 super::valid_id("device id", device_id)?;
+                // Only a registered device the rollout may still reach: a made-up id would
+                // add to the counters (and could make the rollout look finished).
+                if !matches!(
+                    r.status.as_str(),
+                    "running" | "paused" | "ready" | "scheduled" | "waiting-approval"
+                ) || super::device(state, device_id).await?.is_none()
+                {
+                    return Err(Refusal::NotFound(format!(
+                        "device `{}` is not registered, or deployment `{id}` is over",
+                        shown(device_id)
+                    )));
+                }
                 let phase = policy_phase(&r, device_id);
                 rows::insert(
                     &mut tx,

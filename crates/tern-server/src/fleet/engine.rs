@@ -11,7 +11,9 @@ use std::time::Duration;
 use sqlx::Row;
 
 use super::policy::{self, Decision};
-use super::rollouts::{count_selected, phase_counts, rollout_from_row, RolloutRow, ROLLOUT_COLUMNS};
+use super::rollouts::{
+    count_cutoff, count_selected, phase_counts, rollout_from_row, unordered_exists, RolloutRow, ROLLOUT_COLUMNS,
+};
 use super::rows::{self, Move};
 use super::R;
 use crate::{unix_now, AppState};
@@ -77,6 +79,15 @@ pub async fn tick(state: &AppState, last_count: &mut std::collections::HashMap<S
         if r.status != "running" {
             continue;
         }
+        if fix_counts(state, &mut r).await? {
+            // The phase's cut-off moved: count its selection before deciding on it.
+            recount(state, &mut r).await?;
+            last_count.insert(r.id.clone(), now);
+        }
+        if (0..r.opened.min(r.cutoffs.len())).any(|k| !p_is_fixed(&r.spec, k, r.cutoffs[k])) {
+            // A count phase waiting for its first selected device: nothing to decide on.
+            continue;
+        }
         let due = last_count.get(&r.id).is_none_or(|t| now - t >= RECOUNT_SECS);
         if due {
             recount(state, &mut r).await?;
@@ -90,6 +101,9 @@ pub async fn tick(state: &AppState, last_count: &mut std::collections::HashMap<S
             last_count.insert(r.id.clone(), now);
             let counts: Vec<_> = phase_counts(state, &r).await?.into_iter().map(|(c, _)| c).collect();
             decision = policy::decide(&r.spec, r.opened, &counts);
+        }
+        if decision == Decision::Finish && unordered_exists(state, &r).await? {
+            decision = Decision::Hold;
         }
         match decision {
             Decision::Hold => {}
@@ -139,6 +153,51 @@ pub async fn tick(state: &AppState, last_count: &mut std::collections::HashMap<S
             .any(|r| r.try_get::<String, _>("id").is_ok_and(|x| &x == id))
     });
     Ok(())
+}
+
+/// Fix the cut-off of each open count phase not fixed yet (0: it holds nobody), the first
+/// time its selection is not empty; whether one was fixed. One row, compare-and-swap on
+/// the cut-offs read, with the event that makes every process reload its rollouts.
+async fn fix_counts(state: &AppState, r: &mut RolloutRow) -> R<bool> {
+    let mut cutoffs = r.cutoffs.clone();
+    for k in 0..r.opened.min(cutoffs.len()) {
+        let Some(n) = r.spec.phases.get(k).and_then(|p| p.count) else {
+            continue;
+        };
+        if p_is_fixed(&r.spec, k, cutoffs[k]) {
+            continue;
+        }
+        let Some(c) = count_cutoff(state, &r.spec, &r.id, n).await? else {
+            break;
+        };
+        // Phases are cumulative: a count phase holds at least what the one before holds.
+        let floor = if k > 0 { cutoffs[k - 1] } else { 0 };
+        cutoffs[k] = c.max(floor).max(1);
+    }
+    if cutoffs == r.cutoffs {
+        return Ok(false);
+    }
+    let mut tx = state.db.write.begin().await?;
+    let done = sqlx::query("UPDATE rollouts SET cutoffs = $1, updated_at = $2 WHERE id = $3 AND cutoffs = $4")
+        .bind(serde_json::to_string(&cutoffs).unwrap_or_default())
+        .bind(unix_now())
+        .bind(&r.id)
+        .bind(serde_json::to_string(&r.cutoffs).unwrap_or_default())
+        .execute(&mut *tx)
+        .await?;
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    crate::session::record_in(&mut tx, crate::session::ROLLOUTS_CHANGED).await?;
+    tx.commit().await?;
+    state.fleet.refresh(state, false).await?;
+    r.cutoffs = cutoffs;
+    Ok(true)
+}
+
+/// Whether phase `k`'s cut-off is fixed: a count phase's is 0 until it opens.
+fn p_is_fixed(spec: &policy::RolloutSpec, k: usize, cutoff: u64) -> bool {
+    cutoff != 0 || spec.phases.get(k).is_none_or(|p| p.count.is_none())
 }
 
 /// Count the selection again and store it if it changed (one row).

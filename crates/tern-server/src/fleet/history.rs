@@ -31,8 +31,10 @@ pub struct HistoryEntry {
 
 /// Record an order the device refused (its signed check-in said so).
 pub(crate) async fn refused_order(state: &AppState, device: &str, rollout: Option<&str>, reason: &str) -> R<()> {
+    // The rollout id is the device's claim: stored shortened and escaped, as the reason is.
+    let rollout = tern_core::text::shown_max(rollout.unwrap_or(""), 128);
     let mut tx = state.db.write.begin().await?;
-    super::rows::history(&mut tx, device, rollout.unwrap_or(""), "", "refused-order", reason).await?;
+    super::rows::history(&mut tx, device, &rollout, "", "refused-order", reason).await?;
     tx.commit().await?;
     Ok(())
 }

@@ -16,6 +16,7 @@ mod checkin;
 mod deployments;
 pub mod engine;
 mod enroll;
+pub(crate) mod heartbeat;
 mod history;
 mod orders;
 pub mod policy;
@@ -68,6 +69,12 @@ impl From<Error> for Refusal {
             Error::Core(e) => Refusal::BadRequest(e.to_string()),
             other => Refusal::Internal(other),
         }
+    }
+}
+
+impl From<crate::batch::BatchError> for Refusal {
+    fn from(e: crate::batch::BatchError) -> Self {
+        Refusal::Internal(Error::DbBatch(e))
     }
 }
 
@@ -268,7 +275,7 @@ pub async fn set_device_status(
         if to == "decommissioned" {
             let open = sqlx::query(
                 "SELECT rollout_id, phase, status FROM rollout_devices
-                 WHERE device_id = $1 AND status IN ('queued', 'downloading', 'installing')",
+                 WHERE device_id = $1 AND status IN ('queued', 'downloading', 'installing', 'rebooting', 'trial')",
             )
             .bind(id)
             .fetch_all(&mut *tx)

@@ -37,9 +37,15 @@ pub(crate) struct Pending {
 
 impl Pending {
     /// Whether the device should be given its order now.
+    /// An install under way finishes whatever the rollout's state; a download under way
+    /// continues while the rollout is paused; a row not begun waits while it is paused.
     pub fn wants_order(&self) -> bool {
-        self.status == "installing"
-            || (rows::wants_order(&self.status) && matches!(self.rollout_status.as_str(), "running" | "paused"))
+        match self.status.as_str() {
+            "installing" => true,
+            "downloading" => matches!(self.rollout_status.as_str(), "running" | "paused"),
+            "queued" => self.rollout_status == "running",
+            _ => false,
+        }
     }
 }
 
@@ -95,9 +101,17 @@ fn choose_target<'a>(targets: &'a [ReleaseTarget], device_type: &str, hardware: 
 }
 
 /// The row the device follows after this check-in, and the running rollouts it is now known
-/// to need nothing from (for polls).
-pub(crate) async fn choose(state: &AppState, dev: &DeviceAttrs<'_>) -> R<(Option<Pending>, Vec<String>)> {
-    let mut pending = unfinished(state, dev.id).await?;
+/// to need nothing from (for polls). `read` is its unfinished row as read with the device's
+/// row in this check-in, if nothing moved it since.
+pub(crate) async fn choose(
+    state: &AppState,
+    dev: &DeviceAttrs<'_>,
+    read: Option<Option<Pending>>,
+) -> R<(Option<Pending>, Vec<String>)> {
+    let mut pending = match read {
+        Some(p) => p,
+        None => unfinished(state, dev.id).await?,
+    };
     // A row not yet installing in a rollout that was cancelled or stopped: the device learns
     // of it now, and its row says so.
     for _ in 0..4 {

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 pub const POSITIONS: u64 = 1 << 32;
 /// Most phases in a rollout.
 pub const MAX_PHASES: usize = 16;
+/// The largest count a phase may name.
+pub const MAX_COUNT: u64 = 1_000_000_000;
+/// The longest a device may be stuck before it times out: 30 days.
+pub const MAX_TIMEOUT_SECS: u64 = 30 * 86_400;
 /// Most tags a selector may require.
 pub const MAX_TAGS: usize = 8;
 
@@ -153,7 +157,19 @@ fn minutes(what: &str, hhmm: &str) -> Result<u32, String> {
 impl Window {
     /// Check the window's fields.
     pub fn validate(&self) -> Result<(), String> {
-        for d in &self.days {
+        if self.days.len() > DAYS.len() {
+            return Err(format!(
+                "the window names {} days; at most the 7 of a week",
+                self.days.len()
+            ));
+        }
+        for (i, d) in self.days.iter().enumerate() {
+            if self.days[..i].contains(d) {
+                return Err(format!(
+                    "window day `{}` is named twice",
+                    tern_core::text::shown_max(d, 16)
+                ));
+            }
             if !DAYS.contains(&d.as_str()) {
                 return Err(format!(
                     "window day `{}` is not one of mon, tue, wed, thu, fri, sat, sun",
@@ -230,6 +246,9 @@ impl RolloutSpec {
                     last_percent = pc;
                 }
                 (None, Some(c)) => {
+                    if c > MAX_COUNT {
+                        return Err(format!("phase {n}: {c} devices is more than {MAX_COUNT}"));
+                    }
                     if c <= last_count || last_percent > 0.0 {
                         return Err(format!(
                             "phase {n}: {c} devices must be more than the previous phase's {last_count}, and count phases come before percentage phases (phases are cumulative)"
@@ -260,8 +279,14 @@ impl RolloutSpec {
         if let Some(w) = &self.window {
             w.validate()?;
         }
-        if self.timeout_secs == Some(0) {
-            return Err("a timeout of 0 s would fail every device at once".into());
+        match self.timeout_secs {
+            Some(0) => return Err("a timeout of 0 s would fail every device at once".into()),
+            Some(t) if t > MAX_TIMEOUT_SECS => {
+                return Err(format!(
+                    "a timeout of {t} s is more than {MAX_TIMEOUT_SECS} s (30 days)"
+                ))
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -263,30 +263,64 @@ pub(crate) async fn count_selected(state: &AppState, spec: &RolloutSpec, id: &st
     Ok(out)
 }
 
-/// Every phase's cut-off: a percentage's is fixed, a count's is the position just past the
-/// N-th selected device now (or everything, when fewer are selected).
-async fn cutoffs_for(state: &AppState, spec: &RolloutSpec, id: &str) -> R<Vec<u64>> {
-    let mut out = Vec::with_capacity(spec.phases.len());
-    for p in &spec.phases {
-        let c = match (p.percent, p.count) {
-            (Some(pc), _) => policy::percent_cutoff(pc),
-            (None, Some(n)) => {
-                let (conds, binds) = selector_sql(&spec.selector, 3);
-                let sql = format!("SELECT {POSITION} AS p FROM devices d WHERE {conds} ORDER BY 1 LIMIT 1 OFFSET $2");
-                let mut q = sqlx::query(&sql).bind(i64::from(policy::offset(id))).bind(n as i64);
-                for b in &binds {
-                    q = q.bind(b);
-                }
-                match q.fetch_optional(&state.db.pool).await? {
-                    Some(r) => r.try_get::<i64, _>(0)? as u64,
-                    None => policy::POSITIONS,
-                }
-            }
-            (None, None) => policy::POSITIONS,
-        };
-        out.push(c);
+/// Whether an approved device the rollout selects now, in a phase opened so far, has no row
+/// in it yet: the rollout is not finished while one waits for its first check-in. (The
+/// counters cannot say: rows of devices since untagged or decommissioned still count.)
+/// Stops at the first such device.
+pub(crate) async fn unordered_exists(state: &AppState, r: &RolloutRow) -> R<bool> {
+    let within = r.cutoffs.iter().take(r.opened).copied().max().unwrap_or(0);
+    let (conds, binds) = selector_sql(&r.spec.selector, 4);
+    let sql = format!(
+        "SELECT 1 FROM devices d WHERE {conds} AND {POSITION} < $2
+         AND NOT EXISTS (SELECT 1 FROM rollout_devices rd WHERE rd.rollout_id = $3 AND rd.device_id = d.id) LIMIT 1"
+    );
+    let mut q = sqlx::query(&sql)
+        .bind(i64::from(policy::offset(&r.id)))
+        .bind(within as i64)
+        .bind(&r.id);
+    for b in &binds {
+        q = q.bind(b);
     }
-    Ok(out)
+    Ok(q.fetch_optional(&state.db.pool).await?.is_some())
+}
+
+/// Every phase's cut-off as created: a percentage's is fixed; a count's is 0 (it holds
+/// nobody) until the phase opens and the engine fixes it ([`count_cutoff`]).
+fn cutoffs_for(spec: &RolloutSpec) -> Vec<u64> {
+    spec.phases
+        .iter()
+        .map(|p| match (p.percent, p.count) {
+            (Some(pc), _) => policy::percent_cutoff(pc),
+            (None, Some(_)) => 0,
+            (None, None) => policy::POSITIONS,
+        })
+        .collect()
+}
+
+/// The cut-off of a phase of the first `n` selected devices, fixed when it opens: the
+/// position just past the `n`-th selected device, or past the last when fewer are selected
+/// now (devices selected later, further on, wait for a later phase); `None` while nothing
+/// is selected. Reads the selection (the engine's background work, not an operator's).
+pub(crate) async fn count_cutoff(state: &AppState, spec: &RolloutSpec, id: &str, n: u64) -> R<Option<u64>> {
+    let (conds, binds) = selector_sql(&spec.selector, 3);
+    let nth = format!("SELECT {POSITION} AS p FROM devices d WHERE {conds} ORDER BY 1 LIMIT 1 OFFSET $2");
+    let last = format!("SELECT MAX({POSITION}) AS p FROM devices d WHERE {conds} AND $2 >= 0");
+    let offset = i64::from(policy::offset(id));
+    // Past the n-th: the (n+1)-th device's position is the exclusive cut-off.
+    let past = i64::try_from(n).unwrap_or(i64::MAX);
+    for (sql, bind, past_last) in [(&nth, past, false), (&last, 0, true)] {
+        let mut q = sqlx::query(sql).bind(offset).bind(bind);
+        for b in &binds {
+            q = q.bind(b);
+        }
+        if let Some(row) = q.fetch_optional(&state.db.pool).await? {
+            if let Some(p) = row.try_get::<Option<i64>, _>(0)? {
+                let p = u64::try_from(p).unwrap_or(0);
+                return Ok(Some(if past_last { p + 1 } else { p }));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Create a rollout.
@@ -361,7 +395,7 @@ async fn create_inner(state: &AppState, req: &RolloutRequest, actor: &str, token
         (_, Start::At) => "scheduled",
     };
     let id = format!("r-{}", random_hex(6));
-    let cutoffs = cutoffs_for(state, &spec, &id).await?;
+    let cutoffs = cutoffs_for(&spec);
     // Not counted here: a count is one pass over the selection (about 2 s for 1,000,000
     // devices on PostgreSQL); the engine does it on its next tick, before any decision.
     let selected: Vec<u64> = Vec::new();
@@ -440,7 +474,7 @@ impl Action {
     fn from(self) -> &'static [&'static str] {
         match self {
             Action::Start => &["ready", "scheduled"],
-            Action::Pause => &["running", "scheduled", "ready"],
+            Action::Pause => &["running"],
             Action::Resume => &["paused"],
             Action::Cancel => &["waiting-approval", "ready", "scheduled", "running", "paused"],
             Action::Approve => &["waiting-approval"],

@@ -43,16 +43,29 @@ pub struct NewRow<'a> {
     pub only_if_open: bool,
 }
 
-/// Insert a row; false when the device already has one in this rollout, or the rollout is
-/// not running with the row's phase open (checked in the same statement, so a pause,
-/// cancel or stop committed by another process is never raced).
+/// Insert a row; false when the device already has one in this rollout, the device is not
+/// approved, or the rollout is not running with the row's phase open (checked in the same
+/// statement; on PostgreSQL the rollout's and the device's rows are first locked for share,
+/// so a pause, cancel, stop or decommission either committed before, and is seen, or waits
+/// for this transaction and reports the row as in flight).
 pub async fn insert(tx: &mut Transaction<'_, Any>, row: &NewRow<'_>) -> Result<bool> {
     let now = unix_now();
+    if row.only_if_open && tx.backend_name() == "PostgreSQL" {
+        sqlx::query("SELECT 1 FROM rollouts WHERE id = $1 FOR SHARE")
+            .bind(row.rollout)
+            .fetch_optional(&mut **tx)
+            .await?;
+        sqlx::query("SELECT 1 FROM devices WHERE id = $1 FOR SHARE")
+            .bind(row.device)
+            .fetch_optional(&mut **tx)
+            .await?;
+    }
     let done = sqlx::query(
         "INSERT INTO rollout_devices (rollout_id, device_id, phase, target, target_length, target_hashes, version, status,
                                       reason, created_at, updated_at, status_since)
          SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10
-         WHERE $11 = 0 OR EXISTS (SELECT 1 FROM rollouts WHERE id = $1 AND status = 'running' AND opened > $3)
+         WHERE $11 = 0 OR (EXISTS (SELECT 1 FROM rollouts WHERE id = $1 AND status = 'running' AND opened > $3)
+                           AND EXISTS (SELECT 1 FROM devices WHERE id = $2 AND status = 'approved'))
          ON CONFLICT DO NOTHING",
     )
     .bind(row.rollout)
