@@ -62,6 +62,10 @@ enum Command {
     /// Creating a three-phase rollout over every registered device, and its status summary,
     /// at fleet scale (1,000,000 devices by default; `--postgres` for the figure).
     Rollout(rollout::Args),
+    /// Simulated devices (own keys, signed check-ins, real HTTP) through a three-phase
+    /// rollout on `tern server run`: the server's CPU seconds per updated device, and the
+    /// poll rate while it runs beside nginx.
+    RolloutRun(server::campaign::Args),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Command::Encrypted(a) => encrypted::run(a),
         Command::Soak(a) => soak::run(a),
         Command::Rollout(a) => rollout::run(a),
+        Command::RolloutRun(a) => server::campaign::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

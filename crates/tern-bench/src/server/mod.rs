@@ -48,6 +48,7 @@
 //! for the nginx runs alike (nginx runs one worker per CPU, wrk 2 threads).
 
 mod breakdown;
+pub mod campaign;
 mod cpu;
 mod load;
 mod nginx;

@@ -35,7 +35,7 @@
 //! polls and check-ins. The command fails if (1) or (2) does.
 
 mod device;
-mod setup;
+pub(crate) mod setup;
 mod verdict;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -109,7 +109,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .build()?;
 
     eprintln!("publishing a release with {}", exe.display());
-    let mut fleet = setup::publish(&exe, &dir, &pg.url())?;
+    let mut fleet = setup::publish(&exe, &dir, &pg.url(), &[])?;
     eprintln!("generating {} device keys", a.devices);
     let devices = Arc::new(setup::device_keys(a.devices)?);
     let registration = rt.block_on(setup::register(&pg.url(), &devices))?;
@@ -233,7 +233,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 /// One HTTP client per [`DEVICES_PER_CLIENT`] devices, the `k`th bound to 127.0.1.`k`
 /// (every 127/8 address is this machine's): its own pool, idle connections dropped before
 /// the server's 60 s idle timeout would close them under a request.
-fn clients(devices: usize) -> anyhow::Result<Vec<reqwest::Client>> {
+pub(crate) fn clients(devices: usize) -> anyhow::Result<Vec<reqwest::Client>> {
     (0..devices.div_ceil(DEVICES_PER_CLIENT))
         .map(|k| {
             let addr = Ipv4Addr::new(127, 0, 1 + (k / 250) as u8, 1 + (k % 250) as u8);

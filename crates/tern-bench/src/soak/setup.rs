@@ -17,7 +17,7 @@ use crate::fixture::write_random;
 /// The tag every soak device is registered with, and the deployment's selector.
 pub const TAG: &str = "soak";
 /// The release's version (and, uploaded without `--name`, its name).
-const VERSION: &str = "1.0.0";
+pub const VERSION: &str = "1.0.0";
 /// The release's one target.
 const TARGET: &str = "sim/rootfs-1.0.0.img";
 
@@ -54,10 +54,17 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Start `tern server run --data DATA --database-url URL --listen 127.0.0.1:0` and wait
     /// for its `tern server listening on URL` line.
-    pub fn start(exe: &Path, data: &Path, database_url: &str, log: &Path) -> anyhow::Result<Self> {
+    pub fn start(
+        exe: &Path,
+        data: &Path,
+        database_url: &str,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let log_file = fs::File::create(log)?;
         let mut child = Process::new(exe)
             .args(["server", "run", "--data", &s(data), "--database-url", database_url])
+            .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(log_file.try_clone()?)
@@ -124,7 +131,8 @@ pub struct Fleet {
 }
 
 /// Keys, repository, server, token, root and release, in `dir`.
-pub fn publish(exe: &Path, dir: &Path, database_url: &str) -> anyhow::Result<Fleet> {
+/// `env` is added to the server's environment (`TERN_SERVER_…` settings).
+pub fn publish(exe: &Path, dir: &Path, database_url: &str, env: &[(&str, &str)]) -> anyhow::Result<Fleet> {
     let data = dir.join("srv");
     let data_s = s(&data);
     let p = |x: &str| s(&dir.join(x));
@@ -155,7 +163,7 @@ pub fn publish(exe: &Path, dir: &Path, database_url: &str) -> anyhow::Result<Fle
         ],
         &[],
     )?;
-    let server = ServerProcess::start(exe, &data, database_url, &dir.join("server.log"))?;
+    let server = ServerProcess::start(exe, &data, database_url, &dir.join("server.log"), env)?;
     let admin = tern(
         exe,
         &[
