@@ -116,6 +116,8 @@ pub struct FleetView {
 pub struct Fleet {
     view: RwLock<FleetView>,
     reload: tokio::sync::Mutex<()>,
+    /// Refreshes begun (under `reload`).
+    begun: std::sync::atomic::AtomicU64,
     seen: Mutex<HashMap<String, i64>>,
 }
 
@@ -215,8 +217,17 @@ impl Fleet {
     /// Bring the view up to the database's counter: apply the events since the last
     /// refresh device by device, or reload everything (`force`, a `*` event, a gap, or
     /// more than [`EVENT_BATCH`] events behind).
+    ///
+    /// Callers that queued behind a refresh which began after they called are served by it
+    /// (it read the counter after their change committed): a burst of reports costs one
+    /// refresh, not one each behind the lock.
     pub async fn refresh(&self, state: &AppState, force: bool) -> Result<()> {
+        let asked = self.begun.load(std::sync::atomic::Ordering::Acquire);
         let _one = self.reload.lock().await;
+        if !force && self.begun.load(std::sync::atomic::Ordering::Acquire) > asked {
+            return Ok(());
+        }
+        self.begun.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let generation: i64 = sqlx::query("SELECT value FROM counters WHERE name = 'fleet'")
             .fetch_one(&state.db.pool)
             .await?

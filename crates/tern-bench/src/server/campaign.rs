@@ -253,7 +253,7 @@ async fn device(f: Arc<Fleet>, n: usize) {
             anyhow::Ok(())
         };
         if let Err(e) = step.await {
-            f.error(e.to_string());
+            f.error(format!("{e:#}"));
         }
         tokio::time::sleep(f.poll).await;
     }
@@ -518,6 +518,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .unwrap_or(0);
     let (tern_poll, tern_poll_phase) =
         tern_poll.context("the rollout ended before its second phase: no poll rate measured during it")?;
+    let log = fleet.server.log.clone();
     drop(fleet);
     drop(pg);
 
@@ -565,6 +566,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Format::Text => out.print(),
     }
     if out.status != "finished" {
+        let log = fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        eprintln!("the server's log, last lines:");
+        for l in tail.iter().rev() {
+            eprintln!("  {l}");
+        }
         bail!(
             "the rollout is {}, not finished, after {:.0} s",
             out.status,
