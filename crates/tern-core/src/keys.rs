@@ -98,6 +98,8 @@ pub struct PublicKey {
     scheme: String,
     /// The key object exactly as received: the key id is computed over it.
     value: Value,
+    /// The key id, computed once over `value`.
+    keyid: KeyId,
     /// `None` for key types Tern does not support.
     usable: Option<(KeyAlgorithm, Vec<u8>)>,
 }
@@ -134,6 +136,7 @@ impl PublicKey {
             keytype,
             scheme,
             value: value.clone(),
+            keyid,
             usable,
         })
     }
@@ -155,18 +158,19 @@ impl PublicKey {
             "scheme": alg.scheme(),
             "keyval": {"public": public},
         });
+        let keyid = compute_keyid(&value)?;
         Ok(PublicKey {
             keytype: alg.keytype().to_owned(),
             scheme: alg.scheme().to_owned(),
             value,
+            keyid,
             usable: Some((alg, raw.to_vec())),
         })
     }
 
     /// The key id computed from the key object.
     pub fn keyid(&self) -> KeyId {
-        // The value was canonicalised once already when it was parsed or built.
-        compute_keyid(&self.value).unwrap_or_else(|_| KeyId(String::new()))
+        self.keyid.clone()
     }
 
     /// The key object in TUF form.

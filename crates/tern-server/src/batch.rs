@@ -81,24 +81,91 @@ fn answer<A>(waiters: Vec<oneshot::Sender<Result<A, BatchError>>>, out: Result<V
     }
 }
 
-/// The placeholders `($k+1, …, $k+width)` of each of `rows` rows, comma-separated, each
-/// wrapped by `cast(i)` for its column `i`: what a batch statement's `VALUES` or `IN` lists.
-pub fn placeholders(rows: usize, width: usize, cast: impl Fn(usize, usize) -> String) -> String {
-    let mut out = String::with_capacity(rows * width * 24);
+/// How a statement's parameters are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marks {
+    /// `$1, $2, …` (PostgreSQL).
+    Numbered,
+    /// `?` each, bound in the order they appear (SQLite: sqlx finds a numbered parameter by
+    /// its name, which SQLite looks up by a linear scan, so a batch of 2,560 numbered
+    /// parameters cost millions of comparisons to bind).
+    Anonymous,
+}
+
+impl Marks {
+    /// The marks for a connection whose backend is named `backend` (sqlx's name).
+    pub fn of(backend: &str) -> Marks {
+        if backend == "SQLite" {
+            Marks::Anonymous
+        } else {
+            Marks::Numbered
+        }
+    }
+
+    fn mark(self, n: usize) -> String {
+        match self {
+            Marks::Numbered => format!("${n}"),
+            Marks::Anonymous => "?".to_owned(),
+        }
+    }
+}
+
+/// A column of a batch statement's `VALUES`: its parameters are cast to its type, so that
+/// both engines know it (a row of NULLs pads a batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    /// TEXT.
+    Text,
+    /// BIGINT.
+    Int,
+}
+
+/// `rows` rows of `(CAST(p AS type), …)`, comma-separated: what a batch statement's
+/// `VALUES` lists. The parameters are numbered from 1 and are the statement's only ones.
+pub fn values(marks: Marks, rows: usize, columns: &[Column]) -> String {
+    let mut out = String::with_capacity(rows * columns.len() * 24);
     for r in 0..rows {
         if r > 0 {
             out.push_str(", ");
         }
         out.push('(');
-        for c in 0..width {
+        for (c, column) in columns.iter().enumerate() {
             if c > 0 {
                 out.push_str(", ");
             }
-            out.push_str(&cast(c, r * width + c + 1));
+            let ty = match column {
+                Column::Text => "TEXT",
+                Column::Int => "BIGINT",
+            };
+            out.push_str(&format!("CAST({} AS {ty})", marks.mark(r * columns.len() + c + 1)));
         }
         out.push(')');
     }
     out
+}
+
+/// Bind `rows` rows of NULLs of `columns`: the padding of a batch to its size, matching
+/// no row.
+pub fn bind_nulls<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    rows: usize,
+    columns: &[Column],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for _ in 0..rows {
+        for column in columns {
+            q = match column {
+                Column::Int => q.bind(None::<i64>),
+                Column::Text => q.bind(None::<String>),
+            };
+        }
+    }
+    q
+}
+
+/// `(p1, …, pn)`: an `IN` list of `n` parameters, the statement's only ones.
+pub fn list(marks: Marks, n: usize) -> String {
+    let marks: Vec<String> = (1..=n).map(|k| marks.mark(k)).collect();
+    format!("({})", marks.join(", "))
 }
 
 /// The smallest of 1, 2, 4, … 2^k that holds `n`: batches are padded to these sizes so that
@@ -112,16 +179,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_number_rows_and_columns() {
-        assert_eq!(placeholders(2, 2, |_, n| format!("${n}")), "($1, $2), ($3, $4)");
+    fn values_and_lists_mark_their_parameters() {
+        use Column::{Int, Text};
         assert_eq!(
-            placeholders(1, 2, |c, n| if c == 1 {
-                format!("CAST(${n} AS BIGINT)")
-            } else {
-                format!("${n}")
-            }),
-            "($1, CAST($2 AS BIGINT))"
+            values(Marks::Numbered, 2, &[Text, Int]),
+            "(CAST($1 AS TEXT), CAST($2 AS BIGINT)), (CAST($3 AS TEXT), CAST($4 AS BIGINT))"
         );
+        assert_eq!(
+            values(Marks::Anonymous, 1, &[Int, Text]),
+            "(CAST(? AS BIGINT), CAST(? AS TEXT))"
+        );
+        assert_eq!(list(Marks::Numbered, 3), "($1, $2, $3)");
+        assert_eq!(list(Marks::Anonymous, 2), "(?, ?)");
+        assert_eq!(Marks::of("SQLite"), Marks::Anonymous);
+        assert_eq!(Marks::of("PostgreSQL"), Marks::Numbered);
         assert_eq!(
             (padded(0), padded(1), padded(3), padded(64), padded(65)),
             (1, 1, 4, 64, 128)

@@ -488,16 +488,39 @@ async fn load_running(state: &AppState) -> Result<Vec<ViewRollout>> {
 /// its event commit together or not at all), that `device` (`*`: the whole fleet) changed
 /// in a way polls must learn: the counter moves and the event gets its number.
 pub async fn record_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, device: &str) -> Result<()> {
-    let seq: i64 = sqlx::query("UPDATE counters SET value = value + 1 WHERE name = 'fleet' RETURNING value")
+    record_all_in(tx, &[device]).await?;
+    Ok(())
+}
+
+/// [`record_in`] for several devices, in two statements.
+pub async fn record_all_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, devices: &[&str]) -> sqlx::Result<()> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let last: i64 = sqlx::query("UPDATE counters SET value = value + $1 WHERE name = 'fleet' RETURNING value")
+        .bind(devices.len() as i64)
         .fetch_one(&mut **tx)
         .await?
         .try_get(0)?;
-    sqlx::query("INSERT INTO fleet_events (seq, device_id, at) VALUES ($1, $2, $3)")
-        .bind(seq)
-        .bind(device)
-        .bind(unix_now())
-        .execute(&mut **tx)
-        .await?;
+    let now = unix_now();
+    for (k, chunk) in devices.chunks(1024).enumerate() {
+        let first = last - devices.len() as i64 + 1 + (k * 1024) as i64;
+        use crate::batch::Column::{Int, Text};
+        const COLUMNS: [crate::batch::Column; 3] = [Int, Text, Int];
+        let size = crate::batch::padded(chunk.len());
+        // Padded with rows of NULLs, which are not inserted.
+        let values = crate::batch::values(crate::batch::Marks::of(tx.backend_name()), size, &COLUMNS);
+        let sql = format!(
+            "INSERT INTO fleet_events (seq, device_id, at)
+             SELECT v.column1, v.column2, v.column3 FROM (VALUES {values}) AS v WHERE v.column1 IS NOT NULL"
+        );
+        let mut q = sqlx::query(&sql);
+        for (i, device) in chunk.iter().enumerate() {
+            q = q.bind(first + i as i64).bind(device.to_string()).bind(now);
+        }
+        q = crate::batch::bind_nulls(q, size - chunk.len(), &COLUMNS);
+        q.execute(&mut **tx).await?;
+    }
     Ok(())
 }
 

@@ -14,6 +14,8 @@ use tern_core::director::{self, CheckIn, Order, OrderTarget, Stage};
 use tern_core::text::{shown, shown_max};
 use tern_core::{DateTime, PublicKey};
 
+use super::heartbeat::Report;
+use super::orders::Pending;
 use super::rows::{self, TERMINAL};
 use super::{claimed, Refusal, R};
 use crate::repo::ReleaseTarget;
@@ -132,8 +134,17 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
     let slots = serde_json::to_string(&c.slots).unwrap_or_default();
     let installed = c.booted().and_then(|b| b.version.as_deref()).map(|v| shown_max(v, 64));
     let refused_order = c.refused_order.as_deref().map(|r| shown_max(r, MAX_REASON));
+    // The move the report makes of the device's row, applied with the check-in.
+    let planned = match &c.deployment {
+        Some(report) => plan_report(state, path_id, &c, report, unfinished.as_ref()).await?,
+        None => Planned::Unchanged,
+    };
+    let report = match &planned {
+        Planned::Move(planned) => Some(planned.0.clone()),
+        _ => None,
+    };
     // Compare-and-swap on the challenge: of two check-ins answering it, one is recorded.
-    let fresh = state
+    let recorded = state
         .heartbeats
         .record(super::heartbeat::Beat {
             id: path_id.to_owned(),
@@ -146,9 +157,10 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
             installed,
             current,
             next: next.clone(),
+            report,
         })
         .await?;
-    if !fresh {
+    if !recorded.fresh {
         return Err(stale());
     }
     // Audited when it changes: a device repeating its last refusal adds no row.
@@ -171,13 +183,28 @@ async fn checkin_inner(state: &AppState, path_id: &str, body: &[u8]) -> R<Checki
             )
             .await;
     }
-    // The order the device follows, as read with its row, unless its report moved it.
-    let mut unfinished = Some(unfinished);
-    if let Some(report) = &c.deployment {
-        if record_report(state, path_id, &c, report).await? {
-            unfinished = None;
+    // The order the device follows, as read with its row, as its report moved it.
+    let unfinished = match planned {
+        Planned::Unchanged => Some(unfinished),
+        Planned::Move(planned) => {
+            let (m, row) = *planned;
+            // Polls learn when the device enters or leaves the set with an order waiting,
+            // or the set that reports on its own (the batch recorded the event).
+            if recorded.moved && rows::polls_care(&m.from, &m.to) {
+                state.fleet.refresh(state, false).await?;
+            }
+            let followed = unfinished.as_ref().is_some_and(|p| p.rollout == row.rollout);
+            match recorded.moved && followed && rows::UNFINISHED.contains(&m.to.as_str()) {
+                true => Some(Some(Pending {
+                    status: m.to.clone(),
+                    progress_done: m.progress.map(|(done, _)| done).or(row.progress_done),
+                    ..row
+                })),
+                // Finished, moved by something else first, or another row: read again.
+                false => None,
+            }
         }
-    }
+    };
     let attrs = super::orders::DeviceAttrs {
         id: path_id,
         device_type: &device_type,
@@ -259,6 +286,10 @@ fn poisoned() -> Refusal {
 
 /// Whether a deployment's target is a slot image (raw installer, or no manifest).
 async fn installs_into_slot(state: &AppState, deployment: &str, target: &str) -> R<bool> {
+    let is_slot = |t: &ReleaseTarget| t.installer.is_empty() || t.installer == "raw";
+    if let Some(r) = state.fleet.running().iter().find(|r| r.id == deployment) {
+        return Ok(r.targets.iter().find(|t| t.name == target).is_none_or(is_slot));
+    }
     let row =
         sqlx::query("SELECT r.targets FROM releases r JOIN rollouts d ON d.release_name = r.name WHERE d.id = $1")
             .bind(deployment)
@@ -266,10 +297,7 @@ async fn installs_into_slot(state: &AppState, deployment: &str, target: &str) ->
             .await?;
     let Some(row) = row else { return Ok(true) };
     let targets: Vec<ReleaseTarget> = serde_json::from_str(&row.try_get::<String, _>(0)?).unwrap_or_default();
-    Ok(targets
-        .iter()
-        .find(|t| t.name == target)
-        .is_none_or(|t| t.installer.is_empty() || t.installer == "raw"))
+    Ok(targets.iter().find(|t| t.name == target).is_none_or(is_slot))
 }
 
 /// Where a deployment row's status stands in the order stages follow.
@@ -294,30 +322,42 @@ fn stage_rank(stage: Stage) -> u8 {
     }
 }
 
-/// Apply a device's report on a deployment to its row; whether the row may have changed
-/// since the check-in read it (it moved, or something else moved it first).
-async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &director::DeploymentReport) -> R<bool> {
-    let row = sqlx::query(
-        "SELECT target, version, status, progress_done, phase FROM rollout_devices WHERE rollout_id = $1 AND device_id = $2",
-    )
-    .bind(&report.deployment)
-    .bind(device_id)
-    .fetch_optional(&state.db.pool)
-    .await?;
-    let Some(row) = row else { return Ok(false) };
-    let target: String = row.try_get(0)?;
-    let version: String = row.try_get(1)?;
-    let status: String = row.try_get(2)?;
-    let old_done: Option<i64> = row.try_get(3)?;
-    let phase: i64 = row.try_get(4)?;
-    if TERMINAL.contains(&status.as_str()) {
-        return Ok(false);
+/// What a report does to the device's row.
+enum Planned {
+    /// Nothing: no such row, a finished one, an earlier stage, or the same report again.
+    Unchanged,
+    /// This move of this row (as read).
+    Move(Box<(Report, Pending)>),
+}
+
+/// The move a device's report makes of its row in a rollout. `read` is the device's
+/// unfinished row as its check-in read it.
+async fn plan_report(
+    state: &AppState,
+    device_id: &str,
+    c: &CheckIn,
+    report: &director::DeploymentReport,
+    read: Option<&Pending>,
+) -> R<Planned> {
+    let row = match read.filter(|p| p.rollout == report.deployment) {
+        Some(p) => p.clone(),
+        // A report on a row that is not the one the device follows (finished, or of an
+        // older rollout): read it.
+        None => match report_row(state, device_id, &report.deployment).await? {
+            Some(p) => p,
+            None => return Ok(Planned::Unchanged),
+        },
+    };
+    let unchanged = || Ok(Planned::Unchanged);
+    if TERMINAL.contains(&row.status.as_str()) {
+        return unchanged();
     }
     // Stages only move forward: a device repeating an earlier one (a download started
     // again) changes nothing, and cannot make the row flap.
-    if stage_rank(report.stage) < status_rank(&status) {
-        return Ok(false);
+    if stage_rank(report.stage) < status_rank(&row.status) {
+        return unchanged();
     }
+    let (target, version) = (&row.target, &row.version);
     let (new_status, reason) = match report.stage {
         Stage::Downloading => ("downloading", None),
         Stage::Installing => ("installing", None),
@@ -325,7 +365,7 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
         Stage::Trial => ("trial", None),
         // A file or archive payload is installed in place, not into a slot: its Committed
         // report is the outcome.
-        Stage::Committed if !installs_into_slot(state, &report.deployment, &target).await? => ("succeeded", None),
+        Stage::Committed if !installs_into_slot(state, &report.deployment, target).await? => ("succeeded", None),
         Stage::Committed => match c.booted() {
             Some(b)
                 if b.target.as_deref() == Some(target.as_str()) && b.version.as_deref() == Some(version.as_str()) =>
@@ -361,40 +401,36 @@ async fn record_report(state: &AppState, device_id: &str, c: &CheckIn, report: &
     let reason = reason.map(|r| shown_max(&r, MAX_REASON));
     let done = report.progress.map(|p| p.done as i64);
     let total = report.progress.map(|p| p.total as i64);
-    if new_status == status && done == old_done {
-        return Ok(false);
+    if new_status == row.status && done == row.progress_done {
+        return unchanged();
     }
     // Compare-and-swap on the status read: a cancel, a supersede or a decommission that
     // committed meanwhile stands (the report is about a row that no longer is what it was).
-    let mut tx = state.db.write.begin().await?;
-    let moved = rows::transition(
-        &mut tx,
-        &rows::Move {
-            rollout: &report.deployment,
-            device: device_id,
-            phase,
-            from: &status,
-            to: new_status,
-            reason: reason.as_deref(),
-            progress: done.zip(total),
-        },
-    )
-    .await?;
-    if !moved {
-        return Ok(true);
+    let m = Report {
+        rollout: report.deployment.clone(),
+        phase: row.phase,
+        from: row.status.clone(),
+        to: new_status.to_owned(),
+        reason,
+        progress: done.zip(total),
+    };
+    Ok(Planned::Move(Box::new((m, row))))
+}
+
+/// A device's row in a rollout, whatever its status.
+async fn report_row(state: &AppState, device_id: &str, rollout: &str) -> R<Option<Pending>> {
+    let sql = format!(
+        "SELECT {} FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
+         WHERE rd.rollout_id = $1 AND rd.device_id = $2",
+        super::orders::PENDING_COLUMNS
+    );
+    let row = sqlx::query(&sql)
+        .bind(rollout)
+        .bind(device_id)
+        .fetch_optional(&state.db.pool)
+        .await?;
+    match row {
+        Some(r) => Ok(Pending::decode(&r, 0)?),
+        None => Ok(None),
     }
-    // Polls learn when the device enters or leaves the set with an order waiting, or the
-    // set that reports on its own (rebooting, on trial): queued → downloading → installing
-    // is one state to them and writes no event (the first reports of a rollout would
-    // otherwise all queue on the counter's row).
-    let busy = |st: &str| matches!(st, "rebooting" | "trial");
-    let polls_care = rows::wants_order(&status) != rows::wants_order(new_status) || busy(&status) != busy(new_status);
-    if polls_care {
-        crate::session::record_in(&mut tx, device_id).await?;
-    }
-    tx.commit().await?;
-    if polls_care {
-        state.fleet.refresh(state, false).await?;
-    }
-    Ok(true)
 }

@@ -281,8 +281,7 @@ async fn time_out_stuck(state: &AppState, r: &RolloutRow, limit: i64, now: i64) 
     if stuck.is_empty() {
         return Ok(());
     }
-    let mut tx = state.db.write.begin().await?;
-    let mut moved = Vec::new();
+    let mut found = Vec::with_capacity(stuck.len());
     for row in &stuck {
         let device: String = row.try_get(0)?;
         let status: String = row.try_get(1)?;
@@ -292,24 +291,31 @@ async fn time_out_stuck(state: &AppState, r: &RolloutRow, limit: i64, now: i64) 
             "timed out: {status} for {} s, more than the rollout's limit of {limit} s",
             now - since
         );
-        let m = Move {
-            rollout: &r.id,
-            device: &device,
-            phase,
-            from: &status,
-            to: "timed-out",
-            reason: Some(&reason),
-            progress: None,
-        };
-        if rows::transition(&mut tx, &m).await? {
-            if rows::wants_order(&status) {
-                crate::session::record_in(&mut tx, &device).await?;
-            }
-            moved.push(device);
-        }
+        found.push((device, status, phase, reason));
     }
+    let moves: Vec<Move> = found
+        .iter()
+        .map(|(device, status, phase, reason)| Move {
+            rollout: &r.id,
+            device,
+            phase: *phase,
+            from: status,
+            to: "timed-out",
+            reason: Some(reason),
+            progress: None,
+        })
+        .collect();
+    let mut tx = state.db.write.begin().await?;
+    let done = rows::transition_all(&mut tx, &moves).await?;
+    let moved: Vec<&str> = moves
+        .iter()
+        .zip(&done)
+        .filter(|(m, &ok)| ok && rows::polls_care(m.from, m.to))
+        .map(|(m, _)| m.device)
+        .collect();
+    crate::session::record_all_in(&mut tx, &moved).await?;
     tx.commit().await?;
-    if !moved.is_empty() {
+    if done.contains(&true) {
         state.fleet.refresh(state, false).await?;
     }
     Ok(())

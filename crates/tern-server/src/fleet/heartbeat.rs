@@ -1,16 +1,19 @@
-//! A check-in's two statements, batched ([`crate::batch`]): reading the device's row
-//! together with the order it is following, and the compare-and-swap on its challenge that
-//! records the check-in and sets the next one. The rest of a check-in (a report that moves a
-//! row, a device entering a rollout) keeps its own transaction: those are the fleet's
-//! changes, the heartbeat is its steady state.
+//! A check-in's two steps, batched ([`crate::batch`]): reading the device's row together
+//! with the order it is following, and one transaction that records the check-in (the
+//! compare-and-swap on its challenge that sets the next one) and applies the move its
+//! report makes of its row in a rollout, with the fleet events polls learn from. A
+//! rollout's phase opening brings its devices' reports in a burst (downloading, installing,
+//! rebooting, trial, committed, a few seconds apart): each batch is one commit whatever the
+//! number of check-ins and reports in it. A device entering a rollout keeps its own
+//! transaction (once per device and rollout).
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::orders::Pending;
-use crate::batch::{padded, placeholders, BatchError, Batcher};
+use super::orders::{Pending, PENDING_COLUMNS, PENDING_WIDTH};
+use super::rows::{self, Move};
+use crate::batch::{bind_nulls, list, padded, values, BatchError, Batcher, Column, Marks};
 use crate::db::Db;
 
 /// Requests answered by one statement at most. A write batch binds 10 values per device.
@@ -47,13 +50,37 @@ pub(crate) struct Beat {
     pub current: String,
     /// The challenge the device's next check-in must answer.
     pub next: String,
+    /// The move the check-in's report makes of the device's row in a rollout, applied only
+    /// if the check-in is recorded.
+    pub report: Option<Report>,
+}
+
+/// A device's report, as the move it makes of its row.
+#[derive(Debug, Clone)]
+pub(crate) struct Report {
+    pub rollout: String,
+    pub phase: i64,
+    /// The status the row must still have (compare-and-swap).
+    pub from: String,
+    pub to: String,
+    pub reason: Option<String>,
+    pub progress: Option<(i64, i64)>,
+}
+
+/// What a write batch did with a beat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Recorded {
+    /// The challenge was still the one the check-in answered: the check-in is recorded.
+    pub fresh: bool,
+    /// Its report's move was applied (the row still had its `from`).
+    pub moved: bool,
 }
 
 /// The two batchers.
 pub(crate) struct Heartbeats {
     reads: Batcher<String, Option<DeviceRow>>,
     /// Write lanes; a device's beats always take the same one.
-    writes: Vec<Batcher<Beat, bool>>,
+    writes: Vec<Batcher<Beat, Recorded>>,
 }
 
 impl Heartbeats {
@@ -67,8 +94,12 @@ impl Heartbeats {
             crate::db::Backend::Sqlite => 1,
             crate::db::Backend::Postgres => PARALLEL,
         };
+        let marks = match db.backend {
+            crate::db::Backend::Sqlite => Marks::Anonymous,
+            crate::db::Backend::Postgres => Marks::Numbered,
+        };
         Heartbeats {
-            reads: Batcher::start(MAX_BATCH, PARALLEL, move |ids| read_batch(pool.clone(), ids)),
+            reads: Batcher::start(MAX_BATCH, PARALLEL, move |ids| read_batch(pool.clone(), marks, ids)),
             writes: (0..lanes)
                 .map(|_| {
                     let write = write.clone();
@@ -83,9 +114,9 @@ impl Heartbeats {
         self.reads.call(id.to_owned()).await
     }
 
-    /// Record `beat`: whether the device's challenge was still the one it answered (of two
-    /// check-ins answering one challenge, one is recorded).
-    pub async fn record(&self, beat: Beat) -> Result<bool, BatchError> {
+    /// Record `beat` (of two check-ins answering one challenge, one is recorded) and apply
+    /// its report.
+    pub async fn record(&self, beat: Beat) -> Result<Recorded, BatchError> {
         let lane = super::policy::bucket(&beat.id) as usize % self.writes.len().max(1);
         self.writes[lane].call(beat).await
     }
@@ -93,7 +124,11 @@ impl Heartbeats {
 
 const UNFINISHED: &str = "('queued', 'downloading', 'installing', 'rebooting', 'trial')";
 
-async fn read_batch(pool: sqlx::AnyPool, ids: Vec<String>) -> Result<Vec<Option<DeviceRow>>, sqlx::Error> {
+async fn read_batch(
+    pool: sqlx::AnyPool,
+    marks: Marks,
+    ids: Vec<String>,
+) -> Result<Vec<Option<DeviceRow>>, sqlx::Error> {
     let mut distinct: Vec<&str> = Vec::with_capacity(ids.len());
     let mut seen = HashSet::with_capacity(ids.len());
     for id in &ids {
@@ -103,11 +138,10 @@ async fn read_batch(pool: sqlx::AnyPool, ids: Vec<String>) -> Result<Vec<Option<
     }
     // Padded with the last id again: `IN` does not mind, and each size is one statement.
     let size = padded(distinct.len());
-    let list = placeholders(1, size, |_, n| format!("${n}"));
+    let list = list(marks, size);
     let sql = format!(
         "SELECT d.id, d.status, d.keyid, d.challenge, d.refused_order, d.device_type, d.hardware, d.tags,
-                rd.rollout_id, r.status, r.created_at, r.release_name, rd.phase, rd.target, rd.target_length,
-                rd.target_hashes, rd.status, rd.created_at
+                {PENDING_COLUMNS}, rd.created_at
          FROM devices d
          LEFT JOIN rollout_devices rd ON rd.device_id = d.id AND rd.status IN {UNFINISHED}
          LEFT JOIN rollouts r ON r.id = rd.rollout_id
@@ -122,9 +156,9 @@ async fn read_batch(pool: sqlx::AnyPool, ids: Vec<String>) -> Result<Vec<Option<
     let mut found: HashMap<String, (DeviceRow, Option<(i64, String)>)> = HashMap::with_capacity(rows.len());
     for row in rows {
         let id: String = row.try_get(0)?;
-        let pending = pending_of(&row)?;
+        let pending = Pending::decode(&row, 8)?;
         let order = match &pending {
-            Some(p) => Some((row.try_get::<i64, _>(17)?, p.rollout.clone())),
+            Some(p) => Some((row.try_get::<i64, _>(8 + PENDING_WIDTH)?, p.rollout.clone())),
             None => None,
         };
         match found.get_mut(&id) {
@@ -152,38 +186,22 @@ async fn read_batch(pool: sqlx::AnyPool, ids: Vec<String>) -> Result<Vec<Option<
     Ok(ids.iter().map(|id| found.get(id).map(|(d, _)| d.clone())).collect())
 }
 
-fn pending_of(row: &AnyRow) -> Result<Option<Pending>, sqlx::Error> {
-    let Some(rollout) = row.try_get::<Option<String>, _>(8)? else {
-        return Ok(None);
-    };
-    Ok(Some(Pending {
-        rollout,
-        rollout_status: row.try_get(9)?,
-        rollout_created: row.try_get(10)?,
-        release: row.try_get(11)?,
-        phase: row.try_get(12)?,
-        target: row.try_get(13)?,
-        length: row.try_get(14)?,
-        hashes: row.try_get(15)?,
-        status: row.try_get(16)?,
-    }))
-}
-
-/// Columns of a write batch's `VALUES` rows, in order, and whether each is a number.
-const BEAT_COLUMNS: [(&str, bool); 10] = [
-    ("id", false),
-    ("last_seen", true),
-    ("last_time", true),
-    ("last_nonce", false),
-    ("phase", false),
-    ("slots", false),
-    ("refused_order", false),
-    ("installed_version", false),
-    ("current", false),
-    ("next", false),
+/// Columns of a write batch's `VALUES` rows, in order, and their types.
+const BEAT_COLUMNS: [(&str, Column); 10] = [
+    ("id", Column::Text),
+    ("last_seen", Column::Int),
+    ("last_time", Column::Int),
+    ("last_nonce", Column::Text),
+    ("phase", Column::Text),
+    ("slots", Column::Text),
+    ("refused_order", Column::Text),
+    ("installed_version", Column::Text),
+    ("current", Column::Text),
+    ("next", Column::Text),
 ];
 
-async fn write_batch(write: sqlx::AnyPool, beats: Vec<Beat>) -> Result<Vec<bool>, sqlx::Error> {
+async fn write_batch(write: sqlx::AnyPool, beats: Vec<Beat>) -> Result<Vec<Recorded>, sqlx::Error> {
+    let mut tx = write.begin().await?;
     // A device twice in one batch (two check-ins answering one challenge) goes into a later
     // round: an UPDATE … FROM joining one row to two would apply either.
     let mut round_of = Vec::with_capacity(beats.len());
@@ -194,29 +212,62 @@ async fn write_batch(write: sqlx::AnyPool, beats: Vec<Beat>) -> Result<Vec<bool>
         *n += 1;
     }
     let rounds = times.values().copied().max().unwrap_or(0);
-    let mut recorded = vec![false; beats.len()];
+    let mut recorded = vec![
+        Recorded {
+            fresh: false,
+            moved: false
+        };
+        beats.len()
+    ];
     for round in 0..rounds {
         let members: Vec<usize> = (0..beats.len()).filter(|&i| round_of[i] == round).collect();
-        let updated = update_round(&write, members.iter().map(|&i| &beats[i])).await?;
+        let updated = update_round(&mut tx, members.iter().map(|&i| &beats[i])).await?;
         for i in members {
-            recorded[i] = updated.contains(beats[i].id.as_str());
+            recorded[i].fresh = updated.contains(beats[i].id.as_str());
         }
     }
+    // The reports of the check-ins recorded, as one set of moves.
+    let with_moves: Vec<usize> = (0..beats.len())
+        .filter(|&i| recorded[i].fresh && beats[i].report.is_some())
+        .collect();
+    let moves: Vec<Move> = with_moves
+        .iter()
+        .filter_map(|&i| {
+            let r = beats[i].report.as_ref()?;
+            Some(Move {
+                rollout: &r.rollout,
+                device: &beats[i].id,
+                phase: r.phase,
+                from: &r.from,
+                to: &r.to,
+                reason: r.reason.as_deref(),
+                progress: r.progress,
+            })
+        })
+        .collect();
+    let moved = rows::transition_all(&mut tx, &moves).await?;
+    let mut events = Vec::new();
+    for ((&i, m), ok) in with_moves.iter().zip(&moves).zip(moved) {
+        recorded[i].moved = ok;
+        if ok && rows::polls_care(m.from, m.to) {
+            events.push(m.device);
+        }
+    }
+    crate::session::record_all_in(&mut tx, &events).await?;
+    tx.commit().await?;
     Ok(recorded)
 }
 
 /// One `UPDATE … FROM (VALUES …) RETURNING` for beats of distinct devices: the ids updated.
 async fn update_round<'a>(
-    write: &sqlx::AnyPool,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     beats: impl ExactSizeIterator<Item = &'a Beat>,
 ) -> Result<HashSet<String>, sqlx::Error> {
     let n = beats.len();
     // Padded with rows of NULLs, which match no device.
     let size = padded(n);
-    let values = placeholders(size, BEAT_COLUMNS.len(), |c, k| {
-        let ty = if BEAT_COLUMNS[c].1 { "BIGINT" } else { "TEXT" };
-        format!("CAST(${k} AS {ty})")
-    });
+    let types = BEAT_COLUMNS.map(|(_, ty)| ty);
+    let values = values(Marks::of(tx.backend_name()), size, &types);
     // VALUES columns are column1, column2, … on both engines.
     let col = |name: &str| {
         let i = BEAT_COLUMNS.iter().position(|(c, _)| *c == name).unwrap_or(0);
@@ -253,15 +304,7 @@ async fn update_round<'a>(
             .bind(b.current.clone())
             .bind(b.next.clone());
     }
-    for _ in n..size {
-        for (_, number) in BEAT_COLUMNS {
-            q = if number {
-                q.bind(None::<i64>)
-            } else {
-                q.bind(None::<String>)
-            };
-        }
-    }
-    let rows = q.fetch_all(write).await?;
+    q = bind_nulls(q, size - n, &types);
+    let rows = q.fetch_all(&mut **tx).await?;
     rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
 }

@@ -33,9 +33,40 @@ pub(crate) struct Pending {
     pub length: i64,
     pub hashes: String,
     pub status: String,
+    /// The target's version.
+    pub version: String,
+    /// Bytes downloaded, as last reported.
+    pub progress_done: Option<i64>,
 }
 
+/// The columns [`Pending::decode`] reads, of `rollout_devices rd JOIN rollouts r`.
+pub(crate) const PENDING_COLUMNS: &str = "rd.rollout_id, r.status, r.created_at, r.release_name, rd.phase, rd.target, \
+     rd.target_length, rd.target_hashes, rd.status, rd.version, rd.progress_done";
+/// How many they are.
+pub(crate) const PENDING_WIDTH: usize = 11;
+
 impl Pending {
+    /// The row read as [`PENDING_COLUMNS`] from column `first` on; `None` when the rollout
+    /// id is NULL (an outer join found no row).
+    pub fn decode(row: &sqlx::any::AnyRow, first: usize) -> Result<Option<Pending>, sqlx::Error> {
+        let Some(rollout) = row.try_get::<Option<String>, _>(first)? else {
+            return Ok(None);
+        };
+        Ok(Some(Pending {
+            rollout,
+            rollout_status: row.try_get(first + 1)?,
+            rollout_created: row.try_get(first + 2)?,
+            release: row.try_get(first + 3)?,
+            phase: row.try_get(first + 4)?,
+            target: row.try_get(first + 5)?,
+            length: row.try_get(first + 6)?,
+            hashes: row.try_get(first + 7)?,
+            status: row.try_get(first + 8)?,
+            version: row.try_get(first + 9)?,
+            progress_done: row.try_get(first + 10)?,
+        }))
+    }
+
     /// Whether the device should be given its order now.
     /// An install under way finishes whatever the rollout's state; a download under way
     /// continues while the rollout is paused; a row not begun waits while it is paused.
@@ -51,28 +82,17 @@ impl Pending {
 
 /// The device's oldest unfinished row.
 pub(crate) async fn unfinished(state: &AppState, device: &str) -> R<Option<Pending>> {
-    let row = sqlx::query(
-        "SELECT rd.rollout_id, r.status, r.created_at, r.release_name, rd.phase, rd.target, rd.target_length,
-                rd.target_hashes, rd.status
+    let sql = format!(
+        "SELECT {PENDING_COLUMNS}
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
          WHERE rd.device_id = $1 AND rd.status IN ('queued', 'downloading', 'installing', 'rebooting', 'trial')
-         ORDER BY rd.created_at, rd.rollout_id LIMIT 1",
-    )
-    .bind(device)
-    .fetch_optional(&state.db.pool)
-    .await?;
-    let Some(r) = row else { return Ok(None) };
-    Ok(Some(Pending {
-        rollout: r.try_get(0)?,
-        rollout_status: r.try_get(1)?,
-        rollout_created: r.try_get(2)?,
-        release: r.try_get(3)?,
-        phase: r.try_get(4)?,
-        target: r.try_get(5)?,
-        length: r.try_get(6)?,
-        hashes: r.try_get(7)?,
-        status: r.try_get(8)?,
-    }))
+         ORDER BY rd.created_at, rd.rollout_id LIMIT 1"
+    );
+    let row = sqlx::query(&sql).bind(device).fetch_optional(&state.db.pool).await?;
+    match row {
+        Some(r) => Ok(Pending::decode(&r, 0)?),
+        None => Ok(None),
+    }
 }
 
 /// Move the device's pending row to `cancelled` with `reason` (compare-and-swap on its
@@ -168,7 +188,7 @@ pub(crate) async fn choose(
             continue;
         }
         match enter(state, r, dev, phase, pending.as_ref()).await? {
-            Entered::Ordered(p) => return Ok((Some(p), settled)),
+            Entered::Ordered(p) => return Ok((Some(*p), settled)),
             Entered::NoTarget => settled.push(r.id.clone()),
             Entered::NotNow => {}
         }
@@ -177,7 +197,7 @@ pub(crate) async fn choose(
 }
 
 enum Entered {
-    Ordered(Pending),
+    Ordered(Box<Pending>),
     NoTarget,
     NotNow,
 }
@@ -231,7 +251,8 @@ async fn enter(
     crate::session::record_in(&mut tx, dev.id).await?;
     tx.commit().await?;
     state.fleet.refresh(state, false).await?;
-    Ok(Entered::Ordered(Pending {
+    let version = row.version.to_owned();
+    Ok(Entered::Ordered(Box::new(Pending {
         rollout: r.id.clone(),
         rollout_status: "running".into(),
         rollout_created: r.created_at,
@@ -241,5 +262,7 @@ async fn enter(
         length: row.length,
         hashes,
         status: "queued".into(),
-    }))
+        version,
+        progress_done: None,
+    })))
 }

@@ -4,7 +4,11 @@
 //! the rollout's counters move and the device's history gets its entry, so that progress
 //! is never re-counted from the rows and never disagrees with them.
 
-use sqlx::{Any, Transaction};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use sqlx::{Any, Row, Transaction};
+
+use crate::batch::{bind_nulls, padded, values, Column, Marks};
 
 use crate::{random_hex, unix_now, Result};
 
@@ -109,51 +113,195 @@ pub struct Move<'a> {
 
 /// Move a row if it still has `from`; false when something else moved it first.
 pub async fn transition(tx: &mut Transaction<'_, Any>, m: &Move<'_>) -> Result<bool> {
+    Ok(transition_all(tx, std::slice::from_ref(m)).await?.first() == Some(&true))
+}
+
+/// Whether polls learn of a move from `from` to `to`: the device enters or leaves the set
+/// with an order waiting, or the set that reports on its own (rebooting, on trial).
+/// queued → downloading → installing is one state to them.
+pub fn polls_care(from: &str, to: &str) -> bool {
+    let busy = |st: &str| matches!(st, "rebooting" | "trial");
+    wants_order(from) != wants_order(to) || busy(from) != busy(to)
+}
+
+/// Move each row that still has its `from`, in a constant number of statements whatever
+/// the number of moves (a row moved twice is moved in order, one statement per repeat):
+/// which moved. The counters of every move are summed into one upsert, in a fixed order
+/// of their keys, so that two such transactions never wait on each other's counter rows
+/// in opposite orders.
+pub async fn transition_all(tx: &mut Transaction<'_, Any>, moves: &[Move<'_>]) -> sqlx::Result<Vec<bool>> {
     let now = unix_now();
-    let (done, total) = match m.progress {
-        Some((d, t)) => (Some(d), Some(t)),
-        None => (None, None),
-    };
-    let changed = m.from != m.to;
-    let moved = sqlx::query(
-        "UPDATE rollout_devices SET status = $1, reason = COALESCE($2, reason),
-                progress_done = COALESCE($3, progress_done), progress_total = COALESCE($4, progress_total),
-                updated_at = $5, status_since = CASE WHEN $6 = 1 THEN $5 ELSE status_since END
-         WHERE rollout_id = $7 AND device_id = $8 AND status = $9",
-    )
-    .bind(m.to)
-    .bind(m.reason)
-    .bind(done)
-    .bind(total)
-    .bind(now)
-    .bind(i64::from(changed))
-    .bind(m.rollout)
-    .bind(m.device)
-    .bind(m.from)
-    .execute(&mut **tx)
-    .await?;
-    if moved.rows_affected() != 1 {
-        return Ok(false);
+    let mut round_of = Vec::with_capacity(moves.len());
+    let mut times: HashMap<(&str, &str), usize> = HashMap::with_capacity(moves.len());
+    for m in moves {
+        let n = times.entry((m.rollout, m.device)).or_insert(0);
+        round_of.push(*n);
+        *n += 1;
     }
-    if changed {
-        count(tx, m.rollout, m.phase, m.from, -1).await?;
-        count(tx, m.rollout, m.phase, m.to, 1).await?;
-        history(tx, m.device, m.rollout, m.from, m.to, m.reason.unwrap_or("")).await?;
+    let rounds = times.values().copied().max().unwrap_or(0);
+    let mut moved = vec![false; moves.len()];
+    for round in 0..rounds {
+        let members: Vec<usize> = (0..moves.len()).filter(|&i| round_of[i] == round).collect();
+        let done = update_rows(tx, members.iter().map(|&i| &moves[i]), now).await?;
+        for i in members {
+            moved[i] = done.contains(&(moves[i].rollout.to_owned(), moves[i].device.to_owned()));
+        }
     }
-    Ok(true)
+    let changed: Vec<&Move> = moves
+        .iter()
+        .zip(&moved)
+        .filter(|(m, &ok)| ok && m.from != m.to)
+        .map(|(m, _)| m)
+        .collect();
+    let mut deltas: BTreeMap<(&str, i64, &str), i64> = BTreeMap::new();
+    for m in &changed {
+        *deltas.entry((m.rollout, m.phase, m.from)).or_default() -= 1;
+        *deltas.entry((m.rollout, m.phase, m.to)).or_default() += 1;
+    }
+    deltas.retain(|_, d| *d != 0);
+    let deltas: Vec<_> = deltas.into_iter().collect();
+    for chunk in deltas.chunks(MAX_ROWS) {
+        counts(tx, chunk).await?;
+    }
+    for chunk in changed.chunks(MAX_ROWS) {
+        let entries: Vec<Entry> = chunk
+            .iter()
+            .map(|m| Entry {
+                device: m.device,
+                rollout: m.rollout,
+                from: m.from,
+                to: m.to,
+                reason: m.reason.unwrap_or(""),
+            })
+            .collect();
+        histories(tx, &entries).await?;
+    }
+    Ok(moved)
+}
+
+/// Rows of one multi-row statement at most (a move binds 9 values).
+const MAX_ROWS: usize = 512;
+
+/// One `UPDATE … FROM (VALUES …)` for moves of distinct rows: the rows moved.
+async fn update_rows<'a>(
+    tx: &mut Transaction<'_, Any>,
+    moves: impl ExactSizeIterator<Item = &'a Move<'a>>,
+    now: i64,
+) -> sqlx::Result<HashSet<(String, String)>> {
+    use Column::{Int, Text};
+    const COLUMNS: [Column; 9] = [Text, Text, Text, Text, Text, Int, Int, Int, Int];
+    let marks = Marks::of(tx.backend_name());
+    let moves: Vec<&Move> = moves.collect();
+    let mut out = HashSet::with_capacity(moves.len());
+    for chunk in moves.chunks(MAX_ROWS) {
+        let size = padded(chunk.len());
+        // Padded with rows of NULLs, which match no row.
+        let values = values(marks, size, &COLUMNS);
+        // v.column1..9: rollout, device, from, to, reason, changed, done, total, now.
+        let sql = format!(
+            "UPDATE rollout_devices SET status = v.column4, reason = COALESCE(v.column5, rollout_devices.reason),
+                    progress_done = COALESCE(v.column7, rollout_devices.progress_done),
+                    progress_total = COALESCE(v.column8, rollout_devices.progress_total),
+                    updated_at = v.column9,
+                    status_since = CASE WHEN v.column6 = 1 THEN v.column9 ELSE rollout_devices.status_since END
+             FROM (VALUES {values}) AS v
+             WHERE rollout_devices.rollout_id = v.column1 AND rollout_devices.device_id = v.column2
+               AND rollout_devices.status = v.column3
+             RETURNING rollout_devices.rollout_id, rollout_devices.device_id"
+        );
+        let mut q = sqlx::query(&sql);
+        for m in chunk {
+            let (done, total) = m.progress.unzip();
+            q = q
+                .bind(m.rollout.to_owned())
+                .bind(m.device.to_owned())
+                .bind(m.from.to_owned())
+                .bind(m.to.to_owned())
+                .bind(m.reason.map(str::to_owned))
+                .bind(i64::from(m.from != m.to))
+                .bind(done)
+                .bind(total)
+                .bind(now);
+        }
+        q = bind_nulls(q, size - chunk.len(), &COLUMNS);
+        for row in q.fetch_all(&mut **tx).await? {
+            out.insert((row.try_get(0)?, row.try_get(1)?));
+        }
+    }
+    Ok(out)
 }
 
 async fn count(tx: &mut Transaction<'_, Any>, rollout: &str, phase: i64, status: &str, delta: i64) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO rollout_counts (rollout_id, phase, status, n) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (rollout_id, phase, status) DO UPDATE SET n = rollout_counts.n + excluded.n",
-    )
-    .bind(rollout)
-    .bind(phase)
-    .bind(status)
-    .bind(delta)
-    .execute(&mut **tx)
-    .await?;
+    counts(tx, &[((rollout, phase, status), delta)]).await?;
+    Ok(())
+}
+
+/// Add each delta to its counter, in one statement.
+async fn counts(tx: &mut Transaction<'_, Any>, deltas: &[((&str, i64, &str), i64)]) -> sqlx::Result<()> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    use Column::{Int, Text};
+    const COLUMNS: [Column; 4] = [Text, Int, Text, Int];
+    let size = padded(deltas.len());
+    let values = values(Marks::of(tx.backend_name()), size, &COLUMNS);
+    let sql = format!(
+        "INSERT INTO rollout_counts (rollout_id, phase, status, n)
+         SELECT v.column1, v.column2, v.column3, v.column4 FROM (VALUES {values}) AS v WHERE v.column1 IS NOT NULL
+         ON CONFLICT (rollout_id, phase, status) DO UPDATE SET n = rollout_counts.n + excluded.n"
+    );
+    let mut q = sqlx::query(&sql);
+    for ((rollout, phase, status), delta) in deltas {
+        q = q
+            .bind(rollout.to_string())
+            .bind(*phase)
+            .bind(status.to_string())
+            .bind(*delta);
+    }
+    q = bind_nulls(q, size - deltas.len(), &COLUMNS);
+    q.execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// An entry of a device's history.
+struct Entry<'a> {
+    device: &'a str,
+    rollout: &'a str,
+    from: &'a str,
+    to: &'a str,
+    reason: &'a str,
+}
+
+/// Add entries to devices' histories, in one statement.
+async fn histories(tx: &mut Transaction<'_, Any>, entries: &[Entry<'_>]) -> sqlx::Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    use Column::{Int, Text};
+    const COLUMNS: [Column; 7] = [Text, Text, Int, Text, Text, Text, Text];
+    let at_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    let size = padded(entries.len());
+    let values = values(Marks::of(tx.backend_name()), size, &COLUMNS);
+    let sql = format!(
+        "INSERT INTO device_history (id, device_id, at_us, rollout_id, from_status, to_status, reason)
+         SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7
+         FROM (VALUES {values}) AS v WHERE v.column1 IS NOT NULL"
+    );
+    let mut q = sqlx::query(&sql);
+    for e in entries {
+        q = q
+            .bind(random_hex(12))
+            .bind(e.device.to_owned())
+            .bind(at_us)
+            .bind(e.rollout.to_owned())
+            .bind(e.from.to_owned())
+            .bind(e.to.to_owned())
+            .bind(tern_core::text::shown_max(e.reason, 512));
+    }
+    q = bind_nulls(q, size - entries.len(), &COLUMNS);
+    q.execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -166,21 +314,16 @@ pub async fn history(
     to: &str,
     reason: &str,
 ) -> Result<()> {
-    let at_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    sqlx::query(
-        "INSERT INTO device_history (id, device_id, at_us, rollout_id, from_status, to_status, reason)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    histories(
+        tx,
+        &[Entry {
+            device,
+            rollout,
+            from,
+            to,
+            reason,
+        }],
     )
-    .bind(random_hex(12))
-    .bind(device)
-    .bind(at_us)
-    .bind(rollout)
-    .bind(from)
-    .bind(to)
-    .bind(tern_core::text::shown_max(reason, 512))
-    .execute(&mut **tx)
     .await?;
     Ok(())
 }
