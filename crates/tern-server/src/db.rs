@@ -68,10 +68,6 @@ impl Db {
                 // Well inside a request's timeout: a database that is down is an error the
                 // client gets promptly, and the pool reconnects when it is back.
                 .acquire_timeout(std::time::Duration::from_secs(10))
-                // sqlx pings every connection as it returns to the pool; a second ping as
-                // it leaves would cost every statement another round trip. A connection the
-                // database dropped while idle fails one statement and is then replaced.
-                .test_before_acquire(false)
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
                         if backend == Backend::Sqlite {

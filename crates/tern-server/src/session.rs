@@ -412,10 +412,12 @@ impl Fleet {
 
     /// Write the last-seen times polls noted (one transaction).
     async fn flush_seen(&self, state: &AppState) -> Result<()> {
-        let seen: Vec<(String, i64)> = match self.seen.lock() {
+        let mut seen: Vec<(String, i64)> = match self.seen.lock() {
             Ok(mut s) => s.drain().collect(),
             Err(_) => return Ok(()),
         };
+        // In id order, as every transaction that locks several device rows takes them.
+        seen.sort_unstable();
         if seen.is_empty() {
             return Ok(());
         }

@@ -88,8 +88,8 @@ impl Heartbeats {
     pub fn start(db: &Db) -> Heartbeats {
         let (pool, write) = (db.pool.clone(), db.write.clone());
         // SQLite has one writer. PostgreSQL commits batches side by side, each device always
-        // in the same lane: two batches never wait on each other's row locks, so they cannot
-        // deadlock.
+        // in the same lane, so two batches never lock the same device row; they do share
+        // the counter rows their reports move, which every transaction takes in one order.
         let lanes = match db.backend {
             crate::db::Backend::Sqlite => 1,
             crate::db::Backend::Postgres => PARALLEL,
@@ -200,13 +200,38 @@ const BEAT_COLUMNS: [(&str, Column); 10] = [
     ("next", Column::Text),
 ];
 
+/// Times a write batch is tried when PostgreSQL ended it to break a deadlock or a
+/// serialization conflict.
+const WRITE_TRIES: usize = 3;
+
 async fn write_batch(write: sqlx::AnyPool, beats: Vec<Beat>) -> Result<Vec<Recorded>, sqlx::Error> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match write_once(&write, &beats).await {
+            // Every write of a batch is a compare-and-swap and the transaction was rolled
+            // back: the batch runs again as it was.
+            Err(e) if tries < WRITE_TRIES && is_conflict(&e) => continue,
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Whether PostgreSQL refused a transaction to break a deadlock (40P01) or a serialization
+/// conflict (40001).
+fn is_conflict(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "40P01" || c == "40001")
+}
+
+async fn write_once(write: &sqlx::AnyPool, beats: &[Beat]) -> Result<Vec<Recorded>, sqlx::Error> {
     let mut tx = write.begin().await?;
     // A device twice in one batch (two check-ins answering one challenge) goes into a later
     // round: an UPDATE … FROM joining one row to two would apply either.
     let mut round_of = Vec::with_capacity(beats.len());
     let mut times: HashMap<&str, usize> = HashMap::with_capacity(beats.len());
-    for b in &beats {
+    for b in beats {
         let n = times.entry(b.id.as_str()).or_insert(0);
         round_of.push(*n);
         *n += 1;
@@ -220,7 +245,9 @@ async fn write_batch(write: sqlx::AnyPool, beats: Vec<Beat>) -> Result<Vec<Recor
         beats.len()
     ];
     for round in 0..rounds {
-        let members: Vec<usize> = (0..beats.len()).filter(|&i| round_of[i] == round).collect();
+        let mut members: Vec<usize> = (0..beats.len()).filter(|&i| round_of[i] == round).collect();
+        // In id order, as every transaction that locks several device rows takes them.
+        members.sort_unstable_by_key(|&i| beats[i].id.as_str());
         let updated = update_round(&mut tx, members.iter().map(|&i| &beats[i])).await?;
         for i in members {
             recorded[i].fresh = updated.contains(beats[i].id.as_str());

@@ -280,22 +280,24 @@ pub async fn set_device_status(
             .bind(id)
             .fetch_all(&mut *tx)
             .await?;
+            let mut open_rows = Vec::with_capacity(open.len());
             for r in open {
-                let (rollout, phase, status): (String, i64, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-                rows::transition(
-                    &mut tx,
-                    &rows::Move {
-                        rollout: &rollout,
-                        device: id,
-                        phase,
-                        from: &status,
-                        to: "cancelled",
-                        reason: Some("device decommissioned"),
-                        progress: None,
-                    },
-                )
-                .await?;
+                let row: (String, i64, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+                open_rows.push(row);
             }
+            let moves: Vec<rows::Move> = open_rows
+                .iter()
+                .map(|(rollout, phase, status)| rows::Move {
+                    rollout,
+                    device: id,
+                    phase: *phase,
+                    from: status,
+                    to: "cancelled",
+                    reason: Some("device decommissioned"),
+                    progress: None,
+                })
+                .collect();
+            rows::transition_all(&mut tx, &moves).await?;
         }
         crate::session::record_in(&mut tx, id).await?;
         tx.commit().await?;

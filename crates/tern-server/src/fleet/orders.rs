@@ -232,6 +232,19 @@ async fn enter(
         only_if_open: true,
     };
     let mut tx = state.db.write.begin().await?;
+    // Only a rollout that has something for this device supersedes an older order. The
+    // two rollouts' counters are moved in the order of their ids, as every transaction
+    // takes counter rows (`rows::transition_all`); a refusal of either leaves nothing, as
+    // the transaction is not committed.
+    let superseded = pending.filter(|_| chosen.is_some());
+    let cancel_first = superseded.is_some_and(|p| p.rollout < r.id);
+    let reason = format!("superseded by rollout {}", r.id);
+    if let Some(p) = superseded.filter(|_| cancel_first) {
+        if !cancel_row(&mut tx, p, dev.id, &reason).await? {
+            // The device's report moved that row meanwhile: nothing is changed.
+            return Ok(Entered::NotNow);
+        }
+    }
     if !rows::insert(&mut tx, &row).await? {
         return Ok(Entered::NotNow);
     }
@@ -239,12 +252,8 @@ async fn enter(
         tx.commit().await?;
         return Ok(Entered::NoTarget);
     }
-    // Only a rollout that has something for this device supersedes an older order.
-    if let Some(p) = pending {
-        let reason = format!("superseded by rollout {}", r.id);
-        let moved = cancel_row(&mut tx, p, dev.id, &reason).await?;
-        if !moved {
-            // The device's report moved that row meanwhile: nothing is changed.
+    if let Some(p) = superseded.filter(|_| !cancel_first) {
+        if !cancel_row(&mut tx, p, dev.id, &reason).await? {
             return Ok(Entered::NotNow);
         }
     }

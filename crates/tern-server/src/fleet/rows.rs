@@ -191,7 +191,12 @@ async fn update_rows<'a>(
     use Column::{Int, Text};
     const COLUMNS: [Column; 9] = [Text, Text, Text, Text, Text, Int, Int, Int, Int];
     let marks = Marks::of(tx.backend_name());
-    let moves: Vec<&Move> = moves.collect();
+    let mut moves: Vec<&Move> = moves.collect();
+    // In key order: PostgreSQL locks the rows as the join meets them, and transactions that
+    // meet them in one order cannot wait on each other in a cycle (a deadlock that still
+    // happens, as the planner may join in another order, fails one transaction, which is
+    // retried: see `heartbeat::write_batch`).
+    moves.sort_unstable_by_key(|m| (m.rollout, m.device));
     let mut out = HashSet::with_capacity(moves.len());
     for chunk in moves.chunks(MAX_ROWS) {
         let size = padded(chunk.len());
