@@ -99,6 +99,8 @@ struct Device {
     order: Option<Order>,
     /// The target and version its booted slot holds once it has rebooted into the update.
     installed: Option<(String, String)>,
+    /// The order it has reported committed.
+    finished: Option<Order>,
 }
 
 /// The answer to one check-in.
@@ -243,10 +245,13 @@ async fn device(f: Arc<Fleet>, n: usize) {
         let step = async {
             if poll(&f, n).await? {
                 let a = checkin(&f, n, &mut d, None).await?;
+                // An install a transport error interrupted is resumed, as an agent does:
+                // the server ignores a stage the row has passed.
                 if let Some(order) = a.order {
-                    if d.order.as_ref() != Some(&order) && d.installed.is_none() {
-                        d.order = Some(order);
+                    if d.finished.as_ref() != Some(&order) {
+                        d.order = Some(order.clone());
                         install(&f, n, &mut d).await?;
+                        d.finished = Some(order);
                     }
                 }
             }
