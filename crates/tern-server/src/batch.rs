@@ -92,6 +92,15 @@ pub enum Marks {
     Anonymous,
 }
 
+impl From<crate::db::Backend> for Marks {
+    fn from(backend: crate::db::Backend) -> Marks {
+        match backend {
+            crate::db::Backend::Sqlite => Marks::Anonymous,
+            crate::db::Backend::Postgres => Marks::Numbered,
+        }
+    }
+}
+
 impl Marks {
     /// The marks for a connection whose backend is named `backend` (sqlx's name).
     pub fn of(backend: &str) -> Marks {
@@ -168,6 +177,23 @@ pub fn list(marks: Marks, n: usize) -> String {
     format!("({})", marks.join(", "))
 }
 
+/// The rounds a batch's items go in so that no key is twice in one round (an `UPDATE …
+/// FROM (VALUES …)` joining one row to two would apply either): each round's indices, the
+/// n-th repeat of a key in round n.
+pub fn rounds<K: std::hash::Hash + Eq>(keys: impl Iterator<Item = K>) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut times: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
+    for (i, key) in keys.enumerate() {
+        let n = times.entry(key).or_insert(0);
+        if out.len() <= *n {
+            out.push(Vec::new());
+        }
+        out[*n].push(i);
+        *n += 1;
+    }
+    out
+}
+
 /// The smallest of 1, 2, 4, … 2^k that holds `n`: batches are padded to these sizes so that
 /// each connection prepares a handful of statements, not one per batch size.
 pub fn padded(n: usize) -> usize {
@@ -193,6 +219,10 @@ mod tests {
         assert_eq!(list(Marks::Anonymous, 2), "(?, ?)");
         assert_eq!(Marks::of("SQLite"), Marks::Anonymous);
         assert_eq!(Marks::of("PostgreSQL"), Marks::Numbered);
+        assert_eq!(
+            rounds(["a", "b", "a", "a"].into_iter()),
+            vec![vec![0, 1], vec![2], vec![3]]
+        );
         assert_eq!(
             (padded(0), padded(1), padded(3), padded(64), padded(65)),
             (1, 1, 4, 64, 128)

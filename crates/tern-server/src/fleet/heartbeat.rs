@@ -13,7 +13,7 @@ use sqlx::Row;
 
 use super::orders::{Pending, PENDING_COLUMNS, PENDING_WIDTH};
 use super::rows::{self, Move};
-use crate::batch::{bind_nulls, list, padded, values, BatchError, Batcher, Column, Marks};
+use crate::batch::{bind_nulls, list, padded, rounds, values, BatchError, Batcher, Column, Marks};
 use crate::db::Db;
 
 /// Requests answered by one statement at most. A write batch binds 10 values per device.
@@ -68,7 +68,7 @@ pub(crate) struct Report {
 }
 
 /// What a write batch did with a beat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Recorded {
     /// The challenge was still the one the check-in answered: the check-in is recorded.
     pub fresh: bool,
@@ -94,10 +94,7 @@ impl Heartbeats {
             crate::db::Backend::Sqlite => 1,
             crate::db::Backend::Postgres => PARALLEL,
         };
-        let marks = match db.backend {
-            crate::db::Backend::Sqlite => Marks::Anonymous,
-            crate::db::Backend::Postgres => Marks::Numbered,
-        };
+        let marks = Marks::from(db.backend);
         Heartbeats {
             reads: Batcher::start(MAX_BATCH, PARALLEL, move |ids| read_batch(pool.clone(), marks, ids)),
             writes: (0..lanes)
@@ -228,24 +225,9 @@ fn is_conflict(e: &sqlx::Error) -> bool {
 async fn write_once(write: &sqlx::AnyPool, beats: &[Beat]) -> Result<Vec<Recorded>, sqlx::Error> {
     let mut tx = write.begin().await?;
     // A device twice in one batch (two check-ins answering one challenge) goes into a later
-    // round: an UPDATE … FROM joining one row to two would apply either.
-    let mut round_of = Vec::with_capacity(beats.len());
-    let mut times: HashMap<&str, usize> = HashMap::with_capacity(beats.len());
-    for b in beats {
-        let n = times.entry(b.id.as_str()).or_insert(0);
-        round_of.push(*n);
-        *n += 1;
-    }
-    let rounds = times.values().copied().max().unwrap_or(0);
-    let mut recorded = vec![
-        Recorded {
-            fresh: false,
-            moved: false
-        };
-        beats.len()
-    ];
-    for round in 0..rounds {
-        let mut members: Vec<usize> = (0..beats.len()).filter(|&i| round_of[i] == round).collect();
+    // round.
+    let mut recorded = vec![Recorded::default(); beats.len()];
+    for mut members in rounds(beats.iter().map(|b| b.id.as_str())) {
         // In id order, as every transaction that locks several device rows takes them.
         members.sort_unstable_by_key(|&i| beats[i].id.as_str());
         let updated = update_round(&mut tx, members.iter().map(|&i| &beats[i])).await?;
@@ -254,24 +236,24 @@ async fn write_once(write: &sqlx::AnyPool, beats: &[Beat]) -> Result<Vec<Recorde
         }
     }
     // The reports of the check-ins recorded, as one set of moves.
-    let with_moves: Vec<usize> = (0..beats.len())
-        .filter(|&i| recorded[i].fresh && beats[i].report.is_some())
-        .collect();
-    let moves: Vec<Move> = with_moves
+    let (with_moves, moves): (Vec<usize>, Vec<Move>) = beats
         .iter()
-        .filter_map(|&i| {
-            let r = beats[i].report.as_ref()?;
-            Some(Move {
+        .enumerate()
+        .filter(|(i, _)| recorded[*i].fresh)
+        .filter_map(|(i, b)| {
+            let r = b.report.as_ref()?;
+            let m = Move {
                 rollout: &r.rollout,
-                device: &beats[i].id,
+                device: &b.id,
                 phase: r.phase,
                 from: &r.from,
                 to: &r.to,
                 reason: r.reason.as_deref(),
                 progress: r.progress,
-            })
+            };
+            Some((i, m))
         })
-        .collect();
+        .unzip();
     let moved = rows::transition_all(&mut tx, &moves).await?;
     let mut events = Vec::new();
     for ((&i, m), ok) in with_moves.iter().zip(&moves).zip(moved) {

@@ -42,7 +42,7 @@ pub(crate) struct Pending {
 /// The columns [`Pending::decode`] reads, of `rollout_devices rd JOIN rollouts r`.
 pub(crate) const PENDING_COLUMNS: &str = "rd.rollout_id, r.status, r.created_at, r.release_name, rd.phase, rd.target, \
      rd.target_length, rd.target_hashes, rd.status, rd.version, rd.progress_done";
-/// How many they are.
+/// How many they are (a test checks it against the list).
 pub(crate) const PENDING_WIDTH: usize = 11;
 
 impl Pending {
@@ -274,4 +274,12 @@ async fn enter(
         version,
         progress_done: None,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pending_width_counts_pending_columns() {
+        assert_eq!(super::PENDING_COLUMNS.split(',').count(), super::PENDING_WIDTH);
+    }
 }

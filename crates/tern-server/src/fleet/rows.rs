@@ -4,11 +4,11 @@
 //! the rollout's counters move and the device's history gets its entry, so that progress
 //! is never re-counted from the rows and never disagrees with them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use sqlx::{Any, Row, Transaction};
 
-use crate::batch::{bind_nulls, padded, values, Column, Marks};
+use crate::batch::{bind_nulls, padded, rounds, values, Column, Marks};
 
 use crate::{random_hex, unix_now, Result};
 
@@ -131,17 +131,8 @@ pub fn polls_care(from: &str, to: &str) -> bool {
 /// in opposite orders.
 pub async fn transition_all(tx: &mut Transaction<'_, Any>, moves: &[Move<'_>]) -> sqlx::Result<Vec<bool>> {
     let now = unix_now();
-    let mut round_of = Vec::with_capacity(moves.len());
-    let mut times: HashMap<(&str, &str), usize> = HashMap::with_capacity(moves.len());
-    for m in moves {
-        let n = times.entry((m.rollout, m.device)).or_insert(0);
-        round_of.push(*n);
-        *n += 1;
-    }
-    let rounds = times.values().copied().max().unwrap_or(0);
     let mut moved = vec![false; moves.len()];
-    for round in 0..rounds {
-        let members: Vec<usize> = (0..moves.len()).filter(|&i| round_of[i] == round).collect();
+    for members in rounds(moves.iter().map(|m| (m.rollout, m.device))) {
         let done = update_rows(tx, members.iter().map(|&i| &moves[i]), now).await?;
         for i in members {
             moved[i] = done.contains(&(moves[i].rollout.to_owned(), moves[i].device.to_owned()));
