@@ -81,6 +81,99 @@ fn answer<A>(waiters: Vec<oneshot::Sender<Result<A, BatchError>>>, out: Result<V
     }
 }
 
+/// The connections a batcher's statements run on, kept out of the pool's rotation: a
+/// pooled connection costs a round trip to the database each time it is taken (sqlx pings
+/// it) and another when it is given back, as many as the batch statement itself. Held
+/// connections are taken from the pool once (`PoolConnection::detach`, so the pool may
+/// open others in their place) and reused; one whose work failed is closed, as it may be
+/// broken or mid-transaction, and the next batch takes a new one.
+pub struct Held {
+    pool: sqlx::AnyPool,
+    /// Whether connections are held; if not, each batch takes one from the pool and gives
+    /// it back (SQLite's one writer: the pool is what queues its writers).
+    hold: bool,
+    idle: std::sync::Mutex<Vec<sqlx::AnyConnection>>,
+}
+
+/// A connection taken from [`Held`].
+pub enum Lease {
+    /// Held out of the pool.
+    Held(sqlx::AnyConnection),
+    /// The pool's, back to it when dropped.
+    Pooled(sqlx::pool::PoolConnection<sqlx::Any>),
+}
+
+impl std::ops::Deref for Lease {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &sqlx::AnyConnection {
+        match self {
+            Lease::Held(c) => c,
+            Lease::Pooled(c) => c,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
+        match self {
+            Lease::Held(c) => c,
+            Lease::Pooled(c) => c,
+        }
+    }
+}
+
+impl Held {
+    /// Connections of `pool`, held out of it if `hold`.
+    pub fn new(pool: sqlx::AnyPool, hold: bool) -> Held {
+        Held {
+            pool,
+            hold,
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Run `work` on a connection. A held connection that fails with an I/O error (the
+    /// database closed it while it was idle, or restarted) is replaced and the work run
+    /// once more on the new one: every batch statement is a read or a compare-and-swap,
+    /// so running one again is safe.
+    pub async fn run<T, F>(&self, work: F) -> Result<T, sqlx::Error>
+    where
+        F: for<'c> Fn(&'c mut sqlx::AnyConnection) -> futures_util::future::BoxFuture<'c, Result<T, sqlx::Error>>,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (mut lease, reused) = self.take().await?;
+            match work(&mut lease).await {
+                Ok(out) => {
+                    self.give_back(lease);
+                    return Ok(out);
+                }
+                Err(e) if reused && tries == 1 && matches!(e, sqlx::Error::Io(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A connection, and whether it was held idle (rather than new from the pool).
+    async fn take(&self) -> Result<(Lease, bool), sqlx::Error> {
+        if !self.hold {
+            return Ok((Lease::Pooled(self.pool.acquire().await?), false));
+        }
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        Ok(match idle {
+            Some(c) => (Lease::Held(c), true),
+            None => (Lease::Held(self.pool.acquire().await?.detach()), false),
+        })
+    }
+
+    fn give_back(&self, lease: Lease) {
+        if let (Lease::Held(c), Ok(mut idle)) = (lease, self.idle.lock()) {
+            idle.push(c);
+        }
+    }
+}
+
 /// How a statement's parameters are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Marks {
@@ -256,6 +349,52 @@ mod tests {
         assert!(
             sizes.len() < 20,
             "requests queued behind a batch were not batched: {sizes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn held_connections_are_reused_and_a_failed_one_is_replaced() {
+        use futures_util::FutureExt;
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let held = Held::new(pool.clone(), true);
+        use futures_util::future::BoxFuture;
+        type Conn = sqlx::AnyConnection;
+        // A temporary table lives as long as its connection.
+        fn make(conn: &mut Conn) -> BoxFuture<'_, Result<(), sqlx::Error>> {
+            async move {
+                sqlx::query("CREATE TEMP TABLE t (x INTEGER)")
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            }
+            .boxed()
+        }
+        fn count(conn: &mut Conn) -> BoxFuture<'_, Result<i64, sqlx::Error>> {
+            async move {
+                let row: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t").fetch_one(conn).await?;
+                Ok(row.0)
+            }
+            .boxed()
+        }
+        fn fail(conn: &mut Conn) -> BoxFuture<'_, Result<(), sqlx::Error>> {
+            async move { sqlx::query("SELECT * FROM absent").execute(conn).await.map(|_| ()) }.boxed()
+        }
+        held.run(make).await.unwrap();
+        assert_eq!(held.run(count).await.unwrap(), 0, "the held connection was not reused");
+        // Held out of the pool: the pool's one connection slot is free for others.
+        let pooled = tokio::time::timeout(std::time::Duration::from_secs(5), pool.acquire()).await;
+        assert!(pooled.is_ok(), "the held connection still counts against the pool");
+        drop(pooled);
+        assert!(held.run(fail).await.is_err());
+        // The connection that failed was closed: the next one has no table `t`.
+        assert!(
+            held.run(count).await.is_err(),
+            "a connection whose work failed was kept"
         );
     }
 

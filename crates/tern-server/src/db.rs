@@ -358,6 +358,12 @@ impl Db {
             crate::session::record_in(&mut tx, "*").await?;
             tx.commit().await?;
         }
+        if self.backend == Backend::Postgres && !devices.is_empty() {
+            // PostgreSQL's planner learns the tables' new size now, not at autovacuum's next
+            // pass: until then it takes a table it last saw nearly empty for small, and plans
+            // a check-in's batched update as a scan of every approved device.
+            sqlx::query("ANALYZE devices, device_tags").execute(&self.write).await?;
+        }
         Ok(())
     }
 }

@@ -13,7 +13,12 @@ use sqlx::Row;
 
 use super::orders::{Pending, PENDING_COLUMNS, PENDING_WIDTH};
 use super::rows::{self, Move};
-use crate::batch::{bind_nulls, list, padded, rounds, values, BatchError, Batcher, Column, Marks};
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use sqlx::Connection;
+
+use crate::batch::{bind_nulls, list, padded, rounds, values, BatchError, Batcher, Column, Held, Marks};
 use crate::db::Db;
 
 /// Requests answered by one statement at most. A write batch binds 10 values per device.
@@ -95,12 +100,15 @@ impl Heartbeats {
             crate::db::Backend::Postgres => PARALLEL,
         };
         let marks = Marks::from(db.backend);
+        // SQLite's writer stays in its pool of one, which queues every writer of the server.
+        let hold_writes = db.backend == crate::db::Backend::Postgres;
+        let reads = Arc::new(Held::new(pool, true));
         Heartbeats {
-            reads: Batcher::start(MAX_BATCH, PARALLEL, move |ids| read_batch(pool.clone(), marks, ids)),
+            reads: Batcher::start(MAX_BATCH, PARALLEL, move |ids| read_batch(reads.clone(), marks, ids)),
             writes: (0..lanes)
                 .map(|_| {
-                    let write = write.clone();
-                    Batcher::start(MAX_BATCH, 1, move |beats| write_batch(write.clone(), beats))
+                    let lane = Arc::new(Held::new(write.clone(), hold_writes));
+                    Batcher::start(MAX_BATCH, 1, move |beats| write_batch(lane.clone(), beats))
                 })
                 .collect(),
         }
@@ -121,11 +129,7 @@ impl Heartbeats {
 
 const UNFINISHED: &str = "('queued', 'downloading', 'installing', 'rebooting', 'trial')";
 
-async fn read_batch(
-    pool: sqlx::AnyPool,
-    marks: Marks,
-    ids: Vec<String>,
-) -> Result<Vec<Option<DeviceRow>>, sqlx::Error> {
+async fn read_batch(conns: Arc<Held>, marks: Marks, ids: Vec<String>) -> Result<Vec<Option<DeviceRow>>, sqlx::Error> {
     let mut distinct: Vec<&str> = Vec::with_capacity(ids.len());
     let mut seen = HashSet::with_capacity(ids.len());
     for id in &ids {
@@ -144,11 +148,25 @@ async fn read_batch(
          LEFT JOIN rollouts r ON r.id = rd.rollout_id
          WHERE d.id IN {list}"
     );
-    let mut q = sqlx::query(&sql);
-    for n in 0..size {
-        q = q.bind(distinct[n.min(distinct.len() - 1)].to_owned());
-    }
-    let rows = q.fetch_all(&pool).await?;
+    let bound: Arc<Vec<String>> = Arc::new(
+        (0..size)
+            .map(|n| distinct[n.min(distinct.len() - 1)].to_owned())
+            .collect(),
+    );
+    let sql = Arc::new(sql);
+    let rows = conns
+        .run(|conn| {
+            let (sql, bound) = (sql.clone(), bound.clone());
+            async move {
+                let mut q = sqlx::query(&sql);
+                for id in bound.iter() {
+                    q = q.bind(id.clone());
+                }
+                q.fetch_all(conn).await
+            }
+            .boxed()
+        })
+        .await?;
     // Each device's oldest unfinished row, as `ORDER BY rd.created_at, rd.rollout_id` has it.
     let mut found: HashMap<String, (DeviceRow, Option<(i64, String)>)> = HashMap::with_capacity(rows.len());
     for row in rows {
@@ -201,11 +219,18 @@ const BEAT_COLUMNS: [(&str, Column); 10] = [
 /// serialization conflict.
 const WRITE_TRIES: usize = 3;
 
-async fn write_batch(write: sqlx::AnyPool, beats: Vec<Beat>) -> Result<Vec<Recorded>, sqlx::Error> {
+async fn write_batch(lane: Arc<Held>, beats: Vec<Beat>) -> Result<Vec<Recorded>, sqlx::Error> {
+    let beats = Arc::new(beats);
     let mut tries = 0;
     loop {
         tries += 1;
-        match write_once(&write, &beats).await {
+        let outcome = lane
+            .run(|conn| {
+                let beats = beats.clone();
+                async move { write_once(conn, &beats).await }.boxed()
+            })
+            .await;
+        match outcome {
             // Every write of a batch is a compare-and-swap and the transaction was rolled
             // back: the batch runs again as it was.
             Err(e) if tries < WRITE_TRIES && is_conflict(&e) => continue,
@@ -222,12 +247,23 @@ fn is_conflict(e: &sqlx::Error) -> bool {
         .is_some_and(|c| c == "40P01" || c == "40001")
 }
 
-async fn write_once(write: &sqlx::AnyPool, beats: &[Beat]) -> Result<Vec<Recorded>, sqlx::Error> {
-    let mut tx = write.begin().await?;
+async fn write_once(conn: &mut sqlx::AnyConnection, beats: &[Beat]) -> Result<Vec<Recorded>, sqlx::Error> {
     // A device twice in one batch (two check-ins answering one challenge) goes into a later
     // round.
+    let rounds = rounds(beats.iter().map(|b| b.id.as_str()));
     let mut recorded = vec![Recorded::default(); beats.len()];
-    for mut members in rounds(beats.iter().map(|b| b.id.as_str())) {
+    if rounds.len() == 1 && beats.iter().all(|b| b.report.is_none()) {
+        // One statement, atomic by itself: no transaction's BEGIN and COMMIT round trips.
+        let mut members = rounds.into_iter().next().unwrap_or_default();
+        members.sort_unstable_by_key(|&i| beats[i].id.as_str());
+        let updated = update_round(conn, members.iter().map(|&i| &beats[i])).await?;
+        for i in members {
+            recorded[i].fresh = updated.contains(beats[i].id.as_str());
+        }
+        return Ok(recorded);
+    }
+    let mut tx = conn.begin().await?;
+    for mut members in rounds {
         // In id order, as every transaction that locks several device rows takes them.
         members.sort_unstable_by_key(|&i| beats[i].id.as_str());
         let updated = update_round(&mut tx, members.iter().map(|&i| &beats[i])).await?;
@@ -269,14 +305,14 @@ async fn write_once(write: &sqlx::AnyPool, beats: &[Beat]) -> Result<Vec<Recorde
 
 /// One `UPDATE … FROM (VALUES …) RETURNING` for beats of distinct devices: the ids updated.
 async fn update_round<'a>(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    conn: &mut sqlx::AnyConnection,
     beats: impl ExactSizeIterator<Item = &'a Beat>,
 ) -> Result<HashSet<String>, sqlx::Error> {
     let n = beats.len();
     // Padded with rows of NULLs, which match no device.
     let size = padded(n);
     let types = BEAT_COLUMNS.map(|(_, ty)| ty);
-    let values = values(Marks::of(tx.backend_name()), size, &types);
+    let values = values(Marks::of(conn.backend_name()), size, &types);
     // VALUES columns are column1, column2, … on both engines.
     let col = |name: &str| {
         let i = BEAT_COLUMNS.iter().position(|(c, _)| *c == name).unwrap_or(0);
@@ -314,6 +350,6 @@ async fn update_round<'a>(
             .bind(b.next.clone());
     }
     q = bind_nulls(q, size - n, &types);
-    let rows = q.fetch_all(&mut **tx).await?;
+    let rows = q.fetch_all(conn).await?;
     rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
 }
