@@ -166,7 +166,13 @@ impl Fleet {
             Err(_) => PollAnswer::CheckIn,
         };
         if let Ok(mut seen) = self.seen.lock() {
-            seen.insert(device.to_owned(), unix_now());
+            let now = unix_now();
+            match seen.get_mut(device) {
+                Some(at) => *at = now,
+                None => {
+                    seen.insert(device.to_owned(), now);
+                }
+            }
         }
         answer
     }

@@ -5,12 +5,13 @@
 //! answering its challenge when the poll asks for one, and, given an order, reports
 //! downloading, installing, rebooting, trial (booted from the new slot) and committed, one
 //! signed check-in each. Printed: the phases' timeline, the server's CPU seconds (and
-//! PostgreSQL's) per updated device, and the poll rate wrk reaches while the rollout runs
-//! beside nginx serving a 4 KiB file to the same wrk with the same kind of script, in the
-//! same run.
+//! PostgreSQL's) per updated device, and, phase by phase, the poll rate wrk reaches while
+//! the rollout runs beside nginx serving a 4 KiB file to the same wrk with the same kind of
+//! script, in slices alternated with the poll's for as long as the rollout runs (so both
+//! meet the same background load: `alternate`); and nginx alone once the rollout is over.
 
 use std::fs;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use serde_json::{json, Value};
 use tern_core::director::{self, CheckIn, DeploymentReport, SlotReport, Stage};
 use tern_core::DateTime;
 
+use super::alternate::{self, Alternation, Rates, Side};
 use super::cpu::Probe;
 use super::nginx::Nginx;
 use super::wrk::{wrk_script, Wrk, WrkCheck, WrkRequest};
@@ -29,7 +31,7 @@ use crate::procfs::{process_cpu, process_tree_cpu};
 use crate::soak::setup::{self, DeviceKey};
 use crate::tools::{require_tools, Tool};
 
-/// The goal: polls while a rollout runs at least this share of nginx's rate.
+/// The goal: polls while a rollout runs at least this share of nginx's rate, in every phase.
 const GOAL_RATIO: f64 = 0.8;
 /// wrk's connections (simulated devices polling flat out) and threads.
 const WRK_CONNECTIONS: usize = 64;
@@ -46,7 +48,10 @@ pub struct Args {
     /// Milliseconds between the reports of one device's install
     #[arg(long, default_value_t = 200)]
     pub stage_ms: u64,
-    /// Measured seconds of wrk's poll load (during the rollout) and of nginx's
+    /// Seconds of each of wrk's slices while the rollout runs (tern's poll and nginx by turns)
+    #[arg(long, default_value_t = 1)]
+    pub slice_secs: u64,
+    /// Measured seconds of nginx alone, once the rollout is over
     #[arg(long, default_value_t = 5)]
     pub wrk_secs: u64,
     /// Give up when the rollout has not finished after this many seconds
@@ -301,15 +306,17 @@ struct Outcome {
     checkins: u64,
     errors: u64,
     first_error: Option<String>,
-    tern_poll: super::load::Figures,
-    tern_poll_phase: u64,
-    nginx: super::load::Figures,
+    /// Each phase's poll and nginx rates while the rollout ran, and all phases'.
+    phases: Vec<(usize, Rates)>,
+    during: Rates,
+    slice_secs: u64,
+    nginx_alone: super::load::Figures,
     cpus: usize,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    if a.devices < 100 || a.poll_secs == 0 || a.wrk_secs == 0 || a.client_threads == 0 {
-        bail!("--devices must be at least 100; --poll-secs, --wrk-secs and --client-threads at least 1");
+    if a.devices < 100 || a.poll_secs == 0 || a.wrk_secs == 0 || a.slice_secs == 0 || a.client_threads == 0 {
+        bail!("--devices must be at least 100; --poll-secs, --slice-secs, --wrk-secs and --client-threads at least 1");
     }
     let found = require_tools(&[
         Tool::new("nginx", &["/usr/sbin/nginx", "nginx"], "nginx"),
@@ -402,6 +409,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         })
     };
 
+    // nginx serves beside the server for the whole run: wrk loads each by turns.
+    let nginx = Nginx::start(&nginx_bin)?;
+    let gets: Vec<WrkRequest> = (0..WRK_CONNECTIONS)
+        .map(|_| WrkRequest {
+            path: format!("/{}", super::STATIC_NAME),
+            authorization: None,
+        })
+        .collect();
+    let nginx_script = dir.join("nginx.lua");
+    fs::write(
+        &nginx_script,
+        wrk_script(&gets, wrk.threads, &WrkCheck::Len(STATIC_BYTES)),
+    )?;
+
     // The fleet starts polling, then the rollout is created.
     let server_pid = fleet.server.pid();
     let postmaster = pg.as_ref().and_then(PrivatePostgres::postmaster_pid);
@@ -427,14 +448,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let id = created["id"].as_str().context("no rollout id")?.to_owned();
     eprintln!("rollout {id}: 10 %, 50 %, 100 % of {} devices", a.devices);
     let mut opened_at = vec![0.0];
-    let mut tern_poll = None;
+    let phases_open = Arc::new(AtomicUsize::new(1));
+    let mut alternation: Option<Alternation> = None;
     let mut last_report = Instant::now();
-    let (mut wrk_cpu, mut wrk_pg_cpu) = (0.0, 0.0);
     let deadline = t0 + Duration::from_secs(a.timeout_secs);
     let status = loop {
         std::thread::sleep(Duration::from_millis(500));
         let v = api(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}"), None)?;
         let opened = v["opened"].as_u64().unwrap_or(1) as usize;
+        phases_open.store(opened, Ordering::Relaxed);
         while opened_at.len() < opened {
             opened_at.push(t0.elapsed().as_secs_f64());
             eprintln!(
@@ -467,8 +489,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 counts.join(" ")
             );
         }
-        if tern_poll.is_none() && opened >= 2 && status == "running" {
-            // While the second phase installs: wrk polls as 64 devices, flat out.
+        if alternation.is_none() && status == "running" {
+            // wrk polls as 64 devices that have a session, flat out, by turns with nginx.
             let polls: Vec<WrkRequest> = shared
                 .tokens
                 .iter()
@@ -480,38 +502,46 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     authorization: Some(format!("Bearer {t}")),
                 })
                 .collect();
-            let script = dir.join("poll.lua");
-            fs::write(
-                &script,
-                wrk_script(&polls, wrk.threads, &WrkCheck::Contains("\"checkin\":")),
-            )?;
-            eprintln!("wrk polls for {} s while phase 2 runs", a.wrk_secs);
-            let probe = Probe {
-                this_process: false,
-                postmaster: None,
-                nginx: None,
-            };
-            let (c0, p0) = (process_cpu(server_pid).unwrap_or(0.0), postmaster.map(process_tree_cpu));
-            let figures = wrk.run(
-                &fleet.server.url,
-                Some(&script),
-                Duration::from_secs(a.wrk_secs),
-                &probe,
-            )?;
-            // wrk's polls are not the rollout's work: their CPU is set apart.
-            wrk_cpu = process_cpu(server_pid).unwrap_or(0.0) - c0;
-            wrk_pg_cpu = postmaster.zip(p0).map_or(0.0, |(p, c)| process_tree_cpu(p) - c);
-            tern_poll = Some((figures, opened as u64));
+            if polls.len() == WRK_CONNECTIONS {
+                let script = dir.join("poll.lua");
+                fs::write(
+                    &script,
+                    wrk_script(&polls, wrk.threads, &WrkCheck::Contains("\"checkin\":")),
+                )?;
+                eprintln!(
+                    "wrk loads tern's poll and nginx by turns, {} s each, while the rollout runs",
+                    a.slice_secs
+                );
+                alternation = Some(Alternation::start(
+                    wrk.clone(),
+                    Side {
+                        url: fleet.server.url.clone(),
+                        script,
+                    },
+                    Side {
+                        url: nginx.url(),
+                        script: nginx_script.clone(),
+                    },
+                    a.slice_secs,
+                    phases_open.clone(),
+                    server_pid,
+                ));
+            }
         }
         if !matches!(status.as_str(), "running" | "ready" | "scheduled") || Instant::now() > deadline {
             break v;
         }
     };
     let elapsed = t0.elapsed();
+    let pairs = match alternation {
+        Some(a) => a.finish()?,
+        None => Vec::new(),
+    };
+    // wrk's polls are not the rollout's work: their CPU is set apart (polls do not reach
+    // the database).
+    let wrk_cpu = alternate::wrk_poll_cpu(&pairs);
     let server_cpu = process_cpu(server_pid).unwrap_or(0.0) - cpu0 - wrk_cpu;
-    let postgres_cpu = postmaster
-        .zip(pg_cpu0)
-        .map(|(p, c0)| process_tree_cpu(p) - c0 - wrk_pg_cpu);
+    let postgres_cpu = postmaster.zip(pg_cpu0).map(|(p, c0)| process_tree_cpu(p) - c0);
     shared.stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.abort();
@@ -521,28 +551,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .as_array()
         .map(|ps| ps.iter().filter_map(|p| p["counts"]["succeeded"].as_u64()).sum())
         .unwrap_or(0);
-    let (tern_poll, tern_poll_phase) =
-        tern_poll.context("the rollout ended before its second phase: no poll rate measured during it")?;
+    if pairs.is_empty() {
+        bail!(
+            "the rollout was over after {:.1} s, before wrk could poll during it and load nginx in turn",
+            elapsed.as_secs_f64()
+        );
+    }
     let log = fleet.server.log.clone();
     drop(fleet);
     drop(pg);
 
-    let nginx = Nginx::start(&nginx_bin)?;
-    let gets: Vec<WrkRequest> = (0..WRK_CONNECTIONS)
-        .map(|_| WrkRequest {
-            path: format!("/{}", super::STATIC_NAME),
-            authorization: None,
-        })
-        .collect();
-    let script = dir.join("nginx.lua");
-    fs::write(&script, wrk_script(&gets, wrk.threads, &WrkCheck::Len(STATIC_BYTES)))?;
-    eprintln!("nginx via wrk, the same kind of script, {} s", a.wrk_secs);
+    eprintln!("nginx alone via wrk, the same kind of script, {} s", a.wrk_secs);
     let probe = Probe {
         this_process: false,
         postmaster: None,
         nginx: Some(nginx.pid()),
     };
-    let nginx_figures = wrk.run(&nginx.url(), Some(&script), Duration::from_secs(a.wrk_secs), &probe)?;
+    let nginx_alone = wrk.run(
+        &nginx.url(),
+        Some(&nginx_script),
+        Duration::from_secs(a.wrk_secs),
+        &probe,
+    )?;
 
     let out = Outcome {
         devices: a.devices,
@@ -561,9 +591,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         checkins: shared.checkins.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
         first_error: shared.first_error.lock().ok().and_then(|e| e.clone()),
-        tern_poll,
-        tern_poll_phase,
-        nginx: nginx_figures,
+        phases: alternate::by_phase(&pairs),
+        during: Rates::of(pairs.iter()),
+        slice_secs: a.slice_secs,
+        nginx_alone,
         cpus,
     };
     match a.output {
@@ -592,8 +623,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 impl Outcome {
-    fn ratio(&self) -> f64 {
-        self.tern_poll.rate / self.nginx.rate.max(1.0)
+    /// The lowest phase's ratio of the poll to nginx, both while the rollout ran.
+    fn lowest(&self) -> f64 {
+        self.phases.iter().map(|(_, r)| r.ratio()).fold(f64::INFINITY, f64::min)
+    }
+
+    /// The poll while the rollout ran against nginx alone afterwards.
+    fn against_alone(&self) -> f64 {
+        self.during.tern / self.nginx_alone.rate.max(1.0)
     }
 
     fn per_device(&self, cpu: f64) -> f64 {
@@ -640,17 +677,31 @@ impl Outcome {
             self.fleet_cpu, self.cpus
         );
         println!(
-            "tern poll via wrk during phase {}  {:.0}/s, p99 {:.2} ms, {} errors",
-            self.tern_poll_phase, self.tern_poll.rate, self.tern_poll.p99_ms, self.tern_poll.errors
+            "poll beside nginx while the rollout runs: wrk ({WRK_CONNECTIONS} connections, {WRK_THREADS} threads, the same kind of script) loads each by turns, {} s slices",
+            self.slice_secs
+        );
+        let row = |name: &str, r: &Rates| {
+            println!(
+                "  {name:<9} tern poll {:>6.0}/s (p99 {:>5.2} ms)  nginx 4 KiB {:>6.0}/s (p99 {:>5.2} ms)  {:.3}x  ({} pairs, {} errors)",
+                r.tern, r.tern_p99_ms, r.nginx, r.nginx_p99_ms, r.ratio(), r.pairs, r.errors
+            );
+        };
+        for (phase, r) in &self.phases {
+            row(&format!("phase {phase}"), r);
+        }
+        row("all", &self.during);
+        let lowest = self.lowest();
+        println!(
+            "tern poll / nginx while the rollout runs, lowest phase  {lowest:.3}x   goal >= {GOAL_RATIO}x: {}",
+            if lowest >= GOAL_RATIO { "met" } else { "NOT met" }
         );
         println!(
-            "nginx 4 KiB via wrk                {:.0}/s, p99 {:.2} ms ({} connections, {} threads, same kind of script)",
-            self.nginx.rate, self.nginx.p99_ms, WRK_CONNECTIONS, WRK_THREADS
-        );
-        let ratio = self.ratio();
-        println!(
-            "tern poll during the rollout / nginx  {ratio:.3}x   goal >= {GOAL_RATIO}x: {}",
-            if ratio >= GOAL_RATIO { "met" } else { "NOT met" }
+            "nginx alone after the rollout      {:.0}/s, p99 {:.2} ms; the poll during the rollout / nginx alone {:.3}x (the fleet, its check-ins{} share the {} CPUs)",
+            self.nginx_alone.rate,
+            self.nginx_alone.p99_ms,
+            self.against_alone(),
+            if self.postgres_cpu.is_some() { " and PostgreSQL" } else { "" },
+            self.cpus
         );
     }
 
@@ -673,12 +724,31 @@ impl Outcome {
             "checkins": self.checkins,
             "errors": self.errors,
             "first_error": self.first_error,
-            "tern_poll_during_rollout_per_s": self.tern_poll.rate,
-            "tern_poll_p99_ms": self.tern_poll.p99_ms,
-            "nginx_per_s": self.nginx.rate,
-            "ratio": self.ratio(),
+            "slice_s": self.slice_secs,
+            "phases": self
+                .phases
+                .iter()
+                .map(|(phase, r)| json!({"phase": phase, "rates": rates_json(r)}))
+                .collect::<Vec<_>>(),
+            "during_rollout": rates_json(&self.during),
+            "lowest_phase_ratio": self.lowest(),
             "goal_ratio": GOAL_RATIO,
+            "nginx_alone_per_s": self.nginx_alone.rate,
+            "nginx_alone_p99_ms": self.nginx_alone.p99_ms,
+            "during_rollout_against_nginx_alone": self.against_alone(),
             "cpus": self.cpus,
         })
     }
+}
+
+fn rates_json(r: &Rates) -> Value {
+    json!({
+        "pairs": r.pairs,
+        "tern_poll_per_s": r.tern,
+        "tern_poll_p99_ms": r.tern_p99_ms,
+        "nginx_per_s": r.nginx,
+        "nginx_p99_ms": r.nginx_p99_ms,
+        "ratio": r.ratio(),
+        "errors": r.errors,
+    })
 }

@@ -47,6 +47,7 @@
 //! each group used during the measured window (percent of one core), for the tern runs and
 //! for the nginx runs alike (nginx runs one worker per CPU, wrk 2 threads).
 
+mod alternate;
 mod breakdown;
 pub mod campaign;
 mod cpu;

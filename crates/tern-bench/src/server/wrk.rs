@@ -14,6 +14,7 @@ use super::load::Figures;
 use crate::procfs::proc_stat;
 
 /// How wrk runs: threads and connections, the same against tern and nginx.
+#[derive(Clone)]
 pub(super) struct Wrk {
     pub(super) bin: PathBuf,
     pub(super) threads: usize,
