@@ -31,6 +31,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// The allocator the `tern` binary ships with, so that in-process servers measure the same.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Measure Tern's throughput against the machine's reference tools.
 #[derive(Debug, Parser)]
 #[command(name = "tern-bench", version, about, propagate_version = true)]

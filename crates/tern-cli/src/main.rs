@@ -13,6 +13,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc: a server's threads (request workers, check-in workers, SQLite's) allocate and
+/// free concurrently, and glibc's arenas cost a poll under a rollout's load a third of its
+/// rate (ARCHITECTURE.md, "Limits").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Secure over-the-air updates for fleets of Linux devices.
 #[derive(Debug, Parser)]
 #[command(name = "tern", version, about, propagate_version = true)]
