@@ -27,7 +27,7 @@ pub struct Batcher<Q, A> {
 impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
     /// Start the task that runs batches of at most `max` requests, at most `parallel` at a
     /// time. `run` answers a batch in order (one answer per request); the task ends when the
-    /// batcher is dropped. Must be called inside a Tokio runtime.
+    /// batcher is dropped. The batches run on the check-in workers (`lanes`).
     pub fn start<F, Fut>(max: usize, parallel: usize, run: F) -> Self
     where
         F: Fn(Vec<Q>) -> Fut + Send + 'static,
@@ -35,7 +35,7 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
     {
         let (tx, mut rx) = mpsc::channel::<Waiter<Q, A>>(QUEUE);
         let slots = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
-        tokio::spawn(async move {
+        crate::lanes::spawn(async move {
             // A batch is taken only when it can run: requests queue meanwhile, and the next
             // batch is everything that arrived while the others ran.
             while let Ok(slot) = slots.clone().acquire_owned().await {
@@ -45,7 +45,7 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
                 }
                 let (queries, waiters): (Vec<Q>, Vec<_>) = batch.into_iter().unzip();
                 let answers = run(queries);
-                tokio::spawn(async move {
+                crate::lanes::spawn(async move {
                     answer(waiters, answers.await);
                     drop(slot);
                 });

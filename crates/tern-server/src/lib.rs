@@ -20,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod fleet;
 pub mod keys;
+pub mod lanes;
 pub mod metrics;
 pub mod recipients;
 pub mod repo;

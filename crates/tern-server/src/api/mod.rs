@@ -157,7 +157,8 @@ async fn authorize_token(state: &AppState, headers: &HeaderMap, need: Role, acti
 /// The router: every route but two runs under the request timeout (its body read
 /// included). The bundle upload has a minimum rate instead; the poll, the fleet's hot
 /// path, needs neither: it reads no body and its handler never waits (a session check and
-/// a look at memory), so the timeout's task and timers would be all its cost.
+/// a look at memory), so the timeout's task and timers would be all its cost. Signed
+/// check-ins and enrollments run on the check-in workers (`lanes`), not beside the polls.
 pub fn router(state: Arc<AppState>) -> Router {
     let bounded = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -171,15 +172,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(add_recipients).layer(DefaultBodyLimit::max(recipients::MAX_DOCUMENT)),
         )
         .route("/api/v1/devices/enroll/challenge", get(enrollment_challenge))
-        .route(
-            "/api/v1/devices/enroll",
-            post(enroll).layer(DefaultBodyLimit::max(tern_core::enrollment::MAX_ENROLLMENT_BYTES)),
-        )
         .route("/api/v1/devices/{id}/challenge", get(device_challenge))
-        .route(
-            "/api/v1/devices/{id}/checkin",
-            post(checkin).layer(DefaultBodyLimit::max(tern_core::director::MAX_CHECKIN_BYTES)),
-        )
         .route("/api/v1/devices", get(rollouts::list_devices))
         .route("/api/v1/devices/{id}", get(get_device))
         .route("/api/v1/devices/{id}/history", get(rollouts::device_history))
@@ -207,8 +200,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         "/api/v1/releases",
         post(upload_release).layer(DefaultBodyLimit::disable()),
     );
+    let signed = Router::new()
+        .route(
+            "/api/v1/devices/enroll",
+            post(enroll).layer(DefaultBodyLimit::max(tern_core::enrollment::MAX_ENROLLMENT_BYTES)),
+        )
+        .route(
+            "/api/v1/devices/{id}/checkin",
+            post(checkin).layer(DefaultBodyLimit::max(tern_core::director::MAX_CHECKIN_BYTES)),
+        )
+        .layer(axum::middleware::from_fn_with_state(state.clone(), checkin_timeout));
     let direct = Router::new().route("/api/v1/devices/{id}/poll", get(poll));
-    bounded.merge(upload).merge(direct).with_state(state)
+    bounded.merge(signed).merge(upload).merge(direct).with_state(state)
 }
 
 /// A request body that fails once its deadline has passed.
@@ -242,6 +245,20 @@ impl axum::body::HttpBody for DeadlineBody {
 /// goes away can stop it between a change and its audit entry: what it started, it ends;
 /// its body, though, fails at the deadline, so a trickling client holds nothing after it.
 async fn request_timeout(State(state): St, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    bounded(&state, req, next, tokio::spawn).await
+}
+
+/// [`request_timeout`] with the handler's task on the check-in workers.
+async fn checkin_timeout(State(state): St, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    bounded(&state, req, next, crate::lanes::spawn).await
+}
+
+async fn bounded<F>(state: &AppState, req: axum::extract::Request, next: axum::middleware::Next, spawn: F) -> Response
+where
+    F: FnOnce(
+        std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>,
+    ) -> tokio::task::JoinHandle<Response>,
+{
     let limit = std::time::Duration::from_secs(state.cfg.request_timeout_secs.clamp(1, 86_400));
     // The body's own deadline comes a moment after the answer's, so that the client gets
     // the 408 and the handler, left reading, stops.
@@ -251,7 +268,7 @@ async fn request_timeout(State(state): St, req: axum::extract::Request, next: ax
             deadline: Box::pin(tokio::time::sleep(limit + std::time::Duration::from_secs(1))),
         })
     });
-    match tokio::time::timeout(limit, tokio::spawn(next.run(req))).await {
+    match tokio::time::timeout(limit, spawn(Box::pin(next.run(req)))).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => Refusal::Internal(crate::Error::Refused(format!("request handler failed: {e}"))).into_response(),
         Err(_) => {
