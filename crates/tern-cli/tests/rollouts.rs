@@ -24,6 +24,8 @@ struct Light {
     /// The rollout and target of the order it follows, and how far it got.
     order: Option<(String, String, String)>,
     stage: Option<Stage>,
+    /// The session token from its last check-in.
+    session: Option<String>,
 }
 
 /// Many devices sharing one key (the server checks each against its registration).
@@ -92,6 +94,7 @@ impl Lights {
                     installed: None,
                     order: None,
                     stage: None,
+                    session: None,
                 },
             );
         }
@@ -151,6 +154,7 @@ impl Lights {
         let a = http("POST", &format!("{url}/api/v1/devices/{id}/checkin"), None, Some(body));
         assert_eq!(a.status, 200, "check-in of {id}: {}", a.body);
         d.challenge = Some(a.body["challenge"].as_str().unwrap().to_owned());
+        d.session = a.body["session"].as_str().map(str::to_owned);
         if let Some(s) = stage {
             d.stage = Some(s);
         }
@@ -391,6 +395,59 @@ fn three_phases_on_sqlite() {
 fn three_phases_on_postgres() {
     let pg = Pg::start();
     three_phases(Some(&pg.url));
+}
+
+/// Polls with a session token leave the device's last-seen time behind, written in
+/// batches (more devices here than one statement holds).
+fn polls_are_seen(db: Option<&str>) {
+    let f = Fleet::with_env(db, &[]);
+    let mut l = Lights::register(&f, "seen", 600, &["seen"]);
+    let ids: Vec<String> = l.devices.keys().cloned().collect();
+    for id in &ids {
+        l.checkin(id, None, None);
+    }
+    // Seen by their check-ins at this second at the latest; the polls come a second later.
+    let checked_in = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    std::thread::sleep(Duration::from_millis(1100));
+    for (id, d) in &l.devices {
+        let a = http(
+            "GET",
+            &format!("{}/api/v1/devices/{id}/poll", f.server.url),
+            d.session.as_deref(),
+            None,
+        );
+        assert_eq!(a.status, 200, "poll of {id}: {}", a.body);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stale: Vec<&String> = ids.iter().collect();
+    while !stale.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} devices' polls not seen, first {}",
+            stale.len(),
+            stale[0]
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        stale.retain(|id| {
+            let a = api(&f, "GET", &format!("/api/v1/devices/{id}"), &f.admin, None);
+            assert_eq!(a.status, 200, "{}", a.body);
+            a.body["last_seen"].as_i64().unwrap_or(0) <= checked_in
+        });
+    }
+}
+
+#[test]
+fn polls_are_seen_on_sqlite() {
+    polls_are_seen(None);
+}
+
+#[test]
+fn polls_are_seen_on_postgres() {
+    let pg = Pg::start();
+    polls_are_seen(Some(&pg.url));
 }
 
 /// A count phase is fixed when it opens, not at creation: a canary of 5 created before its

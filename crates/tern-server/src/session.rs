@@ -136,6 +136,8 @@ pub enum PollAnswer {
 const EVENT_BATCH: i64 = 10_000;
 /// Device ids per `IN (…)` lookup.
 const LOOKUP_CHUNK: usize = 500;
+/// Devices per statement of the last-seen flush.
+const SEEN_CHUNK: usize = 512;
 /// How long events are kept (a process that slept longer reloads everything).
 const EVENT_RETENTION_SECS: i64 = 3600;
 
@@ -416,7 +418,8 @@ impl Fleet {
         Ok(())
     }
 
-    /// Write the last-seen times polls noted (one transaction).
+    /// Write the last-seen times polls noted: one transaction, one statement per
+    /// [`SEEN_CHUNK`] devices.
     async fn flush_seen(&self, state: &AppState) -> Result<()> {
         let mut seen: Vec<(String, i64)> = match self.seen.lock() {
             Ok(mut s) => s.drain().collect(),
@@ -427,13 +430,24 @@ impl Fleet {
         if seen.is_empty() {
             return Ok(());
         }
+        use crate::batch::Column::{Int, Text};
+        const COLUMNS: [crate::batch::Column; 2] = [Text, Int];
         let mut tx = state.db.write.begin().await?;
-        for (id, at) in seen {
-            sqlx::query("UPDATE devices SET last_seen = $1 WHERE id = $2 AND (last_seen IS NULL OR last_seen < $1)")
-                .bind(at)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+        let marks = crate::batch::Marks::of(tx.backend_name());
+        for chunk in seen.chunks(SEEN_CHUNK) {
+            // Padded with rows of NULLs, which match no device.
+            let size = crate::batch::padded(chunk.len());
+            let values = crate::batch::values(marks, size, &COLUMNS);
+            let sql = format!(
+                "UPDATE devices SET last_seen = v.column2 FROM (VALUES {values}) AS v
+                 WHERE devices.id = v.column1 AND (devices.last_seen IS NULL OR devices.last_seen < v.column2)"
+            );
+            let mut q = sqlx::query(&sql);
+            for (id, at) in chunk {
+                q = q.bind(id.clone()).bind(*at);
+            }
+            q = crate::batch::bind_nulls(q, size - chunk.len(), &COLUMNS);
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
