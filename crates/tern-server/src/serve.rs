@@ -226,8 +226,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 }
 
-/// Accept connections on `listener` and serve `app` on each (over TLS with `tls`) until
-/// `shutdown` completes.
+/// Accept connections on `listener` and serve `app` on each (over TLS with `tls`, on the
+/// request workers of `lanes`) until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
@@ -258,10 +258,17 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        // Handed to a request worker, whose reactor it is registered with from then on.
+        let Ok(tcp) = tcp.into_std() else {
+            continue;
+        };
         let app = app.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        crate::lanes::connection(move || async move {
             let _held = (permit, slot);
+            let Ok(tcp) = TcpStream::from_std(tcp) else {
+                return;
+            };
             connection(tcp, addr, app, tls, limits).await;
         });
     }

@@ -99,7 +99,7 @@ impl Alternation {
 }
 
 /// Rates summed over some pairs.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct Rates {
     pub(super) pairs: usize,
     pub(super) tern: f64,
@@ -108,6 +108,8 @@ pub(super) struct Rates {
     pub(super) tern_p99_ms: f64,
     pub(super) nginx_p99_ms: f64,
     pub(super) errors: u64,
+    /// One of the errors' messages, with which side and how many.
+    pub(super) an_error: Option<String>,
 }
 
 impl Rates {
@@ -123,6 +125,13 @@ impl Rates {
             r.tern_p99_ms = r.tern_p99_ms.max(p.tern.p99_ms);
             r.nginx_p99_ms = r.nginx_p99_ms.max(p.nginx.p99_ms);
             r.errors += p.tern.errors + p.nginx.errors;
+            if r.an_error.is_none() {
+                let sides = [("tern", &p.tern), ("nginx", &p.nginx)];
+                r.an_error = sides.iter().find_map(|(side, f)| {
+                    let (message, n) = f.error_messages.iter().next()?;
+                    Some(format!("{side}: {message} ({n} in one slice)"))
+                });
+            }
         }
         r.tern = tern.0 / f64::max(tern.1, 1e-9);
         r.nginx = nginx.0 / f64::max(nginx.1, 1e-9);

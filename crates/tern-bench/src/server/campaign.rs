@@ -601,13 +601,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Format::Json => print_json(&out.to_json())?,
         Format::Text => out.print(),
     }
-    if out.status != "finished" {
+    if out.status != "finished" || out.first_error.is_some() {
         let log = fs::read_to_string(&log).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(20).collect();
         eprintln!("the server's log, last lines:");
         for l in tail.iter().rev() {
             eprintln!("  {l}");
         }
+    }
+    if out.status != "finished" {
         bail!(
             "the rollout is {}, not finished, after {:.0} s",
             out.status,
@@ -685,6 +687,9 @@ impl Outcome {
                 "  {name:<9} tern poll {:>6.0}/s (p99 {:>5.2} ms)  nginx 4 KiB {:>6.0}/s (p99 {:>5.2} ms)  {:.3}x  ({} pairs, {} errors)",
                 r.tern, r.tern_p99_ms, r.nginx, r.nginx_p99_ms, r.ratio(), r.pairs, r.errors
             );
+            if let Some(e) = &r.an_error {
+                println!("            e.g. {e}");
+            }
         };
         for (phase, r) in &self.phases {
             row(&format!("phase {phase}"), r);
