@@ -67,19 +67,55 @@ enum Command {
     Demo(cmd::demo::Args),
 }
 
-/// Freed memory goes back to the system at once, not after mimalloc's default delay: with
-/// the delay, refusing a hostile 1 GiB bundle left the server at 48 MiB where the bounded-
-/// memory limit is 32 (it stays at 26). Arenas are committed as they are used, a default
+/// Freed memory goes back to the system at once, not after mimalloc's default delay (unless
+/// `MIMALLOC_PURGE_DELAY` says otherwise): with the delay, refusing a hostile 1 GiB bundle
+/// left the server at 48 MiB where the bounded-memory limit is 32 (it stays at 26). Arenas are committed as they are used, a default
 /// compiled in by `.cargo/config.toml` (the first arena is reserved before `main` runs).
 #[allow(unsafe_code)]
 fn allocator_returns_memory() {
-    use libmimalloc_sys::{mi_option_set, mi_option_t};
-    // `mi_option_purge_delay` in mimalloc 3.3's `mi_option_e` (mimalloc.h), which
-    // libmimalloc-sys 0.1.49 builds (pinned in Cargo.toml) and does not name.
-    const PURGE_DELAY: mi_option_t = 15;
-    // SAFETY: setting an option is a store into the allocator's option table, done before
-    // any other thread exists; the delay is read whenever memory is next freed.
-    unsafe { mi_option_set(PURGE_DELAY, 0) };
+    use libmimalloc_sys::{mi_option_get, mi_option_set};
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return; // the operator's choice
+    }
+    // SAFETY: reading and setting an option are a load and a store in the allocator's
+    // option table, done before any other thread exists; the delay is read whenever memory
+    // is next freed. The option is set only where it holds mimalloc 3's default delay, so
+    // that a renumbered table leaves the allocator as it was.
+    unsafe {
+        if mi_option_get(PURGE_DELAY) == 1000 {
+            mi_option_set(PURGE_DELAY, 0);
+        }
+    }
+}
+
+/// `mi_option_purge_delay` in mimalloc 3.3's `mi_option_e` (mimalloc.h), which
+/// libmimalloc-sys 0.1.49 builds (pinned in Cargo.toml) and does not name.
+const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+#[cfg(test)]
+#[allow(unsafe_code)]
+mod allocator_tests {
+    /// `mi_option_arena_eager_commit`, 0 where `.cargo/config.toml`'s define reached the build.
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+    #[test]
+    fn the_allocator_gives_memory_back() {
+        super::allocator_returns_memory();
+        // SAFETY: loads from the allocator's option table.
+        let (eager, delay) = unsafe {
+            (
+                libmimalloc_sys::mi_option_get(ARENA_EAGER_COMMIT),
+                libmimalloc_sys::mi_option_get(super::PURGE_DELAY),
+            )
+        };
+        assert_eq!(
+            eager, 0,
+            "arenas are committed whole: .cargo/config.toml's C flags did not reach mimalloc"
+        );
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            assert_eq!(delay, 0, "the purge delay was not set");
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -14,7 +14,10 @@
 //! them in thousands a second. On the request workers each poll would wait behind that
 //! backlog; here the check-ins' workers and the request workers share the CPUs as the
 //! operating system shares threads, and a poll is answered as soon as its connection's
-//! worker runs.
+//! worker runs. Every other handler but the poll runs there too (`api::router`): a
+//! request worker only reads, parses and writes, so that no handler's work (storing an
+//! upload's files, a large search) holds up the connections sharing its worker, and no
+//! database connection is opened from a worker's reactor.
 //!
 //! Both live as long as the process (they are never dropped, so no server's end can stop
 //! another's work), one worker per CPU each; where their threads cannot be started, the

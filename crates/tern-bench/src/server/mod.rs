@@ -42,7 +42,10 @@
 //! it and the server run on two separate tokio runtimes so that neither's tasks can run on
 //! the other's workers: the generator gets `--client-threads` workers (default 1: it mostly
 //! waits) and the server gets `--server-threads` (default: the remaining CPUs, at least 1).
-//! While wrk runs the server has `--wrk-server-threads`. SQLite work runs on sqlx's own
+//! While wrk runs the server has `--wrk-server-threads`. (These size the runtime that
+//! accepts connections and runs the server's background tasks; the connections themselves
+//! are served on `tern_server::lanes`' request workers, one per CPU, in every case.)
+//! SQLite work runs on sqlx's own
 //! per-connection threads and PostgreSQL in its own processes, so the report gives the CPU
 //! each group used during the measured window (percent of one core), for the tern runs and
 //! for the nginx runs alike (nginx runs one worker per CPU, wrk 2 threads).

@@ -157,8 +157,9 @@ async fn authorize_token(state: &AppState, headers: &HeaderMap, need: Role, acti
 /// The router: every route but two runs under the request timeout (its body read
 /// included). The bundle upload has a minimum rate instead; the poll, the fleet's hot
 /// path, needs neither: it reads no body and its handler never waits (a session check and
-/// a look at memory), so the timeout's task and timers would be all its cost. Signed
-/// check-ins and enrollments run on the check-in workers (`lanes`), not beside the polls.
+/// a look at memory), so the timeout's task and timers would be all its cost. It alone is
+/// handled on the connection's request worker; every other handler runs on the check-in
+/// workers (`lanes`), not beside the polls.
 pub fn router(state: Arc<AppState>) -> Router {
     let bounded = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -195,12 +196,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(rollouts::metrics))
         .route("/api/v1/enrollment-tokens", post(create_enrollment_token))
         .route("/api/v1/audit", get(audit_log))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout));
-    let upload = Router::new().route(
-        "/api/v1/releases",
-        post(upload_release).layer(DefaultBodyLimit::disable()),
-    );
-    let signed = Router::new()
         .route(
             "/api/v1/devices/enroll",
             post(enroll).layer(DefaultBodyLimit::max(tern_core::enrollment::MAX_ENROLLMENT_BYTES)),
@@ -209,9 +204,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/devices/{id}/checkin",
             post(checkin).layer(DefaultBodyLimit::max(tern_core::director::MAX_CHECKIN_BYTES)),
         )
-        .layer(axum::middleware::from_fn_with_state(state.clone(), checkin_timeout));
+        .layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout));
+    let upload = Router::new().route(
+        "/api/v1/releases",
+        post(upload_release)
+            .layer(DefaultBodyLimit::disable())
+            .layer(axum::middleware::from_fn(off_the_workers)),
+    );
     let direct = Router::new().route("/api/v1/devices/{id}/poll", get(poll));
-    bounded.merge(signed).merge(upload).merge(direct).with_state(state)
+    bounded.merge(upload).merge(direct).with_state(state)
 }
 
 /// A request body that fails once its deadline has passed.
@@ -244,21 +245,9 @@ impl axum::body::HttpBody for DeadlineBody {
 /// The handler runs as a task of its own, so that neither the timeout nor a client that
 /// goes away can stop it between a change and its audit entry: what it started, it ends;
 /// its body, though, fails at the deadline, so a trickling client holds nothing after it.
+/// The task runs off the request workers (`lanes`), so that no handler's work holds up the
+/// polls of the connections sharing its worker.
 async fn request_timeout(State(state): St, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    bounded(&state, req, next, tokio::spawn).await
-}
-
-/// [`request_timeout`] with the handler's task on the check-in workers.
-async fn checkin_timeout(State(state): St, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    bounded(&state, req, next, crate::lanes::spawn).await
-}
-
-async fn bounded<F>(state: &AppState, req: axum::extract::Request, next: axum::middleware::Next, spawn: F) -> Response
-where
-    F: FnOnce(
-        std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>,
-    ) -> tokio::task::JoinHandle<Response>,
-{
     let limit = std::time::Duration::from_secs(state.cfg.request_timeout_secs.clamp(1, 86_400));
     // The body's own deadline comes a moment after the answer's, so that the client gets
     // the 408 and the handler, left reading, stops.
@@ -268,7 +257,7 @@ where
             deadline: Box::pin(tokio::time::sleep(limit + std::time::Duration::from_secs(1))),
         })
     });
-    match tokio::time::timeout(limit, spawn(Box::pin(next.run(req)))).await {
+    match tokio::time::timeout(limit, crate::lanes::spawn(next.run(req))).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => Refusal::Internal(crate::Error::Refused(format!("request handler failed: {e}"))).into_response(),
         Err(_) => {
@@ -280,6 +269,15 @@ where
             };
             (StatusCode::REQUEST_TIMEOUT, Json(body)).into_response()
         }
+    }
+}
+
+/// An upload's handler (bounded by its own rules, not the request timeout) runs off the
+/// request workers too: storing a release's blobs renames, links and syncs files.
+async fn off_the_workers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match crate::lanes::spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => Refusal::Internal(crate::Error::Refused(format!("request handler failed: {e}"))).into_response(),
     }
 }
 
