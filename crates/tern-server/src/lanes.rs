@@ -60,13 +60,9 @@ fn runtime() -> Option<&'static Runtime> {
         .as_ref()
 }
 
-/// Run `work` on the check-in workers and wait for its result; `Err` only if it panicked.
-/// Once started, it runs to its end even if the caller stops waiting.
-pub async fn checkin<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> Result<T, String> {
-    spawn(work).await.map_err(|e| e.to_string())
-}
-
-/// Start `work` on the check-in workers (the batches of check-ins' statements run there).
+/// Start `work` on the check-in workers (every handler but the poll, and the batches of
+/// check-ins' statements, run there). Once started, it runs to its end even if nobody
+/// awaits its handle.
 pub fn spawn<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> JoinHandle<T> {
     let handle = runtime().map_or_else(Handle::current, |rt| rt.handle().clone());
     handle.spawn(work)
@@ -152,11 +148,11 @@ where
 mod tests {
     #[tokio::test]
     async fn work_runs_on_the_checkin_workers() {
-        let name = super::checkin(async { std::thread::current().name().map(str::to_owned) })
+        let name = super::spawn(async { std::thread::current().name().map(str::to_owned) })
             .await
             .unwrap();
         assert_eq!(name.as_deref(), Some(super::THREAD_NAME));
-        let panicked: Result<(), String> = super::checkin(async { panic!("boom") }).await;
+        let panicked: Result<(), String> = super::spawn(async { panic!("boom") }).await.map_err(|e| e.to_string());
         assert!(panicked.unwrap_err().contains("panic"));
     }
 
