@@ -450,6 +450,90 @@ fn polls_are_seen_on_postgres() {
     polls_are_seen(Some(&pg.url));
 }
 
+/// The server answers a plain poll ahead of its router (`api::PollFront`); an escaped
+/// device id goes through the router's handler. Both must give the same answer to the same
+/// poll: with the device's session, with none, with another device's, waiting for an
+/// order, and once the device is decommissioned.
+#[test]
+fn the_poll_front_answers_as_the_router_does() {
+    let f = Fleet::with_env(None, &[("TERN_SERVER_ROLLOUT_TICK_MS", "100")]);
+    let mut l = Lights::register(&f, "front", 2, &["front"]);
+    for id in ["front-0000", "front-0001"] {
+        l.checkin(id, None, None);
+    }
+    let token = |id: &str| l.devices[id].session.clone().unwrap();
+    let both = |id: &str, token: Option<&str>| {
+        let front = http(
+            "GET",
+            &format!("{}/api/v1/devices/{id}/poll", f.server.url),
+            token,
+            None,
+        );
+        let escaped = id.replace('-', "%2D");
+        let router = http(
+            "GET",
+            &format!("{}/api/v1/devices/{escaped}/poll", f.server.url),
+            token,
+            None,
+        );
+        assert_eq!(
+            (front.status, &front.content_type, &front.body),
+            (router.status, &router.content_type, &router.body),
+            "poll of {id}: the front and the router differ"
+        );
+        front
+    };
+    let a = both("front-0000", Some(&token("front-0000")));
+    assert_eq!(
+        (a.status, &a.body),
+        (
+            200,
+            &json!({"poll_interval_secs": a.body["poll_interval_secs"], "checkin": false})
+        )
+    );
+    assert!(
+        a.body["poll_interval_secs"].as_u64().is_some_and(|s| s > 0),
+        "{}",
+        a.body
+    );
+    assert_eq!(a.content_type.as_deref(), Some("application/json"));
+    assert_eq!(both("front-0000", None).status, 401);
+    assert_eq!(both("front-0000", Some(&token("front-0001"))).status, 401);
+    assert_eq!(both("front-0000", Some("not-a-token")).status, 401);
+    // An order waiting for both devices: every poll says to check in.
+    f.publish("1.0.0", 16);
+    create(
+        &f,
+        &f.admin,
+        json!({"release": "1.0.0", "selector": {"tags": ["front"]}, "phases": [{"percent": 100.0}]}),
+    );
+    // Each change is waited for through the front alone, then both are asked (the device
+    // does not check in, so what it is told stays the same meanwhile).
+    let front = |id: &str| {
+        http(
+            "GET",
+            &format!("{}/api/v1/devices/{id}/poll", f.server.url),
+            Some(&token(id)),
+            None,
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while front("front-0001").body["checkin"] != true {
+        assert!(Instant::now() < deadline, "no poll asked for a check-in");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(both("front-0001", Some(&token("front-0001"))).body["checkin"], true);
+    let a = api(&f, "POST", "/api/v1/devices/front-0001/decommission", &f.admin, None);
+    assert_eq!(a.status, 200, "{}", a.body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while front("front-0001").status != 403 {
+        assert!(Instant::now() < deadline, "the decommissioned device may still poll");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = both("front-0001", Some(&token("front-0001")));
+    assert_eq!(a.body["error"]["kind"], "Forbidden", "{}", a.body);
+}
+
 /// A count phase is fixed when it opens, not at creation: a canary of 5 created before its
 /// devices are registered still holds 5 devices, and the rest wait for the next phase.
 #[test]

@@ -19,6 +19,9 @@
 //! upload's files, a large search) holds up the connections sharing its worker, and no
 //! database connection is opened from a worker's reactor.
 //!
+//! (The poll itself is answered before the router, on the request worker:
+//! `api::PollFront`.)
+//!
 //! Both live as long as the process (they are never dropped, so no server's end can stop
 //! another's work), one worker per CPU each; where their threads cannot be started, the
 //! work runs where it arrives.
@@ -36,7 +39,8 @@ pub const THREAD_NAME: &str = "tern-checkin";
 /// The request workers' threads are named this, then their number.
 pub const REQUEST_THREAD_NAME: &str = "tern-http-";
 
-fn workers() -> usize {
+/// Request workers, and check-in workers: one each per CPU.
+pub fn workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 

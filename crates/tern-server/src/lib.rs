@@ -311,6 +311,7 @@ fn sweep_stale(artifacts: &std::path::Path) {
 /// Bind, then serve in the background: the timestamp re-signer runs beside the listener.
 pub async fn start(state: Arc<AppState>) -> Result<Running> {
     let app = api::router(state.clone());
+    let front = Arc::new(api::PollFront::new(state.clone()));
     let addr: SocketAddr = state
         .cfg
         .listen
@@ -326,7 +327,7 @@ pub async fn start(state: Arc<AppState>) -> Result<Running> {
     tokio::spawn(fleet::engine::run(state.clone()));
     let limits = serve::Limits::of(&state.cfg);
     let task = tokio::spawn(async move {
-        serve::serve(listener, app, tls, limits, async {
+        serve::serve(listener, app, front, tls, limits, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await

@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
+use crate::api::PollFront;
 use crate::tls::PeerCert;
 
 /// The listener's limits.
@@ -227,10 +228,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 }
 
 /// Accept connections on `listener` and serve `app` on each (over TLS with `tls`, on the
-/// request workers of `lanes`) until `shutdown` completes.
+/// request workers of `lanes`) until `shutdown` completes; `front` answers the polls ahead
+/// of `app`.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
+    front: Arc<PollFront>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
@@ -262,22 +265,28 @@ pub async fn serve(
         let Ok(tcp) = tcp.into_std() else {
             continue;
         };
-        let app = app.clone();
+        let (app, front) = (app.clone(), front.clone());
         let tls = tls.clone();
         crate::lanes::connection(move || async move {
             let _held = (permit, slot);
             let Ok(tcp) = TcpStream::from_std(tcp) else {
                 return;
             };
-            connection(tcp, addr, app, tls, limits).await;
+            connection(tcp, addr, Routes { app, front }, tls, limits).await;
         });
     }
+}
+
+/// What answers a connection's requests.
+struct Routes {
+    app: axum::Router,
+    front: Arc<PollFront>,
 }
 
 async fn connection(
     tcp: TcpStream,
     addr: SocketAddr,
-    app: axum::Router,
+    app: Routes,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Limits,
 ) {
@@ -300,20 +309,24 @@ async fn connection(
     }
 }
 
-async fn http<I>(io: I, addr: SocketAddr, cert: PeerCert, app: axum::Router, busy: Arc<Busy>, limits: Limits)
+async fn http<I>(io: I, addr: SocketAddr, cert: PeerCert, routes: Routes, busy: Arc<Busy>, limits: Limits)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    use futures_util::future::Either;
     use tower::ServiceExt;
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        let app = app.clone();
+        if let Some(answer) = routes.front.answer(&req) {
+            return Either::Left(std::future::ready(Ok(answer)));
+        }
+        let app = routes.app.clone();
         let busy = busy.clone();
         req.extensions_mut().insert(cert.clone());
         req.extensions_mut().insert(Peer(addr));
-        async move {
+        Either::Right(async move {
             let _handling = busy.enter();
             app.oneshot(req.map(axum::body::Body::new)).await
-        }
+        })
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())

@@ -421,10 +421,13 @@ impl Fleet {
     /// Write the last-seen times polls noted: one transaction, one statement per
     /// [`SEEN_CHUNK`] devices.
     async fn flush_seen(&self, state: &AppState) -> Result<()> {
+        // The map is taken whole, so polls wait on the lock for no longer than a swap.
         let mut seen: Vec<(String, i64)> = match self.seen.lock() {
-            Ok(mut s) => s.drain().collect(),
+            Ok(mut s) => std::mem::take(&mut *s),
             Err(_) => return Ok(()),
-        };
+        }
+        .into_iter()
+        .collect();
         // In id order, as every transaction that locks several device rows takes them.
         seen.sort_unstable();
         if seen.is_empty() {
@@ -444,7 +447,7 @@ impl Fleet {
             );
             let mut q = sqlx::query(&sql);
             for (id, at) in chunk {
-                q = q.bind(id.clone()).bind(*at);
+                q = q.bind(id.as_str()).bind(*at);
             }
             q = crate::batch::bind_nulls(q, size - chunk.len(), &COLUMNS);
             q.execute(&mut *tx).await?;

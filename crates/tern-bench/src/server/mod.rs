@@ -118,12 +118,14 @@ pub struct Args {
     /// Skip wrk and nginx: the poll is then measured by this command's generator only.
     #[arg(long)]
     pub no_reference: bool,
-    /// Worker threads of the server's runtime while this command's load generator runs
-    /// (default: the CPUs left by the generator, at least 1).
+    /// Worker threads of the server's main runtime (its listener and background jobs; its
+    /// connections and handlers run on its request and check-in workers, one each per CPU)
+    /// while this command's load generator runs (default: the CPUs left by the generator,
+    /// at least 1).
     #[arg(long)]
     pub server_threads: Option<usize>,
-    /// Worker threads of the server's runtime while wrk polls it (default: every CPU, as
-    /// nginx runs one worker per CPU; wrk is a separate process in both cases).
+    /// Worker threads of the server's main runtime while wrk polls it (default: every CPU;
+    /// wrk is a separate process in both cases).
     #[arg(long)]
     pub wrk_server_threads: Option<usize>,
     /// Worker threads of the load generator's runtime.
@@ -305,8 +307,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     running.task.abort();
     server_rt.shutdown_timeout(Duration::from_secs(2));
 
-    // The same database and key directory on a runtime sized for wrk, which is a separate
-    // process: the tokens issued above stay valid.
+    // The same database and key directory, the main runtime sized for wrk, which is a
+    // separate process: the tokens issued above stay valid.
     let poll_wrk = match &wrk {
         None => None,
         Some(wrk) => {
@@ -331,9 +333,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 wrk_script(&polls, wrk.threads, &WrkCheck::Contains(NOTHING_NEW)),
             )?;
             eprintln!(
-                "tern poll via wrk: server restarted with {wrk_server_threads} runtime worker(s); {} connections, \
-                 {} threads, 1 s warm-up run + {} s measured",
-                wrk.connections, wrk.threads, a.duration_secs
+                "tern poll via wrk: server restarted ({} request workers, main runtime {wrk_server_threads} \
+                 worker(s)); {} connections, {} threads, 1 s warm-up run + {} s measured",
+                tern_server::lanes::workers(),
+                wrk.connections,
+                wrk.threads,
+                a.duration_secs
             );
             let figures = wrk.run(&base, Some(&script), duration, &probe)?;
             running.task.abort();

@@ -78,6 +78,8 @@ impl Report {
             "warmup_seconds": WARMUP.as_secs_f64(),
             "duration_seconds": self.duration.as_secs_f64(),
             "threads": {
+                "server_request_workers": tern_server::lanes::workers(),
+                "server_checkin_workers": tern_server::lanes::workers(),
                 "server_runtime_workers_with_generator": self.server_threads,
                 "server_runtime_workers_with_wrk": self.poll_wrk.as_ref().map(|_| self.wrk_server_threads),
                 "load_generator_workers": self.client_threads,
@@ -205,12 +207,17 @@ impl Report {
         };
         println!("threads             {} CPUs; {pools}", self.cpus);
         println!(
-            "  with the generator  tern server runtime {} worker(s), load generator (in-process) {} worker(s)",
+            "  tern server         {} request workers and {} check-in workers (one each per CPU)",
+            tern_server::lanes::workers(),
+            tern_server::lanes::workers()
+        );
+        println!(
+            "  with the generator  tern server main runtime {} worker(s), load generator (in-process) {} worker(s)",
             self.server_threads, self.client_threads
         );
         if let (Some(_), Some(t)) = (&self.poll_wrk, self.wrk_threads) {
             println!(
-                "  with wrk            tern server runtime {} worker(s) (restarted on the same database), wrk {t} \
+                "  with wrk            tern server main runtime {} worker(s) (restarted on the same database), wrk {t} \
                  threads (a separate process) on the same {} CPUs",
                 self.wrk_server_threads, self.cpus
             );

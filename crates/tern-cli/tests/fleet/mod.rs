@@ -248,6 +248,7 @@ pub struct Answer {
     pub body: Value,
     pub bytes: Vec<u8>,
     pub content_range: Option<String>,
+    pub content_type: Option<String>,
 }
 
 /// One request with an optional bearer token.
@@ -272,12 +273,18 @@ pub fn try_http(method: &str, url: &str, token: Option<&str>, body: Option<Vec<u
         }
         let resp = req.send().await.ok()?;
         let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let bytes = resp.bytes().await.ok()?.to_vec();
         Some(Answer {
             status,
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
             bytes,
             content_range: None,
+            content_type,
         })
     })
 }
@@ -888,6 +895,7 @@ fn forward(method: &str, url: &str, body: Vec<u8>, headers: Vec<(String, String)
                     body: Value::Null,
                     bytes,
                     content_range,
+                    content_type: None,
                 }
             }
             Err(_) => Answer {
@@ -895,6 +903,7 @@ fn forward(method: &str, url: &str, body: Vec<u8>, headers: Vec<(String, String)
                 body: Value::Null,
                 bytes: Vec::new(),
                 content_range: None,
+                content_type: None,
             },
         }
     })

@@ -13,7 +13,10 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
+mod poll;
 mod rollouts;
+
+pub use poll::{PollFront, PollResponse};
 
 use crate::fleet::{self, Refusal};
 use crate::{random_hex, recipients, repo, AppState};
@@ -211,7 +214,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             .layer(DefaultBodyLimit::disable())
             .layer(axum::middleware::from_fn(off_the_workers)),
     );
-    let direct = Router::new().route("/api/v1/devices/{id}/poll", get(poll));
+    let direct = Router::new().route("/api/v1/devices/{id}/poll", get(poll::poll));
     bounded.merge(upload).merge(direct).with_state(state)
 }
 
@@ -281,8 +284,11 @@ async fn off_the_workers(req: axum::extract::Request, next: axum::middleware::Ne
     }
 }
 
+/// The OpenAPI document, serialised once per process (it is the same for every request).
 async fn openapi() -> impl IntoResponse {
-    Json(openapi_document())
+    static DOCUMENT: std::sync::OnceLock<bytes::Bytes> = std::sync::OnceLock::new();
+    let document = DOCUMENT.get_or_init(|| serde_json::to_vec(&openapi_document()).unwrap_or_default().into());
+    ([(header::CONTENT_TYPE, "application/json")], document.clone())
 }
 
 async fn director_root(State(state): St) -> impl IntoResponse {
@@ -484,40 +490,6 @@ async fn checkin(State(state): St, Path(id): Path<String>, body: axum::body::Byt
     let answer = fleet::checkin(&state, &id, &body).await;
     state.metrics.checkin(answer.is_ok());
     Ok(Json(answer?))
-}
-
-/// The answer to a poll.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct PollResponse {
-    /// Seconds until the next poll.
-    pub poll_interval_secs: u64,
-    /// Whether the device must send a signed check-in now (an order is waiting for it).
-    pub checkin: bool,
-}
-
-/// A poll with the session token from the last signed check-in: answered from memory.
-#[utoipa::path(get, path = "/api/v1/devices/{id}/poll", params(("id" = String, Path)), security(("session" = [])),
-    responses((status = 200, body = PollResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn poll(State(state): St, Path(id): Path<String>, headers: HeaderMap) -> R<Json<PollResponse>> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| Refusal::Unauthorized("no session token: send a signed check-in".into()))?;
-    crate::session::check(&state.session_key, token, &id, crate::unix_now())
-        .map_err(|e| Refusal::Unauthorized(format!("{e}: send a signed check-in")))?;
-    state.metrics.poll();
-    let checkin = match state.fleet.poll(&id) {
-        crate::session::PollAnswer::Blocked => {
-            return Err(Refusal::Forbidden(format!("device `{id}` is not approved")))
-        }
-        crate::session::PollAnswer::CheckIn => true,
-        crate::session::PollAnswer::Nothing => false,
-    };
-    Ok(Json(PollResponse {
-        poll_interval_secs: state.cfg.poll_interval_secs,
-        checkin,
-    }))
 }
 
 /// One device.
@@ -794,7 +766,7 @@ async fn audit_log(
 #[openapi(
     info(title = "Tern update server", description = "Release repository, device registry, director, rollouts and deployments (one-phase rollouts). Management endpoints take `Authorization: Bearer TOKEN` (roles admin, releaser, viewer); devices sign their check-ins."),
     paths(
-        repo_metadata, repo_target, repo_recipients, add_recipients, enrollment_challenge, enroll, device_challenge, checkin, poll,
+        repo_metadata, repo_target, repo_recipients, add_recipients, enrollment_challenge, enroll, device_challenge, checkin, poll::poll,
         rollouts::list_devices, get_device, rollouts::device_history, rollouts::set_tags, reset_device, device_action,
         list_releases, get_release, upload_release, set_root, list_deployments, create_deployment, get_deployment,
         cancel_deployment, abandon_device, rollouts::list, rollouts::create, rollouts::get_one, rollouts::act,
