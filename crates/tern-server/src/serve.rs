@@ -3,11 +3,17 @@
 //!
 //! - **Connections**: at most `max_connections` open in all and `max_connections_per_peer`
 //!   from one IPv4 address or IPv6 /64; one over a limit is closed as it arrives.
-//! - **Headers**: a request's headers must arrive within `header_timeout_secs` (hyper's
-//!   header-read timeout): a client sending one byte every few seconds is cut off.
+//! - **Headers**: a request's headers must arrive within `header_timeout_secs`, counted
+//!   from the connection's start for its first request and from the first byte of each
+//!   later one: a client sending one byte every few seconds is cut off.
 //! - **Idle**: a connection that moves no byte either way for `idle_timeout_secs` while no
 //!   request is being handled is closed: an idle keep-alive connection, and a client that
 //!   stopped reading its response (whose writes would otherwise wait for ever).
+//!
+//! Both are kept here (`IdleIo`), not by hyper: hyper's header-read timeout also runs while
+//! a keep-alive connection waits for its next request, so it closed a connection idle for
+//! the header timeout (10 s) however long the idle timeout, and a client reusing it at that
+//! moment saw "connection closed before message completed".
 //! - **TLS**: the handshake must finish within the header timeout.
 //!
 //! Request bodies and handlers are bounded by the router (`api`): a whole-request timeout,
@@ -18,7 +24,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -112,43 +118,66 @@ impl Drop for PeerSlot {
     }
 }
 
-/// Requests being handled on one connection (the idle rule does not apply meanwhile).
+/// Requests being handled on one connection (the idle rule does not apply meanwhile), and
+/// requests whose head has arrived.
 #[derive(Default)]
-struct Busy(AtomicUsize);
+struct Busy {
+    handling: AtomicUsize,
+    heads: AtomicU64,
+}
 
 struct BusyGuard(Arc<Busy>);
 
 impl Busy {
+    /// A request's head has arrived and is being handled until the guard goes.
     fn enter(self: &Arc<Self>) -> BusyGuard {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.arrived();
+        self.handling.fetch_add(1, Ordering::Relaxed);
         BusyGuard(self.clone())
+    }
+
+    /// A request's head has arrived (and was answered at once).
+    fn arrived(&self) {
+        self.heads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn handling(&self) -> bool {
+        self.handling.load(Ordering::Relaxed) > 0
     }
 }
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+        self.0.handling.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// A connection that fails with `TimedOut` when no byte moved either way for `timeout`
-/// while no request is being handled.
+/// while no request is being handled, or when a request's head has not arrived within
+/// `head_timeout`.
 struct IdleIo<T> {
     inner: T,
     timeout: Duration,
     deadline: Instant,
+    head_timeout: Duration,
+    /// The head being received: when it must have arrived, and the heads counted before it.
+    head: Option<(Instant, u64)>,
     sleep: Pin<Box<Sleep>>,
     busy: Arc<Busy>,
 }
 
 impl<T> IdleIo<T> {
-    fn new(inner: T, timeout: Duration, busy: Arc<Busy>) -> Self {
-        let deadline = Instant::now() + timeout;
+    fn new(inner: T, limits: &Limits, busy: Arc<Busy>) -> Self {
+        let now = Instant::now();
+        // The first request's head (and a TLS handshake before it) counts from the start.
+        let head = now + limits.header_timeout;
         IdleIo {
             inner,
-            timeout,
-            deadline,
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            timeout: limits.idle_timeout,
+            deadline: now + limits.idle_timeout,
+            head_timeout: limits.header_timeout,
+            head: Some((head, 0)),
+            sleep: Box::pin(tokio::time::sleep_until(head.min(now + limits.idle_timeout))),
             busy,
         }
     }
@@ -158,21 +187,58 @@ impl<T> IdleIo<T> {
         self.deadline = Instant::now() + self.timeout;
     }
 
-    /// Called when the inner I/O is pending: `Err` once the connection has been idle too long.
+    /// Bytes came in: the first of a request's head starts its clock.
+    fn received(&mut self) {
+        self.moved();
+        let heads = self.busy.heads.load(Ordering::Relaxed);
+        if self.head.is_some_and(|(_, counted)| counted == heads) {
+            return;
+        }
+        self.head = None;
+        if !self.busy.handling() {
+            let due = Instant::now() + self.head_timeout;
+            self.head = Some((due, heads));
+            if due < self.sleep.deadline() {
+                self.sleep.as_mut().reset(due);
+            }
+        }
+    }
+
+    /// When the head being received must have arrived, if one is.
+    fn head_due(&mut self) -> Option<Instant> {
+        let heads = self.busy.heads.load(Ordering::Relaxed);
+        match self.head {
+            Some((due, counted)) if counted == heads && !self.busy.handling() => Some(due),
+            _ => {
+                self.head = None;
+                None
+            }
+        }
+    }
+
+    /// Called when the inner I/O is pending: `Err` once the connection has been idle too
+    /// long, or a request's head is late.
     fn idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         loop {
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return Ok(());
             }
-            if self.busy.0.load(Ordering::Relaxed) > 0 {
+            if self.busy.handling() {
                 self.moved();
             }
             let now = Instant::now();
+            let head = self.head_due();
+            if head.is_some_and(|due| due <= now) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request head not received in time",
+                ));
+            }
             if self.deadline <= now {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle"));
             }
-            let d = self.deadline;
-            self.sleep.as_mut().reset(d);
+            let next = head.map_or(self.deadline, |due| due.min(self.deadline));
+            self.sleep.as_mut().reset(next);
         }
     }
 }
@@ -183,7 +249,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
-                    self.moved();
+                    self.received();
                 }
                 Poll::Ready(r)
             }
@@ -291,9 +357,9 @@ async fn connection(
     limits: Limits,
 ) {
     let busy = Arc::new(Busy::default());
-    let io = IdleIo::new(tcp, limits.idle_timeout, busy.clone());
+    let io = IdleIo::new(tcp, &limits, busy.clone());
     match tls {
-        None => http(io, addr, PeerCert(None), app, busy, limits).await,
+        None => http(io, addr, PeerCert(None), app, busy).await,
         Some(acceptor) => {
             let Ok(Ok(stream)) = tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await else {
                 return;
@@ -304,12 +370,12 @@ async fn connection(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| Arc::new(c.as_ref().to_vec()));
-            http(stream, addr, PeerCert(cert), app, busy, limits).await
+            http(stream, addr, PeerCert(cert), app, busy).await
         }
     }
 }
 
-async fn http<I>(io: I, addr: SocketAddr, cert: PeerCert, routes: Routes, busy: Arc<Busy>, limits: Limits)
+async fn http<I>(io: I, addr: SocketAddr, cert: PeerCert, routes: Routes, busy: Arc<Busy>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -317,6 +383,7 @@ where
     use tower::ServiceExt;
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         if let Some(answer) = routes.front.answer(&req) {
+            busy.arrived();
             return Either::Left(std::future::ready(Ok(answer)));
         }
         let app = routes.app.clone();
@@ -330,7 +397,7 @@ where
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        .header_read_timeout(None)
         .keep_alive(true)
         .serve_connection(hyper_util::rt::TokioIo::new(io), service)
         .await;

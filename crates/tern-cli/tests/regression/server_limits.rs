@@ -64,6 +64,56 @@ fn a_client_trickling_its_headers_is_cut_off() {
     assert_eq!(f.api("GET", "/healthz", None, None).status, 200);
 }
 
+/// A keep-alive connection waits for its next request as long as the idle timeout allows
+/// (hyper's own header timeout closed it after the header timeout, racing a client that
+/// reused it), and each later request's head is still held to the header timeout.
+#[test]
+fn a_keep_alive_connection_outlives_the_header_timeout_but_not_a_trickled_head() {
+    let f = Fleet::with_env(
+        None,
+        &[
+            ("TERN_SERVER_HEADER_TIMEOUT_SECS", "1"),
+            ("TERN_SERVER_IDLE_TIMEOUT_SECS", "6"),
+        ],
+    );
+    let mut c = connect(&f);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let get = |c: &mut TcpStream| {
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        let n = c.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(get(&mut c).starts_with("HTTP/1.1 200"));
+    // Three header timeouts of waiting, well inside the idle timeout.
+    std::thread::sleep(Duration::from_secs(3));
+    let again = get(&mut c);
+    assert!(
+        again.starts_with("HTTP/1.1 200"),
+        "the kept-alive connection was closed: {again:?}"
+    );
+    // The next head, trickled a byte every 200 ms, is cut off at the header timeout.
+    c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        if c.write_all(b"X").is_err() || closed(&mut c) {
+            cut = true;
+            break;
+        }
+    }
+    assert!(
+        cut,
+        "a trickled head on a kept-alive connection was still open after 5 s"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn idle_connections_are_closed_and_connections_are_limited_per_peer() {
     let f = Fleet::with_env(
