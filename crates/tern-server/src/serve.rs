@@ -5,16 +5,21 @@
 //!   from one IPv4 address or IPv6 /64; one over a limit is closed as it arrives.
 //! - **Headers**: a request's headers must arrive within `header_timeout_secs`, counted
 //!   from the connection's start for its first request and from the first byte of each
-//!   later one: a client sending one byte every few seconds is cut off.
+//!   later one: a client sending one byte every few seconds is cut off. A byte that
+//!   arrives while the previous request is handled or its answer still streams (a
+//!   download) starts the clock when that answer has ended, not under it.
 //! - **Idle**: a connection that moves no byte either way for `idle_timeout_secs` while no
-//!   request is being handled is closed: an idle keep-alive connection, and a client that
+//!   handler is running is closed: an idle keep-alive connection, and a client that
 //!   stopped reading its response (whose writes would otherwise wait for ever).
-//!
-//! Both are kept here (`IdleIo`), not by hyper: hyper's header-read timeout also runs while
-//! a keep-alive connection waits for its next request, so it closed a connection idle for
-//! the header timeout (10 s) however long the idle timeout, and a client reusing it at that
-//! moment saw "connection closed before message completed".
 //! - **TLS**: the handshake must finish within the header timeout.
+//!
+//! The header and idle clocks are kept here (`IdleIo`), not by hyper: hyper's header-read
+//! timeout also runs while a keep-alive connection waits for its next request, so it closed
+//! a connection idle for the header timeout (10 s) however long the idle timeout, and a
+//! client reusing it at that moment saw "connection closed before message completed". One
+//! bound is looser than the rule: the start of a head that came in the same read as the
+//! previous request is seen by hyper alone, so it is cut off by the idle timeout and then
+//! the header timeout, as a connection idle that long and then trickling would be.
 //!
 //! Request bodies and handlers are bounded by the router (`api`): a whole-request timeout,
 //! and a minimum rate for bundle uploads.
@@ -118,15 +123,61 @@ impl Drop for PeerSlot {
     }
 }
 
-/// Requests being handled on one connection (the idle rule does not apply meanwhile), and
-/// requests whose head has arrived.
+/// Requests being handled on one connection (the idle rule does not apply meanwhile),
+/// answers still streaming (no head clock starts meanwhile), and requests whose head has
+/// arrived.
 #[derive(Default)]
 struct Busy {
     handling: AtomicUsize,
+    responding: AtomicUsize,
     heads: AtomicU64,
 }
 
 struct BusyGuard(Arc<Busy>);
+
+/// An answer's body, counted as streaming until it ends or is dropped.
+struct Streaming {
+    body: axum::body::Body,
+    busy: Option<Arc<Busy>>,
+}
+
+impl Streaming {
+    fn done(&mut self) {
+        if let Some(busy) = self.busy.take() {
+            busy.responding.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+impl http_body::Body for Streaming {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
+            self.done();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 impl Busy {
     /// A request's head has arrived and is being handled until the guard goes.
@@ -141,8 +192,20 @@ impl Busy {
         self.heads.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The answer to a handled request streams until its body ends.
+    fn streaming(self: &Arc<Self>, answer: axum::response::Response) -> axum::response::Response {
+        self.responding.fetch_add(1, Ordering::Relaxed);
+        let busy = Some(self.clone());
+        answer.map(|body| axum::body::Body::new(Streaming { body, busy }))
+    }
+
     fn handling(&self) -> bool {
         self.handling.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether a request is handled or its answer still streams.
+    fn answering(&self) -> bool {
+        self.handling() || self.responding.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -162,6 +225,8 @@ struct IdleIo<T> {
     head_timeout: Duration,
     /// The head being received: when it must have arrived, and the heads counted before it.
     head: Option<(Instant, u64)>,
+    /// Bytes came in while a request was answered: a head's clock starts when it ends.
+    early: bool,
     sleep: Pin<Box<Sleep>>,
     busy: Arc<Busy>,
 }
@@ -177,6 +242,7 @@ impl<T> IdleIo<T> {
             deadline: now + limits.idle_timeout,
             head_timeout: limits.header_timeout,
             head: Some((head, 0)),
+            early: false,
             sleep: Box::pin(tokio::time::sleep_until(head.min(now + limits.idle_timeout))),
             busy,
         }
@@ -195,12 +261,19 @@ impl<T> IdleIo<T> {
             return;
         }
         self.head = None;
-        if !self.busy.handling() {
-            let due = Instant::now() + self.head_timeout;
-            self.head = Some((due, heads));
-            if due < self.sleep.deadline() {
-                self.sleep.as_mut().reset(due);
-            }
+        if self.busy.answering() {
+            self.early = true;
+        } else {
+            self.start_head(heads);
+        }
+    }
+
+    /// A head's clock starts now, for the head after the `heads` counted.
+    fn start_head(&mut self, heads: u64) {
+        let due = Instant::now() + self.head_timeout;
+        self.head = Some((due, heads));
+        if due < self.sleep.deadline() {
+            self.sleep.as_mut().reset(due);
         }
     }
 
@@ -208,7 +281,7 @@ impl<T> IdleIo<T> {
     fn head_due(&mut self) -> Option<Instant> {
         let heads = self.busy.heads.load(Ordering::Relaxed);
         match self.head {
-            Some((due, counted)) if counted == heads && !self.busy.handling() => Some(due),
+            Some((due, counted)) if counted == heads && !self.busy.answering() => Some(due),
             _ => {
                 self.head = None;
                 None
@@ -219,6 +292,11 @@ impl<T> IdleIo<T> {
     /// Called when the inner I/O is pending: `Err` once the connection has been idle too
     /// long, or a request's head is late.
     fn idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.early && !self.busy.answering() {
+            // What came in during the last answer is the start of the next head.
+            self.early = false;
+            self.start_head(self.busy.heads.load(Ordering::Relaxed));
+        }
         loop {
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return Ok(());
@@ -392,7 +470,8 @@ where
         req.extensions_mut().insert(Peer(addr));
         Either::Right(async move {
             let _handling = busy.enter();
-            app.oneshot(req.map(axum::body::Body::new)).await
+            let answer = app.oneshot(req.map(axum::body::Body::new)).await;
+            answer.map(|a| busy.streaming(a))
         })
     });
     let _ = hyper::server::conn::http1::Builder::new()

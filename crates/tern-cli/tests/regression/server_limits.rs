@@ -144,12 +144,7 @@ fn a_client_that_stops_reading_its_download_is_dropped() {
     let f = Fleet::with_env(None, &[("TERN_SERVER_IDLE_TIMEOUT_SECS", "2")]);
     // 32 MiB: far more than the socket buffers hold.
     f.publish("1.0.0", 32 * 1024);
-    let release = f.api("GET", "/api/v1/releases/1.0.0", Some(&f.admin), None).body;
-    let t = &release["targets"][0];
-    let path = format!(
-        "/repo/targets/sim/{}.rootfs-1.0.0.img",
-        t["hashes"]["sha256"].as_str().unwrap()
-    );
+    let path = target_path(&f, "1.0.0");
     let mut c = connect(&f);
     c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .unwrap();
@@ -175,6 +170,66 @@ fn a_client_that_stops_reading_its_download_is_dropped() {
         total < 32 << 20,
         "the whole file came through after the client stalled ({total} bytes)"
     );
+}
+
+/// Where the repository serves the target `f` published as `version`.
+fn target_path(f: &Fleet, version: &str) -> String {
+    let release = f
+        .api("GET", &format!("/api/v1/releases/{version}"), Some(&f.admin), None)
+        .body;
+    let t = &release["targets"][0];
+    format!(
+        "/repo/targets/sim/{}.rootfs-{version}.img",
+        t["hashes"]["sha256"].as_str().unwrap()
+    )
+}
+
+/// A download streams after its handler has returned: a byte the client sends meanwhile
+/// (the start of its next request) must not start the header clock under the download, and
+/// the next head's clock starts once the download has ended.
+#[test]
+fn a_byte_sent_during_a_download_neither_cuts_it_nor_escapes_the_header_timeout() {
+    let f = Fleet::with_env(
+        None,
+        &[
+            ("TERN_SERVER_HEADER_TIMEOUT_SECS", "1"),
+            ("TERN_SERVER_IDLE_TIMEOUT_SECS", "8"),
+        ],
+    );
+    // 32 MiB: far more than the socket buffers hold, so it is still streaming.
+    f.publish("1.0.0", 32 * 1024);
+    let path = target_path(&f, "1.0.0");
+    let mut c = connect(&f);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut head = vec![0u8; 64 * 1024];
+    let mut total = c.read(&mut head).unwrap();
+    let text = String::from_utf8_lossy(&head[..total]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{:?}", &text[..text.len().min(200)]);
+    let header_len = text.find("\r\n\r\n").unwrap() + 4;
+    // The first byte of the next request, then three header timeouts of not reading.
+    c.write_all(b"G").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let mut buf = vec![0u8; 1 << 20];
+    while total < header_len + (32 << 20) {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => total += k,
+        }
+    }
+    assert_eq!(
+        total - header_len,
+        32 << 20,
+        "the download was cut off by a byte of the next request"
+    );
+    // That next request's head, never finished, is held to the header timeout from here.
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut c, Duration::from_secs(5)),
+        "an unfinished head after a download stayed open"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
 }
 
 #[test]
