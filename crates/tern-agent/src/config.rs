@@ -10,6 +10,7 @@
 //! rollback_floor = "enforce"          # the only policy: releases below the floor are refused
 //! inbox = "inbox"                     # optional: bundles dropped here are installed by `agent run`
 //! install_roots = ["/opt/apps"]       # where file and archive payloads may go (default: nowhere)
+//! log = "info"                        # what is logged: a level or RUST_LOG's directives
 //!
 //! [bootloader]
 //! backend = "sim"                     # "sim", "uboot", "grub" or "custom"
@@ -253,6 +254,9 @@ pub struct AgentConfig {
     /// Keys for encrypted payloads.
     #[serde(default)]
     pub encryption: EncryptionConfig,
+    /// What is logged: a level (`info`) or `RUST_LOG`'s directives; `RUST_LOG`, when set,
+    /// wins.
+    pub log: Option<String>,
 }
 
 fn line_of(text: &str, needle: &str) -> usize {

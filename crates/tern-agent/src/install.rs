@@ -324,6 +324,7 @@ impl Agent {
         progress: &mut dyn FnMut(u64),
     ) -> Result<InstallReport> {
         // 1.
+        tracing::info!(step = 1, bundle = %tern_core::text::shown(&bundle.display().to_string()), "install: a bundle");
         if origin == Origin::LocalMedia && self.cfg.offline_install == OfflineInstall::Refuse {
             return Err(Error::Unsupported {
                 target: bundle.display().to_string(),
@@ -401,42 +402,47 @@ impl Agent {
         let mut failure: Option<Error> = None;
         let mut anchor_saved = false;
         let anchor_path = self.cfg.state_dir.join("root.json");
-        let mut sink =
-            |payload: &tern_bundle::VerifiedPayload, data: &mut dyn Read| -> std::result::Result<(), String> {
-                // The root chain verified: persist the newest root before anything else.
-                if !anchor_saved
-                    && payload.root.as_slice() != root.as_slice()
-                    && root_version(&payload.root) > root_version(&root)
-                {
-                    tern_fs::atomic_write(&anchor_path, &payload.root, 0o644).map_err(|e| {
-                        let msg = e.to_string();
-                        failure = Some(e.into());
-                        msg
-                    })?;
-                }
-                anchor_saved = true;
-                // Older metadata than this device verified before, from any source, stops
-                // here; otherwise the floors rise to what just verified.
-                if let Err(e) = crate::floors::check_and_raise(&self.cfg, &payload.roles) {
+        let mut sink = |payload: &tern_bundle::VerifiedPayload,
+                        data: &mut dyn Read|
+         -> std::result::Result<(), String> {
+            // The root chain verified: persist the newest root before anything else.
+            if !anchor_saved
+                && payload.root.as_slice() != root.as_slice()
+                && root_version(&payload.root) > root_version(&root)
+            {
+                tern_fs::atomic_write(&anchor_path, &payload.root, 0o644).map_err(|e| {
                     let msg = e.to_string();
-                    failure = Some(e);
-                    return Err(msg);
-                }
-                let is_raw = payload.manifest.as_ref().is_some_and(|m| m.installer == Installer::Raw);
-                let r = if is_raw || payload.manifest.is_none() {
-                    self.write_payload(payload, data, &booted, chosen.is_some(), now, progress)
-                        .map(|done| chosen = Some(done))
-                } else {
-                    self.stage_payload(payload, data, now).map(|s| staged.push(s))
-                };
-                r.map_err(|e| {
-                    let msg = e.to_string();
-                    failure = Some(e);
+                    failure = Some(e.into());
                     msg
-                })
+                })?;
+            }
+            anchor_saved = true;
+            tracing::info!(step = 2, target = %tern_core::text::shown(&payload.target), "install: metadata verified");
+            // Older metadata than this device verified before, from any source, stops
+            // here; otherwise the floors rise to what just verified.
+            if let Err(e) = crate::floors::check_and_raise(&self.cfg, &payload.roles) {
+                let msg = e.to_string();
+                failure = Some(e);
+                return Err(msg);
+            }
+            let is_raw = payload.manifest.as_ref().is_some_and(|m| m.installer == Installer::Raw);
+            let r = if is_raw || payload.manifest.is_none() {
+                self.write_payload(payload, data, &booted, chosen.is_some(), now, progress)
+                    .map(|done| chosen = Some(done))
+            } else {
+                self.stage_payload(payload, data, now).map(|s| staged.push(s))
             };
+            r.map_err(|e| {
+                let msg = e.to_string();
+                failure = Some(e);
+                msg
+            })
+        };
         let verified = drive(&root, &mut sink);
         // 8: only now are the payloads' lengths and hashes known to match.
+        if verified.is_ok() && failure.is_none() {
+            tracing::info!(step = 8, "install: lengths and hashes match the signed ones");
+        }
         match (verified, failure) {
             (_, Some(e)) => {
                 apps::discard(staged);
@@ -474,6 +480,7 @@ impl Agent {
             });
         };
         // 9.
+        tracing::info!(step = 9, slot = %slot.name, version = %tern_core::text::shown(&release.version), "install: slot recorded");
         let Phase::Transferring(t) = std::mem::replace(&mut self.state.phase, Phase::Idle) else {
             return Err(Error::State {
                 path: self.store.path(),
@@ -496,6 +503,7 @@ impl Agent {
         self.state.phase = Phase::Verified(verified_state.clone());
         self.save()?;
         // 10.
+        tracing::info!(step = 10, "install: post-install hook");
         let env = self.hook_env(Some(&release), Some(&slot));
         if let Err(e) = self.hook("post-install", self.cfg.hooks.post_install.clone().as_ref(), &env) {
             return Err(self.fail_install(e, now));
@@ -510,6 +518,7 @@ impl Agent {
             self.state.handled(o.clone());
         }
         self.save()?;
+        tracing::info!(step = 11, slot = %slot.name, attempts = self.cfg.boot_attempts, "install: slot made primary");
         let primary = self.boot.set_primary(&slot.bootname, self.cfg.boot_attempts);
         self.crash_point();
         if let Err(e) = primary {
@@ -523,6 +532,7 @@ impl Agent {
             return Err(self.fail_install(e, now));
         }
         // 12.
+        tracing::info!(step = 12, "install: reboot");
         self.hook("reboot", self.cfg.hooks.reboot.clone().as_ref(), &env)?;
         Ok(InstallReport {
             slot_image: Some(SlotInstall {
@@ -633,6 +643,7 @@ impl Agent {
 
     /// A failed install: if a slot was touched it stays non-bootable and is recorded bad.
     fn fail_install(&mut self, e: Error, now: DateTime) -> Error {
+        tracing::warn!("install failed: {e}");
         let phase = std::mem::replace(&mut self.state.phase, Phase::Idle);
         let (release, slot) = match phase {
             Phase::Transferring(t) => (t.release, t.slot),
@@ -682,6 +693,7 @@ impl Agent {
             return Err(unsupported("only one slot payload per bundle is supported"));
         }
         // 3.
+        tracing::info!(step = 3, version = %tern_core::text::shown(&m.version), "install: compatibility and rollback floor");
         self.check_compatible(m)?;
         let version = semver::Version::parse(&m.version).map_err(|e| unsupported(&format!("version: {e}")))?;
         if let Some(floor) = &self.state.rollback_floor {
@@ -765,10 +777,13 @@ impl Agent {
             version: m.version.clone(),
             payload_sha256: payload.hashes.get("sha256").cloned().unwrap_or_default(),
         };
+        tracing::info!(step = 4, slot = %slot.name, "install: inactive slot chosen");
         // 5.
+        tracing::info!(step = 5, "install: pre-install hook");
         let env = self.hook_env(Some(&release), Some(&slot));
         self.hook("pre-install", self.cfg.hooks.pre_install.clone().as_ref(), &env)?;
         // 6.
+        tracing::info!(step = 6, slot = %slot.name, "install: slot marked non-bootable");
         self.boot.mark_bad(&slot.bootname)?;
         self.crash_point();
         self.state.slots.insert(
@@ -787,6 +802,7 @@ impl Agent {
         let _ = now;
         self.save()?;
         // 7.
+        tracing::info!(step = 7, slot = %slot.name, "install: streaming the payload");
         let (written, image_sha256) = stream_into(
             &slot.device,
             data,
@@ -908,6 +924,7 @@ impl Agent {
         match self.hook("health-check", self.cfg.hooks.health_check.clone().as_ref(), &env) {
             Ok(()) => {
                 // 13: commit.
+                tracing::info!(step = 13, slot = %slot.name, "boot: health check passed, committing");
                 self.boot.mark_good(&slot.bootname, self.cfg.boot_attempts)?;
                 self.crash_point();
                 let version = t.release.version.clone();
@@ -942,6 +959,7 @@ impl Agent {
 
     fn roll_back(&mut self, r: RolledBack, now: DateTime) -> Result<()> {
         // 14.
+        tracing::warn!(step = 14, slot = %r.slot, reason = %r.reason, "boot: the bootloader fell back, rolling back");
         let slot = self.cfg.slot(&r.slot).cloned();
         if let Some(s) = &slot {
             self.boot.mark_bad(&s.bootname)?;

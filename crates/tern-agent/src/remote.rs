@@ -482,10 +482,12 @@ impl Remote {
         // The cheap path: nothing to report and a live session, so a poll without a signature.
         if st.reported_all() {
             if let Some(poll_interval_secs) = self.poll_session(&st)? {
+                tracing::debug!("polled: nothing to do");
                 return Ok(PollOutcome::Idle { poll_interval_secs });
             }
         }
         let (nonce, answer) = self.checkin(&mut st, None)?;
+        tracing::info!(order = answer.order.is_some(), "checked in (signed)");
         // The server has the refusal now.
         st.refused_order = None;
         self.save_state(&st)?;
@@ -497,8 +499,16 @@ impl Remote {
         let order_bytes = serde_json::to_vec(&order_value).unwrap_or_default();
         let order = match director::verify_order(&order_bytes, &self.director, &self.server.device_id, &nonce, now()) {
             Ok(o) => o,
-            Err(refusal) => return self.refuse(&mut st, refusal),
+            Err(refusal) => {
+                tracing::warn!("refused the server's order: {refusal}");
+                return self.refuse(&mut st, refusal);
+            }
         };
+        tracing::info!(
+            deployment = %tern_core::text::shown(&order.deployment),
+            release = %tern_core::text::shown(&order.release),
+            "order verified"
+        );
         if let Some(d) = &st.deployment {
             if d.id == order.deployment && matches!(d.stage, Stage::Committed | Stage::RolledBack | Stage::Failed) {
                 // Already finished here; the report above tells the server.

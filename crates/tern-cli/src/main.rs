@@ -1,12 +1,15 @@
 //! `tern`: secure over-the-air updates for fleets of Linux devices.
 //!
 //! This crate is argument parsing and wiring only: every subcommand module has an `Args`
-//! type and a `run`. Errors are printed as one line, `tern: ` followed by the whole cause
-//! chain. Exit codes: 0 success, 1 failure, 2 usage error.
+//! type and a `run`; the help texts are written for the command's user (release engineer,
+//! operator, integrator), and the shell completions and manual pages come from the same
+//! definitions (`cmd::docs`). Errors are printed as one line, `tern: ` followed by the
+//! whole cause chain. Exit codes: 0 success, 1 failure, 2 usage error.
 
 #![deny(unsafe_code)]
 
 mod cmd;
+mod logging;
 mod output;
 
 use std::process::ExitCode;
@@ -20,51 +23,103 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Secure over-the-air updates for fleets of Linux devices.
+///
+/// A release engineer signs releases offline (`tern key`, `tern repo`, `tern bundle`). An
+/// operator runs the update server and rolls releases out to the fleet (`tern server`,
+/// `tern release`, `tern rollout`, `tern device`). An integrator puts the agent on each
+/// device, which verifies, writes the inactive A/B slot, boots it and commits or rolls back
+/// (`tern agent`, `tern install`, `tern device enroll`). `tern demo` shows the whole path on
+/// one machine.
 #[derive(Debug, Parser)]
-#[command(name = "tern", version, about, propagate_version = true)]
+#[command(name = "tern", version, propagate_version = true, after_long_help = EXAMPLES)]
 pub struct Cli {
+    /// How log lines (on standard error) are written: `text` for people, `json` for a log
+    /// collector. What is logged: `RUST_LOG`, or the configuration's `log` key.
+    #[arg(long, global = true, value_enum, default_value_t, env = "TERN_LOG_FORMAT")]
+    log_format: logging::Format,
     #[command(subcommand)]
     command: Command,
 }
 
+/// What `tern --help` ends with.
+const EXAMPLES: &str = "\
+Examples:
+  # See the whole path on one machine (SQLite, file storage, simulated devices):
+  tern demo
+
+  # Release engineer, offline: publish an image with its manifest, then bundle it
+  tern repo add-target --repo repo rootfs.img --name board-a/rootfs-1.2.0.img --role board-a ...
+  tern repo refresh --repo repo --key keys/snapshot.pem --key keys/timestamp.pem
+  tern bundle create --repo repo --target board-a/rootfs-1.2.0.img --out release.tern
+
+  # Operator: publish the release and roll it out in phases
+  tern release upload release.tern
+  tern rollout create --release 1.2.0 --tag lab --phase 10%@100 --phase 100%
+
+  # Integrator, on a device: enroll once, then run the agent as a service
+  tern device enroll --config /etc/tern/agent.toml --token ternenroll_...
+  tern agent run --config /etc/tern/agent.toml
+
+Logging: RUST_LOG (e.g. `info`, `warn,tern_server::request=debug`) or the `log` key of the
+server's or agent's configuration; --log-format json for one JSON object per line.
+Shell completions: `tern completions bash`; manual pages: `tern manpages DIR`.";
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate and inspect signing keys.
+    /// Release engineer: make signing keys (offline root and targets, online snapshot and
+    /// timestamp, X25519 keys for encryption) and show a key's id.
     #[command(subcommand)]
     Key(cmd::key::Command),
-    /// Edit a static TUF repository (the release engineer's tool).
+    /// Release engineer: sign a TUF repository offline: targets with their install
+    /// manifests, delegations, key rotation, expiry.
     #[command(subcommand)]
     Repo(cmd::repo::Command),
-    /// Create, inspect and verify release bundles.
+    /// Release engineer: make a release bundle (one signed file, uploaded to the server or
+    /// carried on a USB stick), inspect it, verify it as a device would.
     #[command(subcommand)]
     Bundle(cmd::bundle::Command),
-    /// The TUF client: init, refresh, download (the reference clients' CLI shape).
+    /// Integrator: the TUF client alone (init, refresh, download), with the command line of
+    /// python-tuf's and go-tuf's reference clients.
     Tuf(cmd::tuf::Args),
-    /// Provision devices.
+    /// Operator and integrator: enroll devices with the server, list, tag, approve, reject
+    /// and decommission them; make simulated devices to try Tern without hardware.
     #[command(subcommand)]
     Device(cmd::agent::DeviceCommand),
-    /// Simulated hardware.
+    /// Try Tern without hardware: power-cycle a simulated device.
     #[command(subcommand)]
     Sim(cmd::agent::SimCommand),
-    /// Install a bundle (local media or a URL) into the inactive slot.
+    /// On a device: install a bundle from local media (a USB stick, a file) or a URL into the
+    /// inactive slot, e.g. `tern install /media/usb/release.tern --config /etc/tern/agent.toml`.
     Install(cmd::agent::InstallArgs),
-    /// The device agent.
+    /// On a device: the update agent (`run` is the service: boot-time commit or rollback,
+    /// then check-ins and installs) and its `status`.
     #[command(subcommand)]
     Agent(cmd::agent::AgentCommand),
-    /// The update server.
+    /// Operator: set up the update server (`init`), run it (`run`), make API and enrollment
+    /// tokens (`token`).
     #[command(subcommand)]
     Server(cmd::server::Command),
-    /// Releases on the server.
+    /// Operator: upload signed releases to the server (verified before they are published)
+    /// and list them.
     #[command(subcommand)]
     Release(cmd::server::ReleaseCommand),
-    /// Phased rollouts on the server: create, list, status, start, pause, resume, cancel, approve.
+    /// Operator: roll a release out to the fleet in phases, with error thresholds and
+    /// maintenance windows: create, list, status, start, pause, resume, cancel, approve.
     #[command(subcommand)]
     Rollout(cmd::rollout::RolloutCommand),
-    /// Deployments on the server (one-phase rollouts, kept for scripts written before rollouts).
+    /// Operator: deployments, the one-phase rollouts kept for scripts written before
+    /// rollouts.
     #[command(subcommand)]
     Deployment(cmd::server::DeploymentCommand),
-    /// Run the end-to-end demonstration on embedded defaults.
+    /// Newcomers: the whole path on one machine (repository, server, simulated devices, a
+    /// deployment with one device rolling back), on the embedded defaults.
     Demo(cmd::demo::Args),
+    /// Print a shell completion script: `tern completions bash > /etc/bash_completion.d/tern`
+    /// (also zsh, fish, elvish and PowerShell).
+    Completions(cmd::docs::CompletionsArgs),
+    /// Write manual pages (tern.1, tern-server-run.1…) into a directory: `tern manpages
+    /// /usr/share/man/man1`.
+    Manpages(cmd::docs::ManpagesArgs),
 }
 
 /// Freed memory goes back to the system at once, not after mimalloc's default delay (unless
@@ -121,6 +176,7 @@ mod allocator_tests {
 fn main() -> ExitCode {
     allocator_returns_memory();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let result = match cli.command {
         Command::Key(c) => cmd::key::run(c),
         Command::Repo(c) => cmd::repo::run(c),
@@ -146,6 +202,8 @@ fn main() -> ExitCode {
         Command::Install(a) => cmd::agent::install_cmd(a),
         Command::Agent(c) => cmd::agent::agent(c),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Completions(a) => cmd::docs::completions(a, <Cli as clap::CommandFactory>::command()),
+        Command::Manpages(a) => cmd::docs::manpages(a, <Cli as clap::CommandFactory>::command()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

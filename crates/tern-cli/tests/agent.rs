@@ -211,7 +211,29 @@ fn agent_run_installs_from_its_inbox() {
     let (bundle, _) = rel.bundle("1.0.0", "tern-sim", &[], 5000, false);
     let dev = Device::new(&rel.root());
     fs::copy(&bundle, dev.path("inbox/r.tern")).unwrap();
-    ok(&["agent", "run", "--once", "--config", &dev.config()]);
+    // Logged as JSON lines (RUST_LOG unset: the agent's own level, info): each step of the
+    // install procedure, in order.
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "--log-format",
+            "json",
+            "agent",
+            "run",
+            "--once",
+            "--config",
+            &dev.config(),
+        ])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let steps: Vec<u64> = stderr
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .filter_map(|l| l["fields"]["step"].as_u64())
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>(), "{stderr}");
     assert!(dev.path("inbox/r.tern.done").exists());
     assert_eq!(dev.status()["state"]["state"], "pending-reboot");
     assert_eq!(dev.reboot()["boot_step"]["outcome"], "committed");

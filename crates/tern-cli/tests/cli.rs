@@ -602,3 +602,43 @@ fn verify_refuses_tampered_and_truncated_bundles_in_one_line() {
     let err = fails(&["bundle", "verify", s(&bundle), "--root", s(&t.path("no-root.json"))]);
     assert!(err.contains("trusted root") && err.contains("no-root.json"), "{err}");
 }
+
+/// `--help` is written for the command's users, every command says what it does, and the
+/// completions and manual pages come from the same definitions.
+#[test]
+fn help_completions_and_manual_pages_are_for_users() {
+    let help = ok(&["--help"]);
+    assert!(!help.contains("argument parsing"), "{help}");
+    for who in ["release engineer", "operator", "integrator", "Examples:", "RUST_LOG"] {
+        assert!(
+            help.to_lowercase().contains(&who.to_lowercase()),
+            "no {who:?} in:\n{help}"
+        );
+    }
+    let bash = ok(&["completions", "bash"]);
+    assert!(bash.contains("_tern()") && bash.contains("rollout"), "{bash}");
+    assert!(ok(&["completions", "zsh"]).contains("#compdef tern"));
+    assert!(ok(&["completions", "fish"]).contains("complete -c tern"));
+
+    let dir = tempfile::tempdir().unwrap();
+    ok(&["manpages", s(dir.path())]);
+    let page = |name: &str| {
+        fs::read_to_string(dir.path().join(format!("{name}.1"))).unwrap_or_else(|e| panic!("{name}.1: {e}"))
+    };
+    assert!(page("tern").starts_with(".ie"), "{}", page("tern"));
+    let run = page("tern-server-run");
+    assert!(run.contains(".TH tern-server-run 1"), "{run}");
+    assert!(run.contains("\\-\\-database\\-url"), "{run}");
+    // Every command and subcommand has a page, and each says what it is for.
+    let pages = fs::read_dir(dir.path()).unwrap().count();
+    assert!(pages > 60, "{pages} pages");
+    for entry in fs::read_dir(dir.path()).unwrap() {
+        let text = fs::read_to_string(entry.unwrap().path()).unwrap();
+        let name = text.lines().find(|l| l.starts_with(".TH")).unwrap().to_owned();
+        let after = text.split(".SH NAME").nth(1).unwrap().lines().nth(1).unwrap_or("");
+        assert!(
+            after.contains("\\-") && after.len() > 12,
+            "{name}: no description: {after:?}"
+        );
+    }
+}

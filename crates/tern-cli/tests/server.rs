@@ -659,3 +659,69 @@ fn encrypted_end_to_end(db_url: Option<&str>) {
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// The request log: a line per API call with its route's template, status and token id,
+/// never the token; `--log-format json` (here `TERN_LOG_FORMAT`) writes JSON objects only.
+#[test]
+fn every_request_is_logged_as_json_with_its_route_and_token_id_but_never_a_secret() {
+    let f = Fleet::with_env(None, &[("RUST_LOG", "info"), ("TERN_LOG_FORMAT", "json")]);
+    let viewer = f.token("viewer");
+    assert_eq!(f.api("GET", "/api/v1/releases", Some(&viewer), None).status, 200);
+    assert_eq!(
+        f.api("GET", "/api/v1/devices/some-device", Some(&viewer), None).status,
+        404
+    );
+    assert_eq!(
+        f.api("POST", "/api/v1/devices/x/approve", Some(&viewer), None).status,
+        403
+    );
+    assert_eq!(f.api("GET", "/api/v1/audit", Some("not-a-token"), None).status, 401);
+    let secrets = [viewer.as_str(), f.admin.as_str(), "not-a-token"];
+    // A line is written when the answer's head is ready: wait for the last one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut log = f.server.log();
+    while !log.contains("/api/v1/audit") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        log = f.server.log();
+    }
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    for secret in secrets {
+        assert!(!log.contains(secret), "a token reached the log:\n{log}");
+    }
+    let request = |route: &str| {
+        lines
+            .iter()
+            .find(|l| l["target"] == "tern_server::request" && l["span"]["route"] == route)
+            .unwrap_or_else(|| panic!("no request line for {route}:\n{log}"))
+    };
+    let releases = request("/api/v1/releases");
+    assert_eq!(releases["fields"]["status"], 200, "{releases}");
+    assert_eq!(releases["span"]["method"], "GET", "{releases}");
+    assert!(releases["fields"]["latency_us"].is_u64(), "{releases}");
+    let token_id = releases["span"]["token"].as_str().unwrap();
+    // The id is the token's public part (`tern_ID_SECRET`); the secret never appears.
+    let secret = viewer.rsplit('_').next().unwrap();
+    assert_eq!(viewer, format!("tern_{token_id}_{secret}"), "{releases}");
+    assert!(!log.contains(secret), "a token's secret reached the log:\n{log}");
+    // The same id the audit log names for the token's refused action.
+    let forbidden = request("/api/v1/devices/{id}/{action}");
+    assert_eq!(forbidden["fields"]["status"], 403, "{forbidden}");
+    assert_eq!(forbidden["span"]["token"], token_id, "{forbidden}");
+    assert!(
+        f.audit()
+            .iter()
+            .any(|e| e["action"] == "device.approve" && e["actor"] == format!("token:{token_id} (viewer)")),
+        "the audit log names the token otherwise"
+    );
+    let device = request("/api/v1/devices/{id}");
+    assert_eq!(device["fields"]["status"], 404, "{device}");
+    assert_eq!(device["span"]["device"], "some-device", "{device}");
+    let refused = request("/api/v1/audit");
+    assert_eq!(refused["fields"]["status"], 401, "{refused}");
+    assert!(refused["span"]["token"].is_null(), "{refused}");
+    // Polls, the hot path, are logged only at debug.
+    assert!(!log.contains("/api/v1/devices/{id}/poll"), "{log}");
+}

@@ -23,6 +23,8 @@
 //! enrollments_per_minute = 600            # enrollment attempts per token and minute (per process)
 //! require_rollout_approval = false        # every rollout waits for a second admin's approval
 //! rollout_tick_ms = 1000                  # how often the rollout engine looks at running rollouts
+//! log = "info"                            # what is logged: a level or RUST_LOG's directives
+//!                                         # (RUST_LOG, when set, wins)
 //!
 //! [tls]                                   # optional: HTTPS through rustls
 //! cert = "server.crt"
@@ -122,6 +124,9 @@ pub struct ServerConfig {
     /// Milliseconds between passes of the rollout engine (phases, thresholds, timeouts).
     #[serde(default = "default_rollout_tick")]
     pub rollout_tick_ms: u64,
+    /// What is logged: a level (`info`) or `RUST_LOG`'s directives
+    /// (`info,tern_server::request=debug`); `RUST_LOG`, when set, wins.
+    pub log: Option<String>,
     /// HTTPS.
     pub tls: Option<TlsConfig>,
 }
@@ -205,6 +210,7 @@ impl ServerConfig {
             enrollments_per_minute: default_enrollments_per_minute(),
             require_rollout_approval: false,
             rollout_tick_ms: default_rollout_tick(),
+            log: None,
             tls: None,
         }
     }
@@ -284,6 +290,7 @@ impl ServerConfig {
                     }
                 }
                 "ROLLOUT_TICK_MS" => self.rollout_tick_ms = num(&v)?,
+                "LOG" => self.log = Some(v),
                 _ => return Err(Error::Config(format!("{k}: unknown setting"))),
             }
         }

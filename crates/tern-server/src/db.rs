@@ -165,7 +165,7 @@ impl Db {
             Err(e) => ("refused", e.to_string()),
         };
         if let Err(e) = self.audit(actor, action, subject, outcome, &text).await {
-            eprintln!("tern server: audit write failed: {e}");
+            tracing::error!("audit write failed: {e}");
         }
     }
 

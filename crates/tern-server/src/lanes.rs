@@ -56,7 +56,7 @@ fn runtime() -> Option<&'static Runtime> {
             {
                 Ok(rt) => Some(rt),
                 Err(e) => {
-                    eprintln!("tern server: cannot start the check-in workers ({e}); check-ins run with requests");
+                    tracing::warn!("cannot start the check-in workers ({e}); check-ins run with requests");
                     None
                 }
             }
@@ -68,8 +68,10 @@ fn runtime() -> Option<&'static Runtime> {
 /// check-ins' statements, run there). Once started, it runs to its end even if nobody
 /// awaits its handle.
 pub fn spawn<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> JoinHandle<T> {
+    use tracing::Instrument;
     let handle = runtime().map_or_else(Handle::current, |rt| rt.handle().clone());
-    handle.spawn(work)
+    // The request's log span (its token noted there) goes with it.
+    handle.spawn(work.instrument(tracing::Span::current()))
 }
 
 /// One request worker: a single-threaded runtime on a thread of its own.
@@ -90,9 +92,7 @@ fn request_workers() -> &'static [Worker] {
                     open: AtomicUsize::new(0),
                 }),
                 Err(e) => {
-                    eprintln!(
-                        "tern server: cannot start request worker {i} ({e}); connections are served with the listener"
-                    );
+                    tracing::warn!("cannot start request worker {i} ({e}); connections are served with the listener");
                     return Vec::new();
                 }
             }

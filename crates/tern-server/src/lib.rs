@@ -200,7 +200,7 @@ impl AppState {
         }
         if allowed {
             if let Err(e) = self.db.audit(actor, action, subject, "refused", detail).await {
-                eprintln!("tern server: audit write failed: {e}");
+                tracing::error!("audit write failed: {e}");
             }
         }
     }
@@ -223,7 +223,7 @@ impl AppState {
             .audit("server", "audit.summary", "refusals", "refused", &detail)
             .await
         {
-            eprintln!("tern server: audit write failed: {e}");
+            tracing::error!("audit write failed: {e}");
         }
     }
 

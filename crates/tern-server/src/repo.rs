@@ -747,8 +747,10 @@ pub async fn resign_loop(state: Arc<AppState>) {
     let period = (state.cfg.timestamp_expiry_secs / 10).clamp(1, 60);
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(period)).await;
-        if let Err(e) = resign_if_due(&state).await {
-            eprintln!("tern server: timestamp re-sign failed: {e}");
+        match resign_if_due(&state).await {
+            Ok(Some(version)) => tracing::info!(version, "timestamp re-signed"),
+            Ok(None) => tracing::debug!("timestamp not due for re-signing"),
+            Err(e) => tracing::error!("timestamp re-sign failed: {e}"),
         }
     }
 }

@@ -580,25 +580,28 @@ pub async fn run(state: Arc<AppState>) {
         ticks += 1;
         let force = ticks.is_multiple_of(2400);
         state.fleet.tick_windows(unix_now());
-        if let Err(e) = state.fleet.refresh(&state, force).await {
-            eprintln!("tern server: fleet view refresh failed: {e}");
+        match state.fleet.refresh(&state, force).await {
+            Ok(()) if force => tracing::debug!("fleet view reloaded whole"),
+            Ok(()) => {}
+            Err(e) => tracing::error!("fleet view refresh failed: {e}"),
         }
         if ticks.is_multiple_of(4) {
             state.flush_refusals().await;
         }
         if ticks.is_multiple_of(20) {
             if let Err(e) = state.fleet.flush_seen(&state).await {
-                eprintln!("tern server: last-seen flush failed: {e}");
+                tracing::error!("last-seen flush failed: {e}");
             }
         }
         if ticks.is_multiple_of(240) {
             let old = unix_now() - EVENT_RETENTION_SECS;
-            if let Err(e) = sqlx::query("DELETE FROM fleet_events WHERE at < $1")
+            match sqlx::query("DELETE FROM fleet_events WHERE at < $1")
                 .bind(old)
                 .execute(&state.db.write)
                 .await
             {
-                eprintln!("tern server: pruning fleet events failed: {e}");
+                Ok(done) => tracing::debug!(rows = done.rows_affected(), "pruned fleet events"),
+                Err(e) => tracing::error!("pruning fleet events failed: {e}"),
             }
         }
     }

@@ -137,7 +137,11 @@ pub struct InstallArgs {
 pub enum AgentCommand {
     /// The state, the booted slot, each slot's version, hash and install time, the last error.
     Status(ConfigArgs),
-    /// Run the boot-time step, then install what the update sources offer.
+    /// The agent's service: at start, the boot-time step (commit a new slot that booted and
+    /// passes its health check, or record the rollback); then, every poll interval, check in
+    /// with the server and the inbox, and install what they offer.
+    #[command(after_help = "Example:\n  tern agent run --config /etc/tern/agent.toml\n  \
+        tern agent run --config dev/agent.toml --once   # one pass, for scripts and tests")]
     Run(RunArgs),
 }
 
@@ -414,12 +418,13 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
         }
         AgentCommand::Run(a) => {
             let cfg = load(&a.common.config)?;
+            crate::logging::service(cfg.log.as_deref())?;
             let interval = std::time::Duration::from_secs(cfg.server.as_ref().map_or(60, |s| s.poll_interval_secs));
             let inbox = cfg.inbox.clone();
             // The state lock is held only while the agent works, never while it sleeps, so an
             // operator's `tern install` is not refused as busy.
             let outcome = Agent::open(cfg.clone())?.boot_step(now())?;
-            eprintln!("boot-time step: {}", serde_json::to_string(&outcome)?);
+            tracing::info!(outcome = %serde_json::to_string(&outcome)?, "boot-time step done");
             let mut sources: Vec<Box<dyn UpdateSource>> = Vec::new();
             if let Some(dir) = inbox {
                 sources.push(Box::new(InboxSource::new(&dir)));
@@ -439,13 +444,14 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                                 let configured = cfg.server.as_ref().map_or(60, |s| s.poll_interval_secs).max(1);
                                 interval = std::time::Duration::from_secs((*poll_interval_secs).clamp(1, configured));
                             }
-                            match a.common.output {
-                                Format::Json => println!("{}", serde_json::to_string(&outcome)?),
-                                Format::Text => eprintln!("server: {}", serde_json::to_string(&outcome)?),
+                            let line = serde_json::to_string(&outcome)?;
+                            if a.common.output == Format::Json {
+                                println!("{line}");
                             }
+                            tracing::info!(outcome = %line, "checked with the server");
                         }
                         Err(e) if a.once => return Err(e.into()),
-                        Err(e) => eprintln!("server: {}", crate::output::chain(&e)),
+                        Err(e) => tracing::warn!("server: {}", crate::output::chain(&e)),
                     }
                 }
                 for src in &mut sources {
@@ -454,7 +460,7 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                         continue;
                     };
                     let shown = tern_core::text::shown(&offer.bundle.display().to_string());
-                    eprintln!("{}: installing {shown}", src.name());
+                    tracing::info!(source = src.name(), bundle = %shown, "installing an offered bundle");
                     let result =
                         Agent::open(cfg.clone()).and_then(|mut agent| agent.install_offer(&offer, now(), &mut |_| {}));
                     // A refusal that may pass later (busy, a reboot pending, a read error on
@@ -468,8 +474,11 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                             | tern_agent::Error::Hook { .. })
                     );
                     match &result {
-                        Ok(r) => eprintln!("installed: {}", serde_json::to_string(r).unwrap_or_default()),
-                        Err(e) => eprintln!("refused {shown}: {}", crate::output::chain(e)),
+                        Ok(r) => tracing::info!(
+                            result = %serde_json::to_string(r).unwrap_or_default(),
+                            "installed {shown}"
+                        ),
+                        Err(e) => tracing::warn!(transient, "refused {shown}: {}", crate::output::chain(e)),
                     }
                     if transient {
                         continue;
@@ -477,9 +486,9 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                     // An install that succeeded recorded the offer itself, before any reboot.
                     if result.is_err() {
                         if let Err(e) = Agent::open(cfg.clone()).and_then(|mut agent| agent.offer_handled(&offer)) {
-                            eprintln!(
-                                "{}: recording {shown} as handled: {}",
-                                src.name(),
+                            tracing::error!(
+                                source = src.name(),
+                                "recording {shown} as handled: {}",
                                 crate::output::chain(&e)
                             );
                         }
@@ -487,9 +496,9 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                     // The rename is a courtesy: a read-only stick keeps the file, and the
                     // recorded offer keeps it from being installed again.
                     if let Err(e) = src.done(&offer) {
-                        eprintln!(
-                            "{}: {shown} stays where it is: {}",
-                            src.name(),
+                        tracing::warn!(
+                            source = src.name(),
+                            "{shown} stays where it is: {}",
                             crate::output::chain(&e)
                         );
                     }

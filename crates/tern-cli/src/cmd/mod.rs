@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bundle;
 pub mod demo;
+pub mod docs;
 pub mod encrypt;
 pub mod key;
 pub mod repo;

@@ -46,9 +46,15 @@ impl Location {
 /// `tern server`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Make the online keys (snapshot, timestamp, director) and the director root.
+    /// Make the online keys (snapshot, timestamp, director) and the director root, once per
+    /// fleet: `tern server init --data /var/lib/tern-server`. The director's root key it
+    /// prints must then go offline.
     Init(Location),
-    /// Serve.
+    /// Serve the fleet: the repository, the device registry, the director and the management
+    /// API, on SQLite by default or PostgreSQL (`--database-url`), until stopped.
+    #[command(after_help = "Example:\n  tern server run --config /etc/tern/server.toml\n  \
+        RUST_LOG=info,tern_server::request=debug tern server run --data srv --listen 0.0.0.0:8080\n\n\
+        Logs go to standard error: a line per request (not the polls, unless at debug) and per background job.")]
     Run(RunArgs),
     /// Local administration of tokens.
     #[command(subcommand)]
@@ -126,11 +132,13 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             if a.key_dir.is_some() {
                 cfg.key_dir = a.key_dir;
             }
+            crate::logging::service(cfg.log.as_deref())?;
             runtime()?.block_on(async move {
                 let state = tern_server::open(cfg).await?;
                 let running = tern_server::start(state.clone()).await?;
                 let scheme = if state.cfg.tls.is_some() { "https" } else { "http" };
                 println!("tern server listening on {scheme}://{}", running.addr);
+                tracing::info!(address = %running.addr, scheme, "listening");
                 running.task.await.context("server task")??;
                 Ok(())
             })

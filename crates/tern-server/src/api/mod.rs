@@ -13,9 +13,11 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
+mod access;
 mod poll;
 mod rollouts;
 
+pub use access::TARGET as REQUEST_LOG_TARGET;
 pub use poll::{PollFront, PollResponse};
 
 use crate::fleet::{self, Refusal};
@@ -59,8 +61,9 @@ impl IntoResponse for Refusal {
         let message = match &self {
             Refusal::Internal(e) => {
                 let id = random_hex(6);
-                eprintln!(
-                    "tern server: internal error {id}: {}",
+                tracing::error!(
+                    error_id = %id,
+                    "internal error: {}",
                     tern_core::text::shown_max(&e.to_string(), 4096)
                 );
                 format!("internal error {id}; the server's log has the details")
@@ -144,6 +147,7 @@ async fn authorize_token(state: &AppState, headers: &HeaderMap, need: Role, acti
         )
         .await;
     };
+    access::token_used(&id);
     let actor = format!("token:{id} ({role_name})");
     let role = Role::parse(&role_name).unwrap_or(Role::Viewer);
     if role < need {
@@ -215,7 +219,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             .layer(axum::middleware::from_fn(off_the_workers)),
     );
     let direct = Router::new().route("/api/v1/devices/{id}/poll", get(poll::poll));
-    bounded.merge(upload).merge(direct).with_state(state)
+    bounded
+        .merge(upload)
+        .merge(direct)
+        .layer(axum::middleware::from_fn(access::log_request))
+        .with_state(state)
 }
 
 /// A request body that fails once its deadline has passed.

@@ -90,18 +90,18 @@ impl PollFront {
             return None;
         }
         let id = poll_device(req.uri().path())?;
-        Some(
-            match answer(&self.state, id, req.headers().get(header::AUTHORIZATION)) {
-                Ok(checkin) => {
-                    let body = if checkin { &self.check_in } else { &self.nothing };
-                    let mut resp = Response::new(Body::from(body.clone()));
-                    resp.headers_mut()
-                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    resp
-                }
-                Err(refusal) => refusal.into_response(),
-            },
-        )
+        let resp = match answer(&self.state, id, req.headers().get(header::AUTHORIZATION)) {
+            Ok(checkin) => {
+                let body = if checkin { &self.check_in } else { &self.nothing };
+                let mut resp = Response::new(Body::from(body.clone()));
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                resp
+            }
+            Err(refusal) => refusal.into_response(),
+        };
+        super::access::polled(id, resp.status().as_u16());
+        Some(resp)
     }
 }
 

@@ -35,12 +35,12 @@ pub async fn run(state: Arc<AppState>) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
-                eprintln!("tern server: rollout lease failed: {e}");
+                tracing::error!("rollout lease failed: {e}");
                 continue;
             }
         }
         if let Err(e) = tick(&state, &mut last_count).await {
-            eprintln!("tern server: rollout engine: {e}");
+            tracing::error!("rollout engine: {e}");
         }
     }
 }
@@ -252,6 +252,7 @@ async fn change(
         (None, Some(r)) => r.to_owned(),
         (None, None) => format!("{from} -> {to}"),
     };
+    tracing::info!(rollout = id, action, "rollout {from} -> {to}: {detail}");
     let _ = state
         .db
         .audit(
@@ -316,6 +317,8 @@ async fn time_out_stuck(state: &AppState, r: &RolloutRow, limit: i64, now: i64) 
     crate::session::record_all_in(&mut tx, &moved).await?;
     tx.commit().await?;
     if done.contains(&true) {
+        let timed_out = done.iter().filter(|&&ok| ok).count();
+        tracing::info!(rollout = %r.id, devices = timed_out, "devices timed out after {limit} s");
         state.fleet.refresh(state, false).await?;
     }
     Ok(())
