@@ -144,6 +144,8 @@ pub struct Remote {
     key: SigningKey,
     director: Signed<Root>,
     state_path: PathBuf,
+    /// Called while a download or an install makes progress (a service manager's watchdog).
+    alive: fn(),
 }
 
 fn server_err(url: &str, reason: impl ToString) -> Error {
@@ -307,7 +309,14 @@ impl Remote {
             key,
             director,
             state_path,
+            alive: || {},
         })
+    }
+
+    /// Call `alive` whenever a download or an install makes progress, so that a service
+    /// manager's watchdog sees a long install as alive (and a stalled one as hung).
+    pub fn on_progress(&mut self, alive: fn()) {
+        self.alive = alive;
     }
 
     fn base(&self) -> &str {
@@ -702,7 +711,9 @@ impl Remote {
         let mut payloads = Vec::new();
         let mut last = Instant::now();
         for (info, payload) in infos.iter().zip(verified) {
+            let alive = self.alive;
             let mut progress = |done: u64, total: u64| {
+                alive();
                 if last.elapsed() >= PROGRESS_EVERY {
                     last = Instant::now();
                     let _ = self.checkin(st, Some(Progress { done, total }));
@@ -719,7 +730,8 @@ impl Remote {
             self.save_state(st)?;
         }
         let mut agent = Agent::open(self.cfg.clone())?;
-        let installed = agent.install_downloaded(&payloads, now(), &mut |_| {});
+        let alive = self.alive;
+        let installed = agent.install_downloaded(&payloads, now(), &mut |_| alive());
         drop(agent);
         for (_, path) in &payloads {
             let _ = std::fs::remove_file(path);

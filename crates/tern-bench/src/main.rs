@@ -22,6 +22,7 @@ mod product;
 mod rollout;
 mod rusage;
 mod server;
+mod size;
 mod soak;
 mod tools;
 mod tuf;
@@ -70,6 +71,9 @@ enum Command {
     /// rollout on `tern server run`: the server's CPU seconds per updated device, and the
     /// poll rate while it runs beside nginx.
     RolloutRun(server::campaign::Args),
+    /// The agent's footprint on a device: the `device` profile's `tern` binary and the shared
+    /// libraries it loads, beside Debian's RAUC and SWUpdate.
+    Size(size::Args),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Command::Soak(a) => soak::run(a),
         Command::Rollout(a) => rollout::run(a),
         Command::RolloutRun(a) => server::campaign::run(a),
+        Command::Size(a) => size::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -65,6 +65,14 @@ pub fn init(format: Format) {
     }
 }
 
+/// Whether `directives` is a level or a filter `RUST_LOG` would take.
+pub fn parse(directives: &str) -> Result<(), String> {
+    EnvFilter::builder()
+        .parse(directives)
+        .map(drop)
+        .map_err(|e| format!("`{}` is not a level or filter: {e}", tern_core::text::shown(directives)))
+}
+
 /// A long-running command's own filter: `configured` (a configuration's `log` key) or
 /// `info`, unless `RUST_LOG` set one.
 pub fn service(configured: Option<&str>) -> anyhow::Result<()> {

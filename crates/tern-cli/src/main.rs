@@ -11,6 +11,7 @@
 mod cmd;
 mod logging;
 mod output;
+mod systemd;
 
 use std::process::ExitCode;
 

@@ -845,3 +845,89 @@ fn tampered_records_are_caught_before_the_slot_becomes_bootable() {
     fails(&["install", &b, "--config", &dev.config()], "is not the");
     assert_eq!(dev.snapshot(), before);
 }
+
+/// `tern agent check-config`: each class of mistake is named with its line and key, all of
+/// them at once; a sound configuration prints what would be used.
+#[test]
+fn check_config_reports_each_class_of_mistake_with_its_key_and_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let rel = Releases::new();
+    let dev = Device::new(&rel.root());
+    let good = ok(&["agent", "check-config", "--config", &dev.config()]);
+    assert!(
+        good.contains("no problems found") && good.contains("slot rootfs.a"),
+        "{good}"
+    );
+
+    fs::write(dev.path("garbage.json"), "{\"signed\": 1}").unwrap();
+    fs::write(dev.path("not-executable.sh"), "#!/bin/sh\n").unwrap();
+    fs::write(dev.path("group.pem"), "key").unwrap();
+    fs::set_permissions(dev.path("group.pem"), fs::Permissions::from_mode(0o644)).unwrap();
+    let text = r#"device_type = "tern-sim"
+hardware_revision = "rev-a"
+trusted_root = "garbage.json"
+state_dir = "state"
+offline_install = "allow"
+install_roots = ["no-such-dir"]
+log = "debug=loud"
+
+[bootloader]
+backend = "uboot"
+fw_env_config = "fw_env.config"
+
+[[slot]]
+class = "rootfs"
+name = "rootfs.a"
+device = "slot-a.img"
+bootname = "A"
+
+[[slot]]
+class = "rootfs"
+name = "rootfs.b"
+device = "missing-b.img"
+bootname = "B"
+
+[hooks]
+health_check = "not-executable.sh"
+
+[encryption]
+group_keys = ["group.pem"]
+"#;
+    let cfg = dev.path("bad.toml");
+    fs::write(&cfg, text).unwrap();
+    let line = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+    // No bootloader tools on an empty PATH.
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["agent", "check-config", "--config", &s(&cfg)])
+        .env("PATH", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (key, needle, why) in [
+        ("trusted_root", "trusted_root", "not a usable root"),
+        ("install_roots", "install_roots", "not a directory"),
+        ("log", "log", "not a level or filter"),
+        ("bootloader.backend", "backend", "`fw_printenv` is not on PATH"),
+        ("bootloader.backend", "backend", "`fw_setenv` is not on PATH"),
+        ("bootloader.fw_env_config", "fw_env_config", "No such file"),
+        ("slot.1.device", "device = \"missing-b.img\"", "No such file"),
+        ("hooks.health_check", "health_check", "not an executable file"),
+        ("encryption.group_keys", "group_keys", "make it 0600"),
+    ] {
+        let at = format!("bad.toml:{}: `{key}`: ", line(needle));
+        assert!(
+            err.lines().any(|l| l.contains(&at) && l.contains(why)),
+            "no {at}… {why} in:\n{err}"
+        );
+    }
+    assert!(err.contains("tern: 9 problem(s)"), "{err}");
+    // What cannot be parsed is named by the loader, with its key and line.
+    fs::write(
+        &cfg,
+        text.replace("boot_attempts", "x").replace("state_dir", "state_dri"),
+    )
+    .unwrap();
+    let err = fails(&["agent", "check-config", "--config", &s(&cfg)], "state_dri");
+    assert!(err.contains("line 4"), "{err}");
+}

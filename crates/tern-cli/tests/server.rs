@@ -2,6 +2,8 @@
 //! deployments to simulated devices running the real agent, on SQLite and on a real
 //! PostgreSQL; the director attacks; management authorisation; upload refusals.
 
+use std::fs;
+
 use serde_json::Value;
 
 mod fleet;
@@ -724,4 +726,65 @@ fn every_request_is_logged_as_json_with_its_route_and_token_id_but_never_a_secre
     assert!(refused["span"]["token"].is_null(), "{refused}");
     // Polls, the hot path, are logged only at debug.
     assert!(!log.contains("/api/v1/devices/{id}/poll"), "{log}");
+}
+
+/// `tern server check-config`: each class of mistake with its line and key; a sound
+/// configuration prints what would be used, and never a database password.
+#[test]
+fn server_check_config_names_each_mistake_with_its_key_and_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    fleet::run_ok(&["server", "init", "--data", &s(&data)], &[]);
+    let good = fleet::run_ok(
+        &[
+            "server",
+            "check-config",
+            "--data",
+            &s(&data),
+            "--database-url",
+            "postgres://tern:s3cret@db.example.com/tern",
+        ],
+        &[],
+    );
+    assert!(good.contains("no problems found"), "{good}");
+    assert!(
+        good.contains("postgres://tern@db.example.com/tern") && !good.contains("s3cret"),
+        "{good}"
+    );
+
+    fs::set_permissions(data.join("keys/timestamp.pem"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::write(dir.path().join("tls.key"), "key").unwrap();
+    fs::set_permissions(dir.path().join("tls.key"), fs::Permissions::from_mode(0o644)).unwrap();
+    let text = r#"listen = "127.0.0.1:80800"
+data_dir = "srv"
+log = "warn,tern=shout"
+
+[tls]
+cert = "missing.crt"
+key = "tls.key"
+"#;
+    let cfg = dir.path().join("server.toml");
+    fs::write(&cfg, text).unwrap();
+    let out = std::process::Command::new(fleet::tern_bin())
+        .args(["server", "check-config", "--config", &s(&cfg)])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+    for (key, needle, why) in [
+        ("listen", "listen", "127.0.0.1:80800"),
+        ("data_dir", "data_dir", "make it 0600"),
+        ("log", "log", "not a level or filter"),
+        ("tls.cert", "cert", "No such file"),
+        ("tls.key", "key", "make it 0600"),
+    ] {
+        let at = format!("server.toml:{}: `{key}`: ", line(needle));
+        assert!(
+            err.lines().any(|l| l.contains(&at) && l.contains(why)),
+            "no {at}… {why} in:\n{err}"
+        );
+    }
+    assert!(err.contains("tern: 5 problem(s)"), "{err}");
 }

@@ -570,6 +570,14 @@ pub async fn changed(state: &AppState) -> Result<()> {
     state.fleet.refresh(state, false).await
 }
 
+/// Passes the background task began, in this process: a service manager's watchdog is
+/// told the server is alive only while this moves.
+pub fn passes() -> u64 {
+    PASSES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The background task: follow the counter every 250 ms, flush last-seen times every 5 s,
 /// prune old events every minute and reload everything every 10 minutes (a safety net for
 /// a change made without an event, such as an edit by hand in the database).
@@ -578,6 +586,7 @@ pub async fn run(state: Arc<AppState>) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         ticks += 1;
+        PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let force = ticks.is_multiple_of(2400);
         state.fleet.tick_windows(unix_now());
         match state.fleet.refresh(&state, force).await {

@@ -143,6 +143,10 @@ pub enum AgentCommand {
     #[command(after_help = "Example:\n  tern agent run --config /etc/tern/agent.toml\n  \
         tern agent run --config dev/agent.toml --once   # one pass, for scripts and tests")]
     Run(RunArgs),
+    /// Check a configuration and the files it names (trusted root, slot devices, bootloader
+    /// tools, keys only their owner may read, hooks) without starting anything; each
+    /// problem names the line and key at fault, and with none it prints what would be used.
+    CheckConfig(ConfigArgs),
 }
 
 /// `tern agent run`.
@@ -416,6 +420,12 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                 }
             }
         }
+        AgentCommand::CheckConfig(a) => {
+            let path = a
+                .config
+                .unwrap_or_else(|| PathBuf::from(tern_agent::config::DEFAULT_PATH));
+            crate::cmd::check::agent(&path)
+        }
         AgentCommand::Run(a) => {
             let cfg = load(&a.common.config)?;
             crate::logging::service(cfg.log.as_deref())?;
@@ -425,12 +435,17 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
             // operator's `tern install` is not refused as busy.
             let outcome = Agent::open(cfg.clone())?.boot_step(now())?;
             tracing::info!(outcome = %serde_json::to_string(&outcome)?, "boot-time step done");
+            crate::systemd::ready("boot-time step done");
             let mut sources: Vec<Box<dyn UpdateSource>> = Vec::new();
             if let Some(dir) = inbox {
                 sources.push(Box::new(InboxSource::new(&dir)));
             }
             let mut remote = match &cfg.server {
-                Some(_) => Some(tern_agent::remote::Remote::new(cfg.clone())?),
+                Some(_) => {
+                    let mut remote = tern_agent::remote::Remote::new(cfg.clone())?;
+                    remote.on_progress(crate::systemd::alive);
+                    Some(remote)
+                }
                 None => None,
             };
             let mut interval = interval;
@@ -461,8 +476,8 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                     };
                     let shown = tern_core::text::shown(&offer.bundle.display().to_string());
                     tracing::info!(source = src.name(), bundle = %shown, "installing an offered bundle");
-                    let result =
-                        Agent::open(cfg.clone()).and_then(|mut agent| agent.install_offer(&offer, now(), &mut |_| {}));
+                    let result = Agent::open(cfg.clone())
+                        .and_then(|mut agent| agent.install_offer(&offer, now(), &mut |_| crate::systemd::alive()));
                     // A refusal that may pass later (busy, a reboot pending, a read error on
                     // a flaky stick, a full disk, a hook saying "not now") keeps the offer.
                     let transient = matches!(
@@ -506,7 +521,7 @@ pub fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                 if a.once {
                     return Ok(());
                 }
-                std::thread::sleep(interval);
+                crate::systemd::sleep(interval);
             }
         }
     }

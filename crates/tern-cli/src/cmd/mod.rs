@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bundle;
+pub mod check;
 pub mod demo;
 pub mod docs;
 pub mod encrypt;

@@ -59,6 +59,11 @@ pub enum Command {
     /// Local administration of tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Check a configuration (file, environment and flags) and the files it names (online
+    /// keys only their owner may read, TLS certificate and key, directories) without
+    /// starting anything; each problem names the line and key at fault, and with none it
+    /// prints what would be used.
+    CheckConfig(Location),
 }
 
 /// `tern server run`.
@@ -121,6 +126,10 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::CheckConfig(at) => {
+            let cfg = at.config()?;
+            crate::cmd::check::server(at.config.as_deref(), &cfg)
+        }
         Command::Run(a) => {
             let mut cfg = a.at.config()?;
             if let Some(l) = a.listen {
@@ -139,6 +148,8 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 let scheme = if state.cfg.tls.is_some() { "https" } else { "http" };
                 println!("tern server listening on {scheme}://{}", running.addr);
                 tracing::info!(address = %running.addr, scheme, "listening");
+                crate::systemd::ready(&format!("listening on {scheme}://{}", running.addr));
+                tokio::spawn(crate::systemd::server_watchdog());
                 running.task.await.context("server task")??;
                 Ok(())
             })
