@@ -23,10 +23,16 @@ pub fn ready(status: &str) {
 /// How often the watchdog wants to hear from us: half its period, if one is set.
 pub fn watchdog_every() -> Option<Duration> {
     static EVERY: OnceLock<Option<Duration>> = OnceLock::new();
+    // As libsystemd's sd_watchdog_enabled: `WATCHDOG_USEC` set, and `WATCHDOG_PID`, when set,
+    // naming this process (sd-notify's own check also requires the PID to be set).
     *EVERY.get_or_init(|| {
-        let mut usec = 0;
-        sd_notify::watchdog_enabled(false, &mut usec)
-            .then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(100)))
+        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok().filter(|&u| u > 0)?;
+        if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+            if pid.parse::<u32>().ok()? != std::process::id() {
+                return None;
+            }
+        }
+        Some(Duration::from_micros(usec / 2).max(Duration::from_millis(100)))
     })
 }
 

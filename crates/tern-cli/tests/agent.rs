@@ -931,3 +931,39 @@ group_keys = ["group.pem"]
     let err = fails(&["agent", "check-config", "--config", &s(&cfg)], "state_dri");
     assert!(err.contains("line 4"), "{err}");
 }
+
+/// Under systemd: the agent says it is ready after its boot-time step, and tells the
+/// watchdog it is alive while it waits between polls.
+#[test]
+fn the_agent_tells_systemd_it_is_ready_and_alive() {
+    let rel = Releases::new();
+    let dev = Device::new(&rel.root());
+    let socket_path = dev.path("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["agent", "run", "--config", &dev.config()])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen: Vec<String> = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(seen.iter().any(|m| m.contains("READY=1")) && seen.iter().filter(|m| m.trim() == "WATCHDOG=1").count() >= 2)
+    {
+        assert!(seen.len() < 100, "no READY=1 and two WATCHDOG=1 among {seen:?}");
+        match socket.recv(&mut buf) {
+            Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) => {
+                let _ = agent.kill();
+                panic!("no more notifications ({e}); got {seen:?}");
+            }
+        }
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(seen[0].contains("READY=1"), "{seen:?}");
+}

@@ -788,3 +788,40 @@ key = "tls.key"
     }
     assert!(err.contains("tern: 5 problem(s)"), "{err}");
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): the server says it is ready once it
+/// listens, and tells the watchdog it is alive while its background pass runs.
+#[test]
+fn the_server_tells_systemd_it_is_ready_and_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let f = Fleet::with_env(
+        None,
+        &[
+            ("NOTIFY_SOCKET", &s(&socket_path)),
+            // Half a second: the server tells the watchdog every quarter of it.
+            ("WATCHDOG_USEC", "500000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    // Each notification is a datagram of `NAME=VALUE\n` lines.
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().filter(|m| m.trim() == "WATCHDOG=1").count() >= 2)
+    {
+        assert!(seen.len() < 100, "no READY=1 and two WATCHDOG=1 among {seen:?}");
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no more notifications ({e}); got {seen:?}"));
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let ready = seen.iter().find(|m| m.contains("READY=1")).unwrap();
+    assert!(
+        ready.contains(&format!("STATUS=listening on {}", f.server.url)),
+        "{ready}"
+    );
+}
