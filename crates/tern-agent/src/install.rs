@@ -643,7 +643,8 @@ impl Agent {
 
     /// A failed install: if a slot was touched it stays non-bootable and is recorded bad.
     fn fail_install(&mut self, e: Error, now: DateTime) -> Error {
-        tracing::warn!("install failed: {e}");
+        // Escaped and bounded: the cause may quote a bundle's or a server's text.
+        tracing::warn!("install failed: {}", tern_core::text::error_chain(&e, 1024));
         let phase = std::mem::replace(&mut self.state.phase, Phase::Idle);
         let (release, slot) = match phase {
             Phase::Transferring(t) => (t.release, t.slot),

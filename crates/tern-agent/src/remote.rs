@@ -509,7 +509,10 @@ impl Remote {
         let order = match director::verify_order(&order_bytes, &self.director, &self.server.device_id, &nonce, now()) {
             Ok(o) => o,
             Err(refusal) => {
-                tracing::warn!("refused the server's order: {refusal}");
+                tracing::warn!(
+                    "refused the server's order: {}",
+                    tern_core::text::shown_max(&refusal.to_string(), 1024)
+                );
                 return self.refuse(&mut st, refusal);
             }
         };

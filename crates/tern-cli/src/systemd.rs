@@ -44,8 +44,8 @@ fn millis() -> u64 {
 
 static LAST: AtomicU64 = AtomicU64::new(0);
 
-/// Tell the watchdog we are alive, at most once per half period (cheap enough to call per
-/// chunk written).
+/// Tell the watchdog we are alive, at most once a quarter of its period (so that a late
+/// timer never stretches the gap past half of it); cheap enough to call per chunk written.
 pub fn alive() {
     let Some(every) = watchdog_every() else {
         return;

@@ -752,6 +752,20 @@ fn server_check_config_names_each_mistake_with_its_key_and_line() {
         good.contains("postgres://tern@db.example.com/tern") && !good.contains("s3cret"),
         "{good}"
     );
+    // A password given as a parameter is left out too.
+    let query = fleet::run_ok(
+        &[
+            "server",
+            "check-config",
+            "--data",
+            &s(&data),
+            "--database-url",
+            "postgres://tern@db.example.com/tern?sslmode=require&password=t0psecret",
+        ],
+        &[],
+    );
+    assert!(query.contains("tern?sslmode=require&(password left out)"), "{query}");
+    assert!(!query.contains("t0psecret"), "{query}");
 
     fs::set_permissions(data.join("keys/timestamp.pem"), fs::Permissions::from_mode(0o640)).unwrap();
     fs::write(dir.path().join("tls.key"), "key").unwrap();

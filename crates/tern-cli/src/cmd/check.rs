@@ -20,7 +20,8 @@ impl Findings {
     /// For `file` (none: a configuration from flags and the environment only).
     pub fn new(file: Option<&Path>) -> Self {
         let doc = file
-            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|f| read_max(f, tern_agent::config::MAX_CONFIG_BYTES).ok())
+            .and_then(|bytes| String::from_utf8(bytes).ok())
             .and_then(|text| toml_edit::ImDocument::parse(text).ok());
         Findings {
             file: file.map(Path::to_owned),
@@ -92,7 +93,7 @@ impl Findings {
 
     /// Check that `path` (set by `key`) is a readable file; its bytes.
     pub fn readable(&mut self, key: &str, path: &Path) -> Option<Vec<u8>> {
-        match std::fs::read(path) {
+        match read_max(path, MAX_NAMED_FILE) {
             Ok(b) => Some(b),
             Err(e) => {
                 self.bad(key, format!("{}: {e}", shown(path)));
@@ -151,6 +152,21 @@ impl Findings {
         }
         Ok(())
     }
+}
+
+/// Largest file a configuration names that is read whole (a root, a certificate).
+const MAX_NAMED_FILE: u64 = 16 << 20;
+
+/// The bytes of `path`, refused past `max` before they are read.
+fn read_max(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!("larger than {max} bytes")));
+    }
+    Ok(bytes)
 }
 
 /// A path as shown: escaped and bounded.
@@ -394,14 +410,29 @@ pub fn server(file: Option<&Path>, cfg: &tern_server::ServerConfig) -> anyhow::R
     f.finish()
 }
 
-/// A database URL as shown: its password left out.
+/// A database URL as shown: its password left out, from the user part and from a
+/// `password=` or `sslpassword=` parameter alike.
 fn without_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let base = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let user = &url[scheme + 3..at];
-            let user = user.split(':').next().unwrap_or("");
-            format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
+            let user = base[scheme + 3..at].split(':').next().unwrap_or("");
+            format!("{}{user}@{}", &base[..scheme + 3], &base[at + 1..])
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    if query.is_empty() {
+        return base;
     }
+    let query: Vec<&str> = query
+        .split('&')
+        .map(|p| {
+            if p.to_ascii_lowercase().contains("password") {
+                "(password left out)"
+            } else {
+                p
+            }
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
 }

@@ -35,10 +35,10 @@ pub(super) async fn log_request(req: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "(no route)".to_owned(), |m| m.as_str().to_owned());
-    let device = device_of(&route, req.uri().path());
     if route == POLL_ROUTE && !tracing::enabled!(target: TARGET, tracing::Level::DEBUG) {
         return next.run(req).await;
     }
+    let device = device_of(&route, req.uri().path());
     let span = tracing::info_span!(
         target: TARGET,
         "request",
